@@ -1,0 +1,1 @@
+"""Architecture-specific set-up of guest memory, boot state and firmware tables."""

@@ -1,0 +1,88 @@
+"""Port-I/O and MMIO buses: guest address ranges routed to `BusDevice`s.
+
+A device sees offsets relative to the base it was inserted at, as in crosvm and Firecracker.
+Each device is called under its own lock, so device code never runs concurrently with itself
+even when several vCPU threads (or a device's input thread) reach it at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class BusDevice(Protocol):
+    """A device on a bus. `read` fills `data`; `write` consumes it; both get base-relative offsets."""
+
+    def read(self, offset: int, data: memoryview) -> None: ...
+
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
+
+
+class BusOverlapError(Exception):
+    """Two devices were given address ranges that overlap."""
+
+
+@dataclass(order=True)
+class _Entry:
+    base: int
+    length: int
+    name: str = field(compare=False)
+    device: BusDevice = field(compare=False)
+    lock: threading.Lock = field(compare=False, default_factory=threading.Lock)
+
+
+class Bus:
+    """A sorted, non-overlapping map of [base, base+length) ranges to devices."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._entries: list[_Entry] = []
+        self._bases: list[int] = []
+
+    def insert(self, device: BusDevice, base: int, length: int, name: str = "") -> None:
+        if length <= 0:
+            raise ValueError(f"{self.name}: device {name!r} has an empty range at {base:#x}")
+        name = name or type(device).__name__
+        for e in self._entries:
+            if base < e.base + e.length and e.base < base + length:
+                raise BusOverlapError(
+                    f"{self.name}: {name} at {base:#x}-{base + length - 1:#x} overlaps "
+                    f"{e.name} at {e.base:#x}-{e.base + e.length - 1:#x}"
+                )
+        i = bisect.bisect(self._bases, base)
+        self._entries.insert(i, _Entry(base, length, name, device))
+        self._bases.insert(i, base)
+
+    def _find(self, addr: int, size: int) -> _Entry | None:
+        i = bisect.bisect(self._bases, addr) - 1
+        if i < 0:
+            return None
+        e = self._entries[i]
+        if addr + size <= e.base + e.length:
+            return e
+        return None
+
+    def device_at(self, addr: int) -> BusDevice | None:
+        e = self._find(addr, 1)
+        return e.device if e else None
+
+    def read(self, addr: int, data: memoryview) -> bool:
+        """Let the device at `addr` fill `data`; False (data untouched) if nothing is there."""
+        e = self._find(addr, len(data))
+        if e is None:
+            return False
+        with e.lock:
+            e.device.read(addr - e.base, data)
+        return True
+
+    def write(self, addr: int, data: bytes | memoryview) -> bool:
+        """Give `data` to the device at `addr`; False if nothing is there."""
+        e = self._find(addr, len(data))
+        if e is None:
+            return False
+        with e.lock:
+            e.device.write(addr - e.base, data)
+        return True

@@ -1,0 +1,290 @@
+"""The KVM userspace ABI (x86_64), declared once with cffi.
+
+Every kernel struct pyvmm passes to or reads from KVM is declared here exactly as in
+`<linux/kvm.h>` and `<asm/kvm.h>`; ioctl numbers are derived from those declarations with the
+kernel's own `_IOC` encoding. `tests/unit/kvm/test_abi.py` compiles the same names against the
+system headers and checks every size, offset and ioctl number.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import cffi
+
+ffi = cffi.FFI()
+
+ffi.cdef(
+    """
+    struct kvm_regs {
+        uint64_t rax, rbx, rcx, rdx;
+        uint64_t rsi, rdi, rsp, rbp;
+        uint64_t r8,  r9,  r10, r11;
+        uint64_t r12, r13, r14, r15;
+        uint64_t rip, rflags;
+    };
+
+    struct kvm_segment {
+        uint64_t base;
+        uint32_t limit;
+        uint16_t selector;
+        uint8_t  type;
+        uint8_t  present, dpl, db, s, l, g, avl;
+        uint8_t  unusable;
+        uint8_t  padding;
+    };
+
+    struct kvm_dtable {
+        uint64_t base;
+        uint16_t limit;
+        uint16_t padding[3];
+    };
+
+    struct kvm_sregs {
+        struct kvm_segment cs, ds, es, fs, gs, ss;
+        struct kvm_segment tr, ldt;
+        struct kvm_dtable gdt, idt;
+        uint64_t cr0, cr2, cr3, cr4, cr8;
+        uint64_t efer;
+        uint64_t apic_base;
+        uint64_t interrupt_bitmap[4];
+    };
+
+    struct kvm_fpu {
+        uint8_t  fpr[8][16];
+        uint16_t fcw;
+        uint16_t fsw;
+        uint8_t  ftwx;
+        uint8_t  pad1;
+        uint16_t last_opcode;
+        uint64_t last_ip;
+        uint64_t last_dp;
+        uint8_t  xmm[16][16];
+        uint32_t mxcsr;
+        uint32_t pad2;
+    };
+
+    struct kvm_msr_entry {
+        uint32_t index;
+        uint32_t reserved;
+        uint64_t data;
+    };
+
+    struct kvm_msrs {
+        uint32_t nmsrs;
+        uint32_t pad;
+        struct kvm_msr_entry entries[];
+    };
+
+    struct kvm_msr_list {
+        uint32_t nmsrs;
+        uint32_t indices[];
+    };
+
+    struct kvm_cpuid_entry2 {
+        uint32_t function;
+        uint32_t index;
+        uint32_t flags;
+        uint32_t eax;
+        uint32_t ebx;
+        uint32_t ecx;
+        uint32_t edx;
+        uint32_t padding[3];
+    };
+
+    struct kvm_cpuid2 {
+        uint32_t nent;
+        uint32_t padding;
+        struct kvm_cpuid_entry2 entries[];
+    };
+
+    struct kvm_lapic_state {
+        char regs[1024];
+    };
+
+    struct kvm_userspace_memory_region {
+        uint32_t slot;
+        uint32_t flags;
+        uint64_t guest_phys_addr;
+        uint64_t memory_size;
+        uint64_t userspace_addr;
+    };
+
+    struct kvm_pit_config {
+        uint32_t flags;
+        uint32_t pad[15];
+    };
+
+    struct kvm_irq_level {
+        uint32_t irq;
+        uint32_t level;
+    };
+
+    struct kvm_ioeventfd {
+        uint64_t datamatch;
+        uint64_t addr;
+        uint32_t len;
+        int32_t  fd;
+        uint32_t flags;
+        uint8_t  pad[36];
+    };
+
+    struct kvm_irqfd {
+        uint32_t fd;
+        uint32_t gsi;
+        uint32_t flags;
+        uint32_t resamplefd;
+        uint8_t  pad[16];
+    };
+
+    struct kvm_run {
+        uint8_t  request_interrupt_window;
+        uint8_t  immediate_exit;
+        uint8_t  padding1[6];
+        uint32_t exit_reason;
+        uint8_t  ready_for_interrupt_injection;
+        uint8_t  if_flag;
+        uint16_t flags;
+        uint64_t cr8;
+        uint64_t apic_base;
+        union {
+            struct { uint64_t hardware_exit_reason; } hw;
+            struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
+            struct { uint32_t exception; uint32_t error_code; } ex;
+            struct {
+                uint8_t  direction;
+                uint8_t  size;
+                uint16_t port;
+                uint32_t count;
+                uint64_t data_offset;
+            } io;
+            struct {
+                uint64_t phys_addr;
+                uint8_t  data[8];
+                uint32_t len;
+                uint8_t  is_write;
+            } mmio;
+            struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
+            struct {
+                uint32_t type;
+                uint32_t ndata;
+                uint64_t data[16];
+            } system_event;
+            char padding[256];
+        };
+        uint64_t kvm_valid_regs;
+        uint64_t kvm_dirty_regs;
+        char s[2048];
+    };
+
+    int ioctl(int fd, unsigned long request, ...);
+    """
+)
+
+libc: Any = ffi.dlopen(None)
+
+KVMIO = 0xAE
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _ior(nr: int, ctype: str) -> int:
+    return _ioc(_IOC_READ, nr, ffi.sizeof(ctype))
+
+
+def _iow(nr: int, ctype: str) -> int:
+    return _ioc(_IOC_WRITE, nr, ffi.sizeof(ctype))
+
+
+def _iowr(nr: int, ctype: str) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, ffi.sizeof(ctype))
+
+
+class Ioctl(enum.IntEnum):
+    """ioctl request numbers, named as in <linux/kvm.h>."""
+
+    KVM_GET_API_VERSION = _io(0x00)
+    KVM_CREATE_VM = _io(0x01)
+    KVM_GET_MSR_INDEX_LIST = _iowr(0x02, "struct kvm_msr_list")
+    KVM_CHECK_EXTENSION = _io(0x03)
+    KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+    KVM_GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
+    KVM_CREATE_VCPU = _io(0x41)
+    KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
+    KVM_SET_TSS_ADDR = _io(0x47)
+    KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
+    KVM_CREATE_IRQCHIP = _io(0x60)
+    KVM_IRQ_LINE = _iow(0x61, "struct kvm_irq_level")
+    KVM_IRQFD = _iow(0x76, "struct kvm_irqfd")
+    KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
+    KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
+    KVM_RUN = _io(0x80)
+    KVM_GET_REGS = _ior(0x81, "struct kvm_regs")
+    KVM_SET_REGS = _iow(0x82, "struct kvm_regs")
+    KVM_GET_SREGS = _ior(0x83, "struct kvm_sregs")
+    KVM_SET_SREGS = _iow(0x84, "struct kvm_sregs")
+    KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
+    KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
+    KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
+    KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
+    KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
+    KVM_SET_LAPIC = _iow(0x8F, "struct kvm_lapic_state")
+    KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
+    KVM_GET_CPUID2 = _iowr(0x91, "struct kvm_cpuid2")
+
+
+class Cap(enum.IntEnum):
+    """KVM_CHECK_EXTENSION capability numbers pyvmm asks about."""
+
+    KVM_CAP_IRQCHIP = 0
+    KVM_CAP_HLT = 1
+    KVM_CAP_USER_MEMORY = 3
+    KVM_CAP_SET_TSS_ADDR = 4
+    KVM_CAP_EXT_CPUID = 7
+    KVM_CAP_NR_VCPUS = 9
+    KVM_CAP_IRQ_ROUTING = 25
+    KVM_CAP_IRQFD = 32
+    KVM_CAP_PIT2 = 33
+    KVM_CAP_IOEVENTFD = 36
+    KVM_CAP_MAX_VCPUS = 66
+    KVM_CAP_TSC_DEADLINE_TIMER = 72
+    KVM_CAP_IMMEDIATE_EXIT = 136
+
+
+class ExitReason(enum.IntEnum):
+    """kvm_run.exit_reason values (KVM_EXIT_*)."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    SET_TPR = 11
+    TPR_ACCESS = 12
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+
+
+KVM_API_VERSION = 12
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_MAX_CPUID_ENTRIES = 256

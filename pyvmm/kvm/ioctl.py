@@ -1,0 +1,21 @@
+"""The one place that calls ioctl(2) on KVM file descriptors.
+
+Calls go through libc via cffi so that pointers to cffi structs pass without copies and the
+GIL is released for the duration of the call (which matters for KVM_RUN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyvmm.kvm.abi import Ioctl, ffi, libc
+from pyvmm.kvm.errors import KvmError
+
+
+def ioctl(fd: int, request: Ioctl, arg: Any = 0) -> int:
+    """Issue `request` on `fd` with an integer or a cffi pointer; raise KvmError on failure."""
+    carg = ffi.cast("unsigned long", arg) if isinstance(arg, int) else arg
+    ret: int = libc.ioctl(fd, request, carg)
+    if ret < 0:
+        raise KvmError(request.name, ffi.errno)
+    return ret

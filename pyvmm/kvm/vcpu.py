@@ -1,0 +1,203 @@
+"""A KVM vCPU: register state and `run()`, which returns a typed exit."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pyvmm.kvm.abi import KVM_EXIT_IO_OUT, ExitReason, Ioctl, ffi
+from pyvmm.kvm.cpuid import CpuidEntry, to_kvm_cpuid2
+from pyvmm.kvm.errors import KvmError
+from pyvmm.kvm.ioctl import ioctl
+
+
+@dataclass
+class IoExit:
+    """Port I/O: `data` is the kvm_run buffer to read (out) or fill (in), size*count bytes."""
+
+    port: int
+    size: int
+    count: int
+    is_write: bool
+    data: memoryview
+
+
+@dataclass
+class MmioExit:
+    """MMIO: for a read, fill `data` (len bytes) before the next run."""
+
+    addr: int
+    is_write: bool
+    data: memoryview
+
+
+@dataclass
+class HltExit:
+    pass
+
+
+@dataclass
+class ShutdownExit:
+    """Triple fault or a reset the kernel turned into shutdown."""
+
+
+@dataclass
+class SystemEventExit:
+    type: int
+
+
+@dataclass
+class InterruptedExit:
+    """KVM_RUN returned EINTR: a signal or immediate_exit asked the vCPU to come out."""
+
+
+@dataclass
+class FailEntryExit:
+    reason: int
+
+
+@dataclass
+class InternalErrorExit:
+    suberror: int
+
+
+@dataclass
+class UnknownExit:
+    exit_reason: int
+    hardware_exit_reason: int
+
+
+VcpuExit = (
+    IoExit
+    | MmioExit
+    | HltExit
+    | ShutdownExit
+    | SystemEventExit
+    | InterruptedExit
+    | FailEntryExit
+    | InternalErrorExit
+    | UnknownExit
+)
+
+
+class Vcpu:
+    """One vCPU file descriptor and its mapped `struct kvm_run`."""
+
+    def __init__(self, vcpu_id: int, fd: int, mmap_size: int) -> None:
+        self.id = vcpu_id
+        self.fd = fd
+        self._mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_view = memoryview(self._mmap)
+        self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._mmap))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._run_view.release()
+            self.run_struct = None
+            self._mmap.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def get_regs(self) -> Any:
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, Ioctl.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: Any) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> Any:
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, Ioctl.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: Any) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> Any:
+        fpu = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, Ioctl.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: Any) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_FPU, fpu)
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_CPUID2, to_kvm_cpuid2(entries))
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        c = ffi.new("struct kvm_msrs *", {"entries": len(msrs)})
+        c.nmsrs = len(msrs)
+        for i, (index, value) in enumerate(msrs.items()):
+            c.entries[i].index = index
+            c.entries[i].data = value
+        written = ioctl(self.fd, Ioctl.KVM_SET_MSRS, c)
+        if written != len(msrs):
+            bad = list(msrs)[written]
+            raise KvmError(f"KVM_SET_MSRS: MSR {bad:#x} refused", errno.EINVAL)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        c = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
+        c.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            c.entries[i].index = index
+        n = ioctl(self.fd, Ioctl.KVM_GET_MSRS, c)
+        return {c.entries[i].index: c.entries[i].data for i in range(n)}
+
+    def get_lapic(self) -> Any:
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ioctl(self.fd, Ioctl.KVM_GET_LAPIC, lapic)
+        return lapic
+
+    def set_lapic(self, lapic: Any) -> None:
+        ioctl(self.fd, Ioctl.KVM_SET_LAPIC, lapic)
+
+    def request_exit(self) -> None:
+        """Make the current or next KVM_RUN return at once (pair with a signal to the thread)."""
+        self.run_struct.immediate_exit = 1
+
+    def run(self) -> VcpuExit:
+        """Run the vCPU until it needs userspace; decode why."""
+        try:
+            ioctl(self.fd, Ioctl.KVM_RUN)
+        except KvmError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
+                self.run_struct.immediate_exit = 0
+                return InterruptedExit()
+            raise
+        run = self.run_struct
+        reason = run.exit_reason
+        if reason == ExitReason.IO:
+            io = run.io
+            start = io.data_offset
+            end = start + io.size * io.count
+            return IoExit(
+                io.port,
+                io.size,
+                io.count,
+                io.direction == KVM_EXIT_IO_OUT,
+                self._run_view[start:end],
+            )
+        if reason == ExitReason.MMIO:
+            mmio = run.mmio
+            data = self._run_view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + mmio.len]
+            return MmioExit(mmio.phys_addr, bool(mmio.is_write), data)
+        if reason == ExitReason.HLT:
+            return HltExit()
+        if reason == ExitReason.SHUTDOWN:
+            return ShutdownExit()
+        if reason == ExitReason.SYSTEM_EVENT:
+            return SystemEventExit(run.system_event.type)
+        if reason == ExitReason.FAIL_ENTRY:
+            return FailEntryExit(run.fail_entry.hardware_entry_failure_reason)
+        if reason == ExitReason.INTERNAL_ERROR:
+            return InternalErrorExit(run.internal.suberror)
+        if reason == ExitReason.INTR:
+            return InterruptedExit()
+        return UnknownExit(reason, run.hw.hardware_exit_reason)
+
+
+_MMIO_DATA_OFFSET: int = ffi.offsetof("struct kvm_run", "mmio", "data")

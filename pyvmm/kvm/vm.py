@@ -1,0 +1,101 @@
+"""A KVM virtual machine: memory slots, in-kernel irqchip and PIT, ioeventfds, irqfds, vCPUs."""
+
+from __future__ import annotations
+
+import os
+
+from pyvmm.kvm.abi import (
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQFD_FLAG_DEASSIGN,
+    KVM_PIT_SPEAKER_DUMMY,
+    Ioctl,
+    ffi,
+)
+from pyvmm.kvm.ioctl import ioctl
+from pyvmm.kvm.system import Kvm
+from pyvmm.kvm.vcpu import Vcpu
+
+# Three pages just below the 4 GiB boundary that Intel's VMX needs for its real-mode TSS and
+# identity map; ignored elsewhere. They lie in the PCI hole, never in guest RAM.
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+
+class Vm:
+    """A VM file descriptor with the in-kernel interrupt controllers and PIT created."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.fd = kvm.create_vm_fd()
+        self._vcpu_mmap_size = kvm.vcpu_mmap_size()
+        ioctl(self.fd, Ioctl.KVM_SET_TSS_ADDR, TSS_ADDRESS)
+        ioctl(self.fd, Ioctl.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", IDENTITY_MAP_ADDRESS))
+        ioctl(self.fd, Ioctl.KVM_CREATE_IRQCHIP)
+        pit = ffi.new("struct kvm_pit_config *")
+        pit.flags = KVM_PIT_SPEAKER_DUMMY
+        ioctl(self.fd, Ioctl.KVM_CREATE_PIT2, pit)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, host_addr: int
+    ) -> None:
+        region = ffi.new("struct kvm_userspace_memory_region *")
+        region.slot = slot
+        region.guest_phys_addr = guest_phys_addr
+        region.memory_size = size
+        region.userspace_addr = host_addr
+        ioctl(self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        line = ffi.new("struct kvm_irq_level *")
+        line.irq = irq
+        line.level = int(level)
+        ioctl(self.fd, Ioctl.KVM_IRQ_LINE, line)
+
+    def register_irqfd(self, eventfd: int, gsi: int) -> None:
+        """Writes to `eventfd` raise (edge) interrupt `gsi` in the kernel, no exit needed."""
+        irqfd = ffi.new("struct kvm_irqfd *")
+        irqfd.fd = eventfd
+        irqfd.gsi = gsi
+        ioctl(self.fd, Ioctl.KVM_IRQFD, irqfd)
+
+    def unregister_irqfd(self, eventfd: int, gsi: int) -> None:
+        irqfd = ffi.new("struct kvm_irqfd *")
+        irqfd.fd = eventfd
+        irqfd.gsi = gsi
+        irqfd.flags = KVM_IRQFD_FLAG_DEASSIGN
+        ioctl(self.fd, Ioctl.KVM_IRQFD, irqfd)
+
+    def _ioeventfd(
+        self, eventfd: int, addr: int, length: int, datamatch: int | None, pio: bool, flags: int
+    ) -> None:
+        ioev = ffi.new("struct kvm_ioeventfd *")
+        ioev.addr = addr
+        ioev.len = length
+        ioev.fd = eventfd
+        ioev.flags = flags | (KVM_IOEVENTFD_FLAG_PIO if pio else 0)
+        if datamatch is not None:
+            ioev.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+            ioev.datamatch = datamatch
+        ioctl(self.fd, Ioctl.KVM_IOEVENTFD, ioev)
+
+    def register_ioeventfd(
+        self, eventfd: int, addr: int, length: int, datamatch: int | None = None, pio: bool = False
+    ) -> None:
+        """Guest writes of `length` bytes to `addr` signal `eventfd` without leaving the kernel."""
+        self._ioeventfd(eventfd, addr, length, datamatch, pio, 0)
+
+    def unregister_ioeventfd(
+        self, eventfd: int, addr: int, length: int, datamatch: int | None = None, pio: bool = False
+    ) -> None:
+        self._ioeventfd(eventfd, addr, length, datamatch, pio, KVM_IOEVENTFD_FLAG_DEASSIGN)
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        fd = ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, vcpu_id)
+        return Vcpu(vcpu_id, fd, self._vcpu_mmap_size)
