@@ -9,6 +9,7 @@ device writes is the data the guest sees, with no copies.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import mmap
 import os
 import struct
@@ -55,7 +56,7 @@ class GuestMemory:
     def __init__(self, ranges: list[tuple[int, int]], name: str = "pyvmm-guest-ram") -> None:
         """Create RAM for `ranges` of (guest address, size); sizes and addresses page-aligned."""
         ordered = sorted(ranges)
-        for (a, s), (b, _) in zip(ordered, ordered[1:], strict=False):
+        for (a, s), (b, _) in itertools.pairwise(ordered):
             if a + s > b:
                 raise ValueError(f"guest RAM ranges overlap at {b:#x}")
         for addr, size in ordered:
@@ -71,7 +72,11 @@ class GuestMemory:
             offset = 0
             for addr, size in ordered:
                 mapping = mmap.mmap(
-                    self.memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+                    self.memfd,
+                    size,
+                    mmap.MAP_SHARED,
+                    mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=offset,
                 )
                 self.regions.append(MemoryRegion(addr, size, offset, mapping))
                 offset += size
@@ -157,7 +162,7 @@ class GuestMemory:
 
     def write_struct(self, addr: int, cdata: Any) -> None:
         """Copy a cffi struct (pointer to it) into guest RAM at `addr`."""
-        self.write(addr, ffi.buffer(cdata))
+        self.write(addr, bytes(ffi.buffer(cdata)))
 
     def unpack(self, fmt: str, addr: int) -> tuple[Any, ...]:
         return struct.unpack_from(fmt, self.view(addr, struct.calcsize(fmt)))

@@ -14,7 +14,7 @@ from typing import Protocol
 
 
 class BusDevice(Protocol):
-    """A device on a bus. `read` fills `data`; `write` consumes it; both get base-relative offsets."""
+    """A bus device: `read` fills `data`, `write` consumes it; offsets are base-relative."""
 
     def read(self, offset: int, data: memoryview) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Protocol
 
@@ -20,11 +21,9 @@ class EventFdIrq:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     def trigger(self) -> None:
-        try:
+        # A saturated counter means an interrupt is already pending, which is all we need.
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_write(self.fd, 1)
-        except BlockingIOError:
-            # The counter is saturated: an interrupt is already pending, which is all we need.
-            pass
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -28,7 +28,7 @@ class CpuidEntry:
 
 def to_kvm_cpuid2(entries: list[CpuidEntry]) -> Any:
     """Build a `struct kvm_cpuid2 *` holding `entries`."""
-    cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
+    cpuid: Any = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
     cpuid.nent = len(entries)
     for i, e in enumerate(entries):
         c = cpuid.entries[i]

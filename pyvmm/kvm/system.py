@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
+
 from pyvmm.kvm.abi import KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, Cap, Ioctl, ffi
 from pyvmm.kvm.cpuid import CpuidEntry
 from pyvmm.kvm.errors import KvmError, KvmUnavailableError, MissingCapabilityError
@@ -75,7 +77,7 @@ class Kvm:
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID as a list of plain entries the arch code may edit."""
-        cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": KVM_MAX_CPUID_ENTRIES})
+        cpuid: Any = ffi.new("struct kvm_cpuid2 *", {"entries": KVM_MAX_CPUID_ENTRIES})
         cpuid.nent = KVM_MAX_CPUID_ENTRIES
         try:
             ioctl(self.fd, Ioctl.KVM_GET_SUPPORTED_CPUID, cpuid)

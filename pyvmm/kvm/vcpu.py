@@ -102,7 +102,7 @@ class Vcpu:
             self.fd = -1
 
     def get_regs(self) -> Any:
-        regs = ffi.new("struct kvm_regs *")
+        regs: Any = ffi.new("struct kvm_regs *")
         ioctl(self.fd, Ioctl.KVM_GET_REGS, regs)
         return regs
 
@@ -110,7 +110,7 @@ class Vcpu:
         ioctl(self.fd, Ioctl.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> Any:
-        sregs = ffi.new("struct kvm_sregs *")
+        sregs: Any = ffi.new("struct kvm_sregs *")
         ioctl(self.fd, Ioctl.KVM_GET_SREGS, sregs)
         return sregs
 
@@ -118,7 +118,7 @@ class Vcpu:
         ioctl(self.fd, Ioctl.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> Any:
-        fpu = ffi.new("struct kvm_fpu *")
+        fpu: Any = ffi.new("struct kvm_fpu *")
         ioctl(self.fd, Ioctl.KVM_GET_FPU, fpu)
         return fpu
 
@@ -129,7 +129,7 @@ class Vcpu:
         ioctl(self.fd, Ioctl.KVM_SET_CPUID2, to_kvm_cpuid2(entries))
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
-        c = ffi.new("struct kvm_msrs *", {"entries": len(msrs)})
+        c: Any = ffi.new("struct kvm_msrs *", {"entries": len(msrs)})
         c.nmsrs = len(msrs)
         for i, (index, value) in enumerate(msrs.items()):
             c.entries[i].index = index
@@ -140,7 +140,7 @@ class Vcpu:
             raise KvmError(f"KVM_SET_MSRS: MSR {bad:#x} refused", errno.EINVAL)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        c = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
+        c: Any = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
         c.nmsrs = len(indices)
         for i, index in enumerate(indices):
             c.entries[i].index = index
@@ -148,7 +148,7 @@ class Vcpu:
         return {c.entries[i].index: c.entries[i].data for i in range(n)}
 
     def get_lapic(self) -> Any:
-        lapic = ffi.new("struct kvm_lapic_state *")
+        lapic: Any = ffi.new("struct kvm_lapic_state *")
         ioctl(self.fd, Ioctl.KVM_GET_LAPIC, lapic)
         return lapic
 

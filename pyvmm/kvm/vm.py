@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from pyvmm.kvm.abi import (
     KVM_IOEVENTFD_FLAG_DATAMATCH,
@@ -33,7 +34,7 @@ class Vm:
         ioctl(self.fd, Ioctl.KVM_SET_TSS_ADDR, TSS_ADDRESS)
         ioctl(self.fd, Ioctl.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", IDENTITY_MAP_ADDRESS))
         ioctl(self.fd, Ioctl.KVM_CREATE_IRQCHIP)
-        pit = ffi.new("struct kvm_pit_config *")
+        pit: Any = ffi.new("struct kvm_pit_config *")
         pit.flags = KVM_PIT_SPEAKER_DUMMY
         ioctl(self.fd, Ioctl.KVM_CREATE_PIT2, pit)
 
@@ -45,7 +46,7 @@ class Vm:
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, size: int, host_addr: int
     ) -> None:
-        region = ffi.new("struct kvm_userspace_memory_region *")
+        region: Any = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
         region.guest_phys_addr = guest_phys_addr
         region.memory_size = size
@@ -53,20 +54,20 @@ class Vm:
         ioctl(self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, region)
 
     def set_irq_line(self, irq: int, level: bool) -> None:
-        line = ffi.new("struct kvm_irq_level *")
+        line: Any = ffi.new("struct kvm_irq_level *")
         line.irq = irq
         line.level = int(level)
         ioctl(self.fd, Ioctl.KVM_IRQ_LINE, line)
 
     def register_irqfd(self, eventfd: int, gsi: int) -> None:
         """Writes to `eventfd` raise (edge) interrupt `gsi` in the kernel, no exit needed."""
-        irqfd = ffi.new("struct kvm_irqfd *")
+        irqfd: Any = ffi.new("struct kvm_irqfd *")
         irqfd.fd = eventfd
         irqfd.gsi = gsi
         ioctl(self.fd, Ioctl.KVM_IRQFD, irqfd)
 
     def unregister_irqfd(self, eventfd: int, gsi: int) -> None:
-        irqfd = ffi.new("struct kvm_irqfd *")
+        irqfd: Any = ffi.new("struct kvm_irqfd *")
         irqfd.fd = eventfd
         irqfd.gsi = gsi
         irqfd.flags = KVM_IRQFD_FLAG_DEASSIGN
@@ -75,7 +76,7 @@ class Vm:
     def _ioeventfd(
         self, eventfd: int, addr: int, length: int, datamatch: int | None, pio: bool, flags: int
     ) -> None:
-        ioev = ffi.new("struct kvm_ioeventfd *")
+        ioev: Any = ffi.new("struct kvm_ioeventfd *")
         ioev.addr = addr
         ioev.len = length
         ioev.fd = eventfd

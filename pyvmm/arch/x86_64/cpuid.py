@@ -1,0 +1,70 @@
+"""Per-vCPU CPUID: KVM's supported leaves with the APIC ID and topology filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pyvmm.kvm.cpuid import CpuidEntry
+
+LEAF_FEATURES = 0x1
+LEAF_CACHE_PARAMS = 0x4
+LEAF_EXT_TOPOLOGY = 0xB
+LEAF_V2_EXT_TOPOLOGY = 0x1F
+
+# Leaf 1
+EBX_CLFLUSH_SIZE_SHIFT = 8
+EBX_CPU_COUNT_SHIFT = 16
+EBX_APIC_ID_SHIFT = 24
+ECX_TSC_DEADLINE = 1 << 24
+ECX_HYPERVISOR = 1 << 31
+EDX_HTT = 1 << 28
+CLFLUSH_LINE_QWORDS = 8
+
+# Leaf 0xB / 0x1F level types (ECX[15:8])
+LEVEL_TYPE_INVALID = 0
+LEVEL_TYPE_SMT = 1
+LEVEL_TYPE_CORE = 2
+
+
+def _apic_id_bits(count: int) -> int:
+    return max(count - 1, 0).bit_length()
+
+
+def vcpu_cpuid(
+    supported: list[CpuidEntry], vcpu_id: int, num_cpus: int, tsc_deadline: bool
+) -> list[CpuidEntry]:
+    """CPUID for vCPU `vcpu_id` of `num_cpus`: one core per vCPU, one thread per core."""
+    result: list[CpuidEntry] = []
+    core_bits = _apic_id_bits(num_cpus)
+    for entry in supported:
+        e = dataclasses.replace(entry)
+        if e.function == LEAF_FEATURES:
+            e.ebx = (
+                (e.ebx & 0xFF)
+                | (CLFLUSH_LINE_QWORDS << EBX_CLFLUSH_SIZE_SHIFT)
+                | (num_cpus << EBX_CPU_COUNT_SHIFT)
+                | (vcpu_id << EBX_APIC_ID_SHIFT)
+            )
+            e.ecx |= ECX_HYPERVISOR
+            if tsc_deadline:
+                e.ecx |= ECX_TSC_DEADLINE
+            if num_cpus > 1:
+                e.edx |= EDX_HTT
+            else:
+                e.edx &= ~EDX_HTT
+        elif e.function == LEAF_CACHE_PARAMS:
+            # EAX[31:26]: addressable core IDs in the package - 1; EAX[25:14]: threads sharing
+            # this cache - 1 (caches above L2 shared by the package, the rest private).
+            cache_level = (e.eax >> 5) & 0x7
+            sharing = (num_cpus - 1) if cache_level >= 3 else 0
+            e.eax = (e.eax & 0x3FFF) | (sharing << 14) | ((num_cpus - 1) << 26)
+        elif e.function in (LEAF_EXT_TOPOLOGY, LEAF_V2_EXT_TOPOLOGY):
+            e.edx = vcpu_id
+            if e.index == 0:
+                e.eax, e.ebx, e.ecx = 0, 1, (LEVEL_TYPE_SMT << 8)
+            elif e.index == 1:
+                e.eax, e.ebx, e.ecx = core_bits, num_cpus, (LEVEL_TYPE_CORE << 8) | 1
+            else:
+                e.eax, e.ebx, e.ecx = 0, 0, (LEVEL_TYPE_INVALID << 8) | e.index
+        result.append(e)
+    return result

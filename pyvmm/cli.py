@@ -1,0 +1,131 @@
+"""The `pyvmm` command: argument parsing into a VmConfig, subcommands, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, VmConfig
+from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
+from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
+from pyvmm.memory import GuestMemoryError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+USER_ERRORS = (
+    ConfigError,
+    KvmUnavailableError,
+    MissingCapabilityError,
+    KernelLoadError,
+    InitrdError,
+    CmdlineError,
+    GuestMemoryError,
+    KvmError,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyvmm", description="A KVM virtual machine monitor.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="boot a guest kernel", description="Boot KERNEL in a VM.")
+    run.add_argument("kernel", metavar="KERNEL", help="an ELF vmlinux or a bzImage")
+    run.add_argument(
+        "-m",
+        "--mem",
+        type=int,
+        default=DEFAULT_MEM_MIB,
+        metavar="MiB",
+        help=f"guest memory in MiB (default {DEFAULT_MEM_MIB})",
+    )
+    run.add_argument(
+        "-c",
+        "--cpus",
+        type=int,
+        default=DEFAULT_CPUS,
+        metavar="N",
+        help=f"number of vCPUs (default {DEFAULT_CPUS})",
+    )
+    run.add_argument(
+        "-p",
+        "--params",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="extra kernel command line (repeatable)",
+    )
+    run.add_argument("-i", "--initrd", metavar="PATH", help="initial ramdisk")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    return VmConfig(
+        kernel=args.kernel,
+        mem_mib=args.mem,
+        cpus=args.cpus,
+        params=tuple(args.params),
+        initrd=args.initrd,
+        kvm_path=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"),
+    ).validate()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyvmm.terminal import raw_terminal
+    from pyvmm.vmm import VmExit, Vmm
+
+    config = config_from_args(args)
+    stdin_fd = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
+    vmm = Vmm(config, console_out=sys.stdout.buffer, console_in_fd=stdin_fd)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        vmm.request_exit(VmExit(128 + signum, f"stopped by {name}"))
+
+    try:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        with raw_terminal(stdin_fd) if stdin_fd is not None else contextlib.nullcontext():
+            result = vmm.run()
+    finally:
+        vmm.close()
+    sys.stdout.flush()
+    if result.code != 0:
+        print(f"pyvmm: {result.reason}", file=sys.stderr)
+    return result.code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="pyvmm: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+    except USER_ERRORS as e:
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    parser.error(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Builds a VM from a VmConfig and runs it: the one place that wires KVM, memory, devices, vCPUs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pyvmm.arch.x86_64 import cpuid, msrs, regs
+from pyvmm.arch.x86_64.gdt import write_gdt
+from pyvmm.arch.x86_64.layout import CMDLINE_START, PCI_HOLE_START, ram_ranges
+from pyvmm.arch.x86_64.mptable import write_mptable
+from pyvmm.arch.x86_64.paging import write_page_tables
+from pyvmm.arch.x86_64.zeropage import BootInfo, write_zero_page
+from pyvmm.config import VmConfig
+from pyvmm.devices.bus import Bus
+from pyvmm.devices.cmos import Cmos
+from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.irq import EventFdIrq
+from pyvmm.devices.serial import Serial
+from pyvmm.kvm import (
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    Kvm,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+    UnknownExit,
+    Vcpu,
+    Vm,
+)
+from pyvmm.kvm.abi import Cap
+from pyvmm.loader import KernelImage, build_cmdline, load_initrd, load_kernel, write_cmdline
+from pyvmm.memory import GuestMemory
+from pyvmm.terminal import StdinPump
+
+log = logging.getLogger(__name__)
+
+SERIAL_PORT = 0x3F8
+SERIAL_IRQ = 4
+SERIAL_PORT_LEN = 8
+I8042_PORT = 0x60
+I8042_PORT_LEN = 5
+CMOS_PORT = 0x70
+CMOS_PORT_LEN = 2
+
+KICK_SIGNAL = signal.SIGUSR1
+# KVM_SYSTEM_EVENT_* types
+SYSTEM_EVENT_SHUTDOWN = 1
+SYSTEM_EVENT_RESET = 2
+SYSTEM_EVENT_CRASH = 3
+
+# Serial console, reboot through the i8042 (our reset path), reboot on panic rather than hang.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1"
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """Why the VM stopped and the exit status `pyvmm run` returns."""
+
+    code: int
+    reason: str
+
+
+class Vmm:
+    """A built VM. `run()` starts the vCPUs and returns when the guest resets or is stopped."""
+
+    def __init__(
+        self, config: VmConfig, console_out: BinaryIO, console_in_fd: int | None = None
+    ) -> None:
+        self.config = config
+        self._exit: VmExit | None = None
+        self._exit_lock = threading.Lock()
+        self._exit_event = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.kvm = Kvm(config.kvm_path)
+        try:
+            self._build(console_out, console_in_fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, console_out: BinaryIO, console_in_fd: int | None) -> None:
+        cfg = self.config
+        self.vm = Vm(self.kvm)
+        self.mem = GuestMemory(ram_ranges(cfg.mem_bytes))
+        for slot, region in enumerate(self.mem.regions):
+            self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+
+        self.kernel: KernelImage = load_kernel(self.mem, cfg.kernel)
+        cmdline = build_cmdline(DEFAULT_CMDLINE, list(cfg.params))
+        write_cmdline(self.mem, CMDLINE_START, cmdline, self.kernel.cmdline_max)
+        initrd = None
+        if cfg.initrd is not None:
+            low_ram_end = min(self.mem.regions[0].end, PCI_HOLE_START)
+            initrd = load_initrd(self.mem, cfg.initrd, self.kernel, low_ram_end)
+        write_gdt(self.mem)
+        write_page_tables(self.mem)
+        write_mptable(self.mem, cfg.cpus)
+        self.zero_page = write_zero_page(
+            self.mem,
+            BootInfo(
+                cmdline_addr=CMDLINE_START,
+                cmdline_size=len(cmdline) + 1,
+                initrd=initrd,
+                setup_header=self.kernel.setup_header,
+            ),
+        )
+
+        self.io_bus = Bus("port I/O bus")
+        self.mmio_bus = Bus("MMIO bus")
+        self.serial_irq = EventFdIrq(SERIAL_IRQ)
+        self.vm.register_irqfd(self.serial_irq.fd, SERIAL_IRQ)
+        self.serial = Serial(self.serial_irq, console_out)
+        self.io_bus.insert(self.serial, SERIAL_PORT, SERIAL_PORT_LEN, "serial (ttyS0)")
+        self.io_bus.insert(
+            I8042(self._on_guest_reset), I8042_PORT, I8042_PORT_LEN, "i8042 controller"
+        )
+        below_4g = min(cfg.mem_bytes, PCI_HOLE_START)
+        self.io_bus.insert(
+            Cmos(below_4g, cfg.mem_bytes - below_4g), CMOS_PORT, CMOS_PORT_LEN, "CMOS/RTC"
+        )
+        self.stdin_pump = (
+            StdinPump(console_in_fd, self.serial.queue_input) if console_in_fd is not None else None
+        )
+
+        supported = self.kvm.supported_cpuid()
+        tsc_deadline = bool(self.kvm.check_extension(Cap.KVM_CAP_TSC_DEADLINE_TIMER))
+        self.vcpus: list[Vcpu] = []
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, cfg.cpus, tsc_deadline))
+            vcpu.set_msrs(msrs.boot_msrs())
+            regs.setup_fpu(vcpu)
+            regs.setup_lint(vcpu)
+        # The other vCPUs wait in the in-kernel LAPIC for the guest's INIT/SIPI.
+        regs.setup_boot_vcpu(self.vcpus[0], self.kernel.entry, self.zero_page)
+
+    def request_exit(self, exit: VmExit) -> None:
+        """Record why the VM ends (first reason wins) and wake the main thread."""
+        with self._exit_lock:
+            if self._exit is None:
+                self._exit = exit
+        self._exit_event.set()
+
+    def _on_guest_reset(self) -> None:
+        self.request_exit(VmExit(0, "guest reset"))
+
+    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        io_bus, mmio_bus = self.io_bus, self.mmio_bus
+        try:
+            while not self._exit_event.is_set():
+                ex = vcpu.run()
+                if isinstance(ex, IoExit):
+                    size = ex.size
+                    for i in range(ex.count):
+                        chunk = ex.data[i * size : (i + 1) * size]
+                        if ex.is_write:
+                            io_bus.write(ex.port, chunk)
+                        elif not io_bus.read(ex.port, chunk):
+                            chunk[:] = b"\xff" * size
+                elif isinstance(ex, MmioExit):
+                    if ex.is_write:
+                        mmio_bus.write(ex.addr, ex.data)
+                    elif not mmio_bus.read(ex.addr, ex.data):
+                        ex.data[:] = b"\xff" * len(ex.data)
+                elif isinstance(ex, InterruptedExit):
+                    continue
+                elif isinstance(ex, ShutdownExit):
+                    self.request_exit(VmExit(0, "guest reset (triple fault)"))
+                elif isinstance(ex, SystemEventExit):
+                    if ex.type == SYSTEM_EVENT_CRASH:
+                        self.request_exit(VmExit(1, f"vCPU {vcpu.id}: guest crashed"))
+                    else:
+                        self.request_exit(VmExit(0, "guest shut down"))
+                elif isinstance(ex, HltExit):
+                    self.request_exit(VmExit(1, f"vCPU {vcpu.id}: halted outside the irqchip"))
+                elif isinstance(ex, FailEntryExit):
+                    self.request_exit(
+                        VmExit(1, f"vCPU {vcpu.id}: KVM entry failed (reason {ex.reason:#x})")
+                    )
+                elif isinstance(ex, InternalErrorExit):
+                    self.request_exit(
+                        VmExit(1, f"vCPU {vcpu.id}: KVM internal error (suberror {ex.suberror})")
+                    )
+                elif isinstance(ex, UnknownExit):
+                    self.request_exit(
+                        VmExit(
+                            1,
+                            f"vCPU {vcpu.id}: unhandled exit {ex.exit_reason} "
+                            f"(hardware reason {ex.hardware_exit_reason:#x})",
+                        )
+                    )
+        except Exception as e:
+            log.debug("vCPU %d failed", vcpu.id, exc_info=True)
+            self.request_exit(VmExit(1, f"vCPU {vcpu.id}: {e}"))
+
+    def run(self) -> VmExit:
+        """Run until the guest resets, a signal arrives or a vCPU fails. Must be called from the
+        main thread (it installs the vCPU kick signal handler)."""
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        if self.stdin_pump is not None:
+            self.stdin_pump.start()
+        for vcpu in self.vcpus:
+            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.id}")
+            self._threads.append(t)
+            t.start()
+        while not self._exit_event.wait(0.5):
+            pass
+        self._stop_vcpus()
+        assert self._exit is not None
+        return self._exit
+
+    def _stop_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.request_exit()
+        while any(t.is_alive() for t in self._threads):
+            for t in self._threads:
+                if t.is_alive() and t.ident is not None:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+            for t in self._threads:
+                t.join(0.05)
+        self._threads.clear()
+
+    def close(self) -> None:
+        pump = getattr(self, "stdin_pump", None)
+        if pump is not None:
+            pump.stop()
+        for vcpu in getattr(self, "vcpus", []):
+            vcpu.close()
+        if hasattr(self, "vm"):
+            self.vm.close()
+        if hasattr(self, "mem"):
+            self.mem.close()
+        if hasattr(self, "serial_irq"):
+            self.serial_irq.close()
+        self.kvm.close()

@@ -1,0 +1,58 @@
+"""Bus routing: base-relative offsets, overlap detection, unclaimed addresses."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvmm.devices.bus import Bus, BusOverlapError
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+
+    def read(self, offset: int, data: memoryview) -> None:
+        data[:] = bytes([offset]) * len(data)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.writes.append((offset, bytes(data)))
+
+
+def test_devices_see_offsets_relative_to_their_base() -> None:
+    bus = Bus("io")
+    a, b = Recorder(), Recorder()
+    bus.insert(a, 0x3F8, 8, "serial")
+    bus.insert(b, 0x60, 5, "i8042")
+    assert bus.write(0x3FB, b"\x80")
+    assert bus.write(0x64, b"\xfe")
+    assert a.writes == [(3, b"\x80")]
+    assert b.writes == [(4, b"\xfe")]
+    buf = bytearray(2)
+    assert bus.read(0x3FE, memoryview(buf))
+    assert buf == b"\x06\x06"
+
+
+def test_unclaimed_and_straddling_accesses_are_not_routed() -> None:
+    bus = Bus("io")
+    bus.insert(Recorder(), 0x70, 2, "cmos")
+    buf = bytearray(b"\xaa")
+    assert not bus.read(0x72, memoryview(buf))
+    assert buf == b"\xaa"
+    assert not bus.write(0x71, b"\x00\x00")  # runs past the device's end
+    assert not bus.write(0x6F, b"\x00")
+
+
+@pytest.mark.parametrize(("base", "length"), [(0x3F8, 1), (0x3F0, 9), (0x3FF, 4), (0x3F0, 0x20)])
+def test_overlaps_are_refused_naming_both_devices(base: int, length: int) -> None:
+    bus = Bus("port I/O bus")
+    bus.insert(Recorder(), 0x3F8, 8, "serial")
+    with pytest.raises(BusOverlapError, match=r"other .* overlaps serial at 0x3f8-0x3ff"):
+        bus.insert(Recorder(), base, length, "other")
+
+
+def test_adjacent_ranges_are_fine() -> None:
+    bus = Bus("io")
+    bus.insert(Recorder(), 0x3F8, 8, "a")
+    bus.insert(Recorder(), 0x400, 8, "b")
+    bus.insert(Recorder(), 0x3F0, 8, "c")
+    assert bus.device_at(0x3F7) is not bus.device_at(0x3F8)
