@@ -1,0 +1,178 @@
+"""Kernel loading: detect the image format by content and load it into guest memory.
+
+`load_kernel` is the entry point; `elf` and `bzimage` hold the two formats, `initrd` and `cmdline`
+the other things the boot contract places in guest RAM (DESIGN.md, "Boot contract"). The helpers
+here (opening an image, reading it straight into guest RAM, checking a range is RAM) are shared by
+those modules.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from pyvmm.arch.x86_64.layout import FIRST_ADDR_PAST_32BITS, PCI_HOLE_START, MiB
+from pyvmm.loader.errors import (
+    CmdlineError,
+    InitrdError,
+    KernelFileError,
+    KernelLoadError,
+    KernelOutsideRamError,
+    KernelTooLargeError,
+    NotAKernelError,
+)
+from pyvmm.memory import GuestMemory
+
+# Bytes read at most per preadv() when copying a file into guest RAM.
+READ_CHUNK = 16 * MiB
+# Enough of the file to recognise either format (the bzImage setup header starts at 0x1f1).
+DETECT_SIZE = 0x1000
+
+__all__ = [
+    "CmdlineError",
+    "InitrdError",
+    "KernelImage",
+    "KernelLoadError",
+    "build_cmdline",
+    "load_initrd",
+    "load_kernel",
+    "write_cmdline",
+]
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """Where a loaded kernel lies in guest memory and what it tells the boot code."""
+
+    entry: int
+    """Guest-physical address where vCPU 0 starts in 64-bit mode."""
+    load_start: int
+    """Lowest guest-physical byte the kernel occupies."""
+    load_end: int
+    """One past the highest byte the kernel occupies (BSS, or init_size for a bzImage)."""
+    setup_header: bytes | None
+    """bzImage: the raw setup header (file offset 0x1f1 to its end) for the zero page; ELF: None."""
+    cmdline_max: int
+    """Longest command line the kernel accepts, without the terminating NUL."""
+    initrd_addr_max: int
+    """Highest address the last byte of an initrd may be at."""
+    kind: str
+    """"elf" or "bzImage"."""
+
+
+def load_kernel(mem: GuestMemory, path: str) -> KernelImage:
+    """Load the ELF vmlinux or bzImage at `path` into `mem`; the format is detected by content."""
+    label = f"kernel {path}"
+    fd = open_image(path, label, KernelFileError)
+    try:
+        head = read_head(fd, DETECT_SIZE, label, KernelFileError)
+        if is_elf(head):
+            return load_elf(mem, fd, path)
+        if is_bzimage(head):
+            return load_bzimage(mem, fd, path)
+        raise NotAKernelError(f"{label}: neither an ELF vmlinux nor a bzImage")
+    finally:
+        os.close(fd)
+
+
+def open_image(path: str, label: str, error: type[Exception]) -> int:
+    """Open a regular file read-only; OS errors become `error` with a message naming `label`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"{label}: {describe_os_error(exc)}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise error(f"{label}: {describe_os_error(exc)}") from exc
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a special file"
+        raise error(f"{label}: expected a regular file, found {kind}")
+    return fd
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"cannot read: {exc.strerror or exc}"
+
+
+def file_size(fd: int, label: str, error: type[Exception]) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError as exc:
+        raise error(f"{label}: {describe_os_error(exc)}") from exc
+
+
+def read_head(fd: int, length: int, label: str, error: type[Exception]) -> bytes:
+    """Up to `length` bytes from the start of the file (fewer if the file is shorter)."""
+    try:
+        return os.pread(fd, length, 0)
+    except OSError as exc:
+        raise error(f"{label}: {describe_os_error(exc)}") from exc
+
+
+def read_into_guest(
+    fd: int,
+    mem: GuestMemory,
+    addr: int,
+    length: int,
+    offset: int,
+    label: str,
+    error: type[Exception],
+) -> int:
+    """Read file bytes [offset, offset+length) straight into guest RAM at `addr`, in place.
+
+    Returns how many bytes were read: less than `length` only if the file ends first.
+    """
+    done = 0
+    while done < length:
+        n = min(READ_CHUNK, length - done)
+        try:
+            got = os.preadv(fd, [mem.view(addr + done, n)], offset + done)
+        except OSError as exc:
+            raise error(f"{label}: {describe_os_error(exc)}") from exc
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def format_mib(n: int) -> str:
+    """`n` bytes as MiB, rounded up to a whole MiB."""
+    return f"{-(-n // MiB)} MiB"
+
+
+def ram_needed_for(end: int) -> int:
+    """The smallest -m (in bytes) whose RAM layout covers guest-physical addresses below `end`."""
+    if end <= PCI_HOLE_START:
+        return end
+    return end - FIRST_ADDR_PAST_32BITS + PCI_HOLE_START
+
+
+def check_kernel_ram(mem: GuestMemory, start: int, end: int, label: str, what: str) -> None:
+    """Raise unless guest RAM holds [start, end); the error says how to fix it."""
+    if end <= start or mem.is_ram(start, end - start):
+        return
+    if start < PCI_HOLE_START < end or PCI_HOLE_START <= start < FIRST_ADDR_PAST_32BITS:
+        raise KernelOutsideRamError(
+            f"{label}: {what} [{start:#x}, {end:#x}) reaches into the PCI hole "
+            f"[{PCI_HOLE_START:#x}, {FIRST_ADDR_PAST_32BITS:#x}), which is never RAM"
+        )
+    raise KernelTooLargeError(
+        f"{label}: {what} [{start:#x}, {end:#x}) needs RAM up to {format_mib(ram_needed_for(end))}"
+        f" but -m/--mem gives {mem.size // MiB} MiB; raise -m"
+    )
+
+
+# The submodules import KernelImage and the helpers above from this package, so they come last.
+from pyvmm.loader.bzimage import is_bzimage, load_bzimage  # noqa: E402
+from pyvmm.loader.cmdline import build_cmdline, write_cmdline  # noqa: E402
+from pyvmm.loader.elf import is_elf, load_elf  # noqa: E402
+from pyvmm.loader.initrd import load_initrd  # noqa: E402

@@ -1,0 +1,187 @@
+"""ELF vmlinux loader: each PT_LOAD segment goes to its physical address (p_paddr).
+
+For a Linux vmlinux, e_entry is the physical address of the 64-bit entry point (startup_64).
+Notes (such as the PVH entry note) are ignored: pyvmm always enters in 64-bit long mode.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from elftools.common.exceptions import ELFError
+from elftools.common.utils import struct_parse
+from elftools.construct import ConstructError
+from elftools.elf.elffile import ELFFile
+
+from pyvmm.arch.x86_64.layout import HIGH_MEMORY_START
+from pyvmm.loader import (
+    KernelImage,
+    check_kernel_ram,
+    describe_os_error,
+    file_size,
+    read_into_guest,
+)
+from pyvmm.loader.errors import (
+    ElfByteOrderError,
+    ElfClassError,
+    ElfEntryError,
+    ElfHeaderError,
+    ElfMachineError,
+    ElfNoLoadableSegmentError,
+    ElfSegmentOverlapError,
+    ElfSegmentSizeError,
+    ElfTypeError,
+    KernelFileError,
+    KernelOutsideRamError,
+    KernelTruncatedError,
+)
+from pyvmm.memory import GuestMemory
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 64
+EM_X86_64 = "EM_X86_64"
+LOADABLE_TYPES = ("ET_EXEC", "ET_DYN")
+PT_LOAD = "PT_LOAD"
+# x86_64 Linux: COMMAND_LINE_SIZE is 2048 including the terminating NUL.
+ELF_CMDLINE_MAX = 2047
+# A vmlinux has no setup header to say otherwise; the caller caps the initrd to low RAM anyway.
+ELF_INITRD_ADDR_MAX = 0xFFFF_FFFF
+
+# What pyelftools raises on malformed input: its own errors, its construct library's, and a few
+# plain ones from decoding garbage.
+_PARSE_ERRORS = (ELFError, ConstructError, struct.error, ValueError, EOFError, KeyError, IndexError)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    index: int
+    paddr: int
+    offset: int
+    filesz: int
+    memsz: int
+
+    @property
+    def end(self) -> int:
+        return self.paddr + self.memsz
+
+    def describe(self) -> str:
+        return f"PT_LOAD segment {self.index} at [{self.paddr:#x}, {self.end:#x})"
+
+
+def is_elf(head: bytes) -> bool:
+    return head.startswith(ELF_MAGIC)
+
+
+def load_elf(mem: GuestMemory, fd: int, path: str) -> KernelImage:
+    """Load the ELF kernel open on `fd` (named `path` in errors) into `mem`."""
+    label = f"kernel {path}"
+    size = file_size(fd, label, KernelFileError)
+    segments, entry = _parse(fd, label)
+    if not segments:
+        raise ElfNoLoadableSegmentError(f"{label}: ELF has no PT_LOAD segment; nothing to load")
+    for seg in segments:
+        _check_segment(seg, size, label)
+    ordered = sorted(segments, key=lambda s: s.paddr)
+    for lower, upper in itertools.pairwise(ordered):
+        if lower.end > upper.paddr:
+            raise ElfSegmentOverlapError(
+                f"{label}: {lower.describe()} overlaps {upper.describe()} in physical memory"
+            )
+    # Highest first, so that a too-small -m is reported with the RAM the whole kernel needs.
+    for seg in sorted(segments, key=lambda s: s.end, reverse=True):
+        check_kernel_ram(mem, seg.paddr, seg.end, label, f"PT_LOAD segment {seg.index}")
+    if not any(s.paddr <= entry < s.end for s in segments):
+        raise ElfEntryError(
+            f"{label}: ELF entry point e_entry={entry:#x} is not inside any PT_LOAD segment "
+            "(expected the physical address of the 64-bit entry)"
+        )
+    for seg in ordered:
+        got = read_into_guest(fd, mem, seg.paddr, seg.filesz, seg.offset, label, KernelFileError)
+        if got != seg.filesz:
+            raise KernelTruncatedError(
+                f"{label}: truncated ELF: {seg.describe()} needs file bytes up to "
+                f"{seg.offset + seg.filesz:#x}, the file ended at {seg.offset + got:#x}"
+            )
+        if seg.memsz > seg.filesz:
+            mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
+    return KernelImage(
+        entry=entry,
+        load_start=ordered[0].paddr,
+        load_end=max(s.end for s in segments),
+        setup_header=None,
+        cmdline_max=ELF_CMDLINE_MAX,
+        initrd_addr_max=ELF_INITRD_ADDR_MAX,
+        kind="elf",
+    )
+
+
+def _parse(fd: int, label: str) -> tuple[list[_Segment], int]:
+    """The non-empty PT_LOAD segments and e_entry, after checking the ELF header."""
+    try:
+        with os.fdopen(os.dup(fd), "rb", closefd=True) as stream:
+            return _parse_stream(stream, label)
+    except OSError as exc:
+        raise KernelFileError(f"{label}: {describe_os_error(exc)}") from exc
+
+
+def _parse_stream(stream: io.BufferedReader, label: str) -> tuple[list[_Segment], int]:
+    try:
+        elf: Any = ELFFile(stream)
+        elfclass = elf.elfclass
+        little_endian = elf.little_endian
+        header = elf.header
+    except _PARSE_ERRORS as exc:
+        raise ElfHeaderError(f"{label}: unreadable ELF header ({_one_line(exc)})") from exc
+    if elfclass != ELFCLASS64:
+        raise ElfClassError(f"{label}: 32-bit ELF; pyvmm boots 64-bit x86_64 kernels")
+    if not little_endian:
+        raise ElfByteOrderError(f"{label}: big-endian ELF; x86_64 kernels are little-endian")
+    machine = header["e_machine"]
+    if machine != EM_X86_64:
+        raise ElfMachineError(
+            f"{label}: ELF for machine {machine}; pyvmm boots x86_64 kernels ({EM_X86_64})"
+        )
+    e_type = header["e_type"]
+    if e_type not in LOADABLE_TYPES:
+        raise ElfTypeError(
+            f"{label}: ELF type {e_type}; expected an executable ({' or '.join(LOADABLE_TYPES)})"
+        )
+    segments: list[_Segment] = []
+    phentsize = header["e_phentsize"]
+    try:
+        for i in range(elf.num_segments()):
+            # The raw program header: pyelftools' Segment objects would also parse notes etc.
+            ph = struct_parse(elf.structs.Elf_Phdr, stream, header["e_phoff"] + i * phentsize)
+            if ph["p_type"] == PT_LOAD and ph["p_memsz"] > 0:
+                segments.append(
+                    _Segment(i, ph["p_paddr"], ph["p_offset"], ph["p_filesz"], ph["p_memsz"])
+                )
+    except _PARSE_ERRORS as exc:
+        raise ElfHeaderError(f"{label}: unreadable ELF program headers ({_one_line(exc)})") from exc
+    return segments, int(header["e_entry"])
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_segment(seg: _Segment, size: int, label: str) -> None:
+    if seg.filesz > seg.memsz:
+        raise ElfSegmentSizeError(
+            f"{label}: {seg.describe()} has p_filesz {seg.filesz:#x} > p_memsz {seg.memsz:#x}"
+        )
+    if seg.offset + seg.filesz > size:
+        raise KernelTruncatedError(
+            f"{label}: truncated ELF: {seg.describe()} needs file bytes up to "
+            f"{seg.offset + seg.filesz:#x}, the file has {size:#x}"
+        )
+    if seg.paddr < HIGH_MEMORY_START:
+        raise KernelOutsideRamError(
+            f"{label}: {seg.describe()} starts below 1 MiB ({HIGH_MEMORY_START:#x}), where pyvmm "
+            "keeps the zero page, page tables and command line"
+        )
