@@ -89,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
-    vmm = Vmm(config, console_out=sys.stdout.buffer, console_in_fd=stdin_fd)
+    console_out = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
+    vmm = Vmm(config, console_out=console_out, console_in_fd=stdin_fd)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 from pyvmm.arch.x86_64 import cpuid, msrs, regs
 from pyvmm.arch.x86_64.gdt import write_gdt
-from pyvmm.arch.x86_64.layout import CMDLINE_START, PCI_HOLE_START, ram_ranges
+from pyvmm.arch.x86_64.layout import CMDLINE_MAX_SIZE, CMDLINE_START, PCI_HOLE_START, ram_ranges
 from pyvmm.arch.x86_64.mptable import write_mptable
 from pyvmm.arch.x86_64.paging import write_page_tables
 from pyvmm.arch.x86_64.zeropage import BootInfo, write_zero_page
@@ -94,7 +94,9 @@ class Vmm:
 
         self.kernel: KernelImage = load_kernel(self.mem, cfg.kernel)
         cmdline = build_cmdline(DEFAULT_CMDLINE, list(cfg.params))
-        write_cmdline(self.mem, CMDLINE_START, cmdline, self.kernel.cmdline_max)
+        write_cmdline(
+            self.mem, CMDLINE_START, cmdline, min(self.kernel.cmdline_max, CMDLINE_MAX_SIZE - 1)
+        )
         initrd = None
         if cfg.initrd is not None:
             low_ram_end = min(self.mem.regions[0].end, PCI_HOLE_START)

@@ -1,0 +1,1 @@
+"""pyvmm benchmarks: `python -m bench` prints JSON results."""

@@ -1,0 +1,66 @@
+# Sourced by bin/demo and bin/build_test: make sure the system packages and the project's
+# virtualenv (.venv) exist. Installs with apt when root; otherwise says what to install.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+# Debian packages the build needs: gcc/make/binutils build the probe guest, the kernel
+# headers check our cffi declarations, python3-venv makes .venv.
+APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev)
+
+missing_apt_packages() {
+    local pkg missing=()
+    for pkg in "${APT_PACKAGES[@]}" "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    echo "${missing[@]:-}"
+}
+
+ensure_apt_packages() {
+    local missing
+    missing="$(missing_apt_packages "$@")"
+    [ -z "$missing" ] && return 0
+    if ! command -v dpkg-query >/dev/null; then
+        echo "bootstrap: not a Debian/Ubuntu system; install the equivalents of: $missing" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bootstrap: missing Debian packages; run: sudo apt-get install -y $missing" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing $missing" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+find_python() {
+    local py
+    for py in python3.13 python3.12 python3.11 python3; do
+        if command -v "$py" >/dev/null &&
+            "$py" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            command -v "$py"
+            return 0
+        fi
+    done
+    echo "bootstrap: pyvmm needs Python >= 3.11 with venv (apt-get install python3 python3-venv)" >&2
+    exit 1
+}
+
+# ensure_venv EXTRAS: create .venv and install pyvmm (editable) with the given extras,
+# again only when pyproject.toml changed since the last install.
+ensure_venv() {
+    local extras="${1:-}" spec="$ROOT" stamp
+    [ -n "$extras" ] && spec="$ROOT[$extras]"
+    stamp="$VENV/.pyvmm-installed-${extras:-base}"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$(find_python)" -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+        echo "bootstrap: installing Python dependencies into .venv" >&2
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" >&2
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,1 @@
+"""The build-and-test harness: the suite runner (and, later, the guest kit and test VM)."""

@@ -1,0 +1,74 @@
+"""Shared fixtures for integration tests: the probe guest and a way to run `pyvmm`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_ELF = ROOT / "guest" / "build" / "probe.elf"
+PROBE_LINE = re.compile(r"^PROBE (\S+) (ok|FAIL)(?: (.*))?$")
+
+
+def kvm_usable() -> str | None:
+    """None if /dev/kvm can be opened read-write, else why not."""
+    path = os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
+    if not os.path.exists(path):
+        return f"{path} is absent on this host"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not accessible to uid {os.getuid()}"
+    return None
+
+
+needs_kvm = pytest.mark.skipif(kvm_usable() is not None, reason=str(kvm_usable()))
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def probe_results(self) -> dict[str, tuple[str, str]]:
+        """{test: (ok|FAIL, details)} from the probe guest's serial output."""
+        results = {}
+        for line in self.stdout.splitlines():
+            m = PROBE_LINE.match(line.strip())
+            if m:
+                results[m.group(1)] = (m.group(2), m.group(3) or "")
+        return results
+
+
+def run_pyvmm(
+    *args: str,
+    timeout: float = 120,
+    stdin: int | None = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+    user: int | None = None,
+) -> Run:
+    """Run `python -m pyvmm ARGS`, optionally with extra environment or as another uid."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyvmm", *args],
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        user=user,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def probe_elf() -> Path:
+    """The probe guest, built by make (bin/build_test builds it first; this keeps it fresh)."""
+    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
+    assert PROBE_ELF.exists(), f"make -C guest did not produce {PROBE_ELF}"
+    return PROBE_ELF

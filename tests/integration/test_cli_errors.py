@@ -1,0 +1,98 @@
+"""Bad input to `pyvmm run`: one line naming the culprit, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import needs_kvm, run_pyvmm
+
+
+def _assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got: {stderr!r}"
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_kernel(tmp_path: Path) -> None:
+    r = run_pyvmm("run", str(tmp_path / "vmlinux"))
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, "vmlinux", "no such file")
+
+
+def test_unknown_flag(tmp_path: Path) -> None:
+    r = run_pyvmm("run", "--frobnicate", str(tmp_path / "k"))
+    assert r.returncode == 2
+    _assert_one_line_error(r.stderr, "--frobnicate")
+
+
+@pytest.mark.parametrize("cpus", ["0", "-1"])
+def test_no_vcpus(tmp_path: Path, cpus: str) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF")
+    r = run_pyvmm("run", "-c", cpus, str(kernel))
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, "-c", cpus)
+
+
+def test_not_a_number(tmp_path: Path) -> None:
+    r = run_pyvmm("run", "-m", "lots", str(tmp_path / "k"))
+    assert r.returncode == 2
+    _assert_one_line_error(r.stderr, "-m", "lots")
+
+
+def test_missing_initrd(tmp_path: Path) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF")
+    r = run_pyvmm("run", "-i", str(tmp_path / "initrd.img"), str(kernel))
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, "initrd.img", "no such file")
+
+
+def test_no_kvm_device(tmp_path: Path, probe_elf: Path) -> None:
+    device = str(tmp_path / "kvm")
+    r = run_pyvmm("run", str(probe_elf), env={"PYVMM_KVM_DEVICE": device})
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, device, "not found")
+
+
+def test_kvm_device_that_is_not_kvm(probe_elf: Path) -> None:
+    r = run_pyvmm("run", str(probe_elf), env={"PYVMM_KVM_DEVICE": "/dev/null"})
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, "/dev/null", "not a KVM device")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to an unprivileged uid")
+def test_kvm_device_without_permission(probe_elf: Path) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        device = Path(d) / "kvm"  # a root-only file stands in for a root-only /dev/kvm
+        device.touch(mode=0o600)
+        kernel = Path(d) / "probe.elf"
+        shutil.copy(probe_elf, kernel)
+        os.chmod(kernel, 0o644)
+        r = run_pyvmm("run", str(kernel), env={"PYVMM_KVM_DEVICE": str(device)}, user=65534)
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, str(device), "permission denied")
+
+
+@needs_kvm
+def test_file_that_is_no_kernel(tmp_path: Path) -> None:
+    kernel = tmp_path / "notes.txt"
+    kernel.write_text("not a kernel\n" * 100)
+    r = run_pyvmm("run", str(kernel))
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, str(kernel), "neither")
+
+
+@needs_kvm
+def test_memory_too_small_for_the_kernel(probe_elf: Path) -> None:
+    r = run_pyvmm("run", "-m", "2", str(probe_elf))
+    assert r.returncode != 0
+    _assert_one_line_error(r.stderr, "-m")
