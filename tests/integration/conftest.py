@@ -50,18 +50,17 @@ def run_pyvmm(
     timeout: float = 120,
     stdin: int | None = subprocess.DEVNULL,
     env: dict[str, str] | None = None,
-    user: int | None = None,
+    wrapper: list[str] | None = None,
 ) -> Run:
-    """Run `python -m pyvmm ARGS`, optionally with extra environment or as another uid."""
+    """Run `python -m pyvmm ARGS`, optionally with extra environment or under a wrapper."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pyvmm", *args],
+        [*(wrapper or []), sys.executable, "-m", "pyvmm", *args],
         stdin=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
-        user=user,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import needs_kvm, run_pyvmm
+from tests.unit.loader.images import MiB, Seg, make_elf
 
 
 def _assert_one_line_error(stderr: str, *fragments: str) -> None:
@@ -68,16 +68,18 @@ def test_kvm_device_that_is_not_kvm(probe_elf: Path) -> None:
     _assert_one_line_error(r.stderr, "/dev/null", "not a KVM device")
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop to an unprivileged uid")
-def test_kvm_device_without_permission(probe_elf: Path) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        os.chmod(d, 0o755)
-        device = Path(d) / "kvm"  # a root-only file stands in for a root-only /dev/kvm
-        device.touch(mode=0o600)
-        kernel = Path(d) / "probe.elf"
-        shutil.copy(probe_elf, kernel)
-        os.chmod(kernel, 0o644)
-        r = run_pyvmm("run", str(kernel), env={"PYVMM_KVM_DEVICE": str(device)}, user=65534)
+@pytest.mark.skipif(os.getuid() != 0, reason="drops root's file-access override to get EACCES")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_kvm_device_without_permission(tmp_path: Path, probe_elf: Path) -> None:
+    device = tmp_path / "kvm"  # stands in for a /dev/kvm we may not open
+    device.touch(mode=0o000)
+    drop = "-dac_override,-dac_read_search"
+    r = run_pyvmm(
+        "run",
+        str(probe_elf),
+        env={"PYVMM_KVM_DEVICE": str(device)},
+        wrapper=["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"],
+    )
     assert r.returncode != 0
     _assert_one_line_error(r.stderr, str(device), "permission denied")
 
@@ -92,7 +94,11 @@ def test_file_that_is_no_kernel(tmp_path: Path) -> None:
 
 
 @needs_kvm
-def test_memory_too_small_for_the_kernel(probe_elf: Path) -> None:
-    r = run_pyvmm("run", "-m", "2", str(probe_elf))
+def test_memory_too_small_for_the_kernel(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    # 1 MiB of code and data followed by a 16 MiB BSS: needs RAM up to 18 MiB.
+    code = b"\xf4" * MiB
+    kernel.write_bytes(make_elf([Seg(0x100000, code, memsz=17 * MiB)], entry=0x100000))
+    r = run_pyvmm("run", "-m", "8", str(kernel))
     assert r.returncode != 0
-    _assert_one_line_error(r.stderr, "-m")
+    _assert_one_line_error(r.stderr, str(kernel), "-m")

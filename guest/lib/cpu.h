@@ -1,0 +1,36 @@
+/* The CPL0 set-up (descriptor tables, paging, PICs) and the interface to the entry code. */
+#ifndef PROBE_CPU_H
+#define PROBE_CPU_H
+
+#include <stdint.h>
+
+/* Our GDT: selectors. */
+#define KERNEL_CS 0x08
+#define KERNEL_DS 0x10
+#define USER_DS (0x18 | 3)
+#define USER_CS (0x20 | 3)
+#define TSS_SEL 0x28
+
+/* 8259 PICs, remapped to vectors 0x20-0x2f. */
+#define PIC1_CMD 0x20
+#define PIC1_DATA 0x21
+#define PIC2_CMD 0xa0
+#define PIC2_DATA 0xa1
+#define PIC_EOI 0x20
+#define IRQ_BASE 0x20
+
+/* Timer interrupts counted by the IRQ 0 handler (entry.S). */
+extern volatile uint32_t timer_ticks;
+
+/* Called from entry.S on the CPL0 stack; never returns (ends in iretq to CPL3). */
+void cpl0_main(uint64_t kind, uint64_t info) __attribute__((noreturn));
+/* The CPL3 program (main.c). */
+void user_main(void) __attribute__((noreturn));
+
+/* entry.S */
+extern char vector_stubs[];	/* 256 stubs, 16 bytes apart, that call trap_fatal */
+extern char timer_irq[], pic1_irq[], pic2_irq[], spurious_irq[];
+void load_gdt(const void *desc);
+void enter_user(void (*entry)(void), uint64_t stack) __attribute__((noreturn));
+
+#endif

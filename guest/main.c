@@ -1,0 +1,63 @@
+/* The probe's CPL3 program: runs the tests named by probe=<test>[,<test>...] on the command line
+ * (default: all but the benchmarks), one result line each, then a summary line, then resets. */
+#include "lib/cpu.h"
+#include "lib/probe.h"
+#include "tests/tests.h"
+
+struct test {
+	const char *name;
+	void (*run)(void);
+	bool by_default;
+};
+
+static const struct test tests[] = {
+	{ "serial", test_serial, true },
+	{ "cmos", test_cmos, true },
+	{ "e820", test_e820, true },
+	{ "cpus", test_cpus, true },
+	{ "cmdline", test_cmdline, true },
+	{ "timer", test_timer, true },
+	{ "outloop", test_outloop, false },
+};
+
+static void run_test(const struct test *t)
+{
+	report_begin(t->name);
+	t->run();
+	report_end();
+}
+
+static void run_named(const char *name, size_t len)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(tests); i++) {
+		if (strlen(tests[i].name) == len && !memcmp(tests[i].name, name, len)) {
+			run_test(&tests[i]);
+			return;
+		}
+	}
+	report_unknown(name, len);
+}
+
+void user_main(void)
+{
+	const char *list;
+	size_t len;
+
+	if (cmdline_find("probe", &list, &len)) {
+		size_t start = 0;
+
+		for (size_t i = 0; i <= len; i++) {
+			if (i == len || list[i] == ',') {
+				if (i > start)
+					run_named(list + start, i - start);
+				start = i + 1;
+			}
+		}
+	} else {
+		for (size_t i = 0; i < ARRAY_SIZE(tests); i++)
+			if (tests[i].by_default)
+				run_test(&tests[i]);
+	}
+	report_summary();
+	machine_reset();
+}
