@@ -8,6 +8,9 @@ VENV="$ROOT/.venv"
 # Debian packages the build needs: gcc/make/binutils build the probe guest, the kernel
 # headers check our cffi declarations, python3-venv makes .venv.
 APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev)
+# What the Linux guest kit and the test VM need: kmod (depmod) and e2fsprogs for the kit,
+# QEMU for the test VM on hosts whose KVM cannot boot a stock kernel.
+LINUX_APT_PACKAGES=(kmod e2fsprogs qemu-system-x86)
 
 missing_apt_packages() {
     local pkg missing=()

@@ -55,8 +55,10 @@ SYSTEM_EVENT_SHUTDOWN = 1
 SYSTEM_EVENT_RESET = 2
 SYSTEM_EVENT_CRASH = 3
 
-# Serial console, reboot through the i8042 (our reset path), reboot on panic rather than hang.
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1"
+# Serial console; reboot through the i8042 (our reset path); reboot on panic rather than hang;
+# no ACPI: pyvmm describes the machine with the MP table and e820, and has no ACPI tables for
+# Linux to look for (it would report "A valid RSDP was not found").
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 acpi=off"
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,16 @@ class Vmm:
 
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension(Cap.KVM_CAP_TSC_DEADLINE_TIMER))
+        has_xcrs = bool(self.kvm.check_extension(Cap.KVM_CAP_XCRS))
         self.vcpus: list[Vcpu] = []
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
-            vcpu.set_cpuid(cpuid.vcpu_cpuid(supported, i, cfg.cpus, tsc_deadline))
+            entries = cpuid.vcpu_cpuid(supported, i, cfg.cpus, tsc_deadline)
+            vcpu.set_cpuid(entries)
+            xcr0 = cpuid.xsave_features(entries)
+            if xcr0 is not None and has_xcrs:
+                vcpu.set_xcr0(xcr0)
             vcpu.set_msrs(msrs.boot_msrs())
             regs.setup_fpu(vcpu)
             regs.setup_lint(vcpu)

@@ -1,7 +1,8 @@
 """What `bin/build_test` runs: each suite in turn, then a summary table and one closing line.
 
-Suites: lint (ruff), type (mypy --strict), unit and integration (pytest, JUnit XML kept under
-build/test-results). `--quick` stops after the unit tests.
+Suites: lint (ruff), type (mypy --strict), unit, integration (the probe guest and the CLI) and
+linux (a stock Debian kernel, natively or in the test VM); pytest's JUnit XML is kept under
+build/test-results. `--quick` stops after the unit tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "build" / "test-results"
 LINT_PATHS = ["pyvmm", "tests", "bench"]
+LINUX_TESTS = "tests/integration/linux"
 
 
 @dataclass
@@ -72,12 +74,14 @@ def run_type() -> SuiteResult:
     return SuiteResult("type", ok, time.monotonic() - start)
 
 
-def run_pytest(name: str, path: str, workers: int | None = None) -> SuiteResult:
+def run_pytest(
+    name: str, path: str, workers: int | None = None, extra: Sequence[str] = ()
+) -> SuiteResult:
     start = time.monotonic()
     RESULTS.mkdir(parents=True, exist_ok=True)
     xml = RESULTS / f"{name}.xml"
     xml.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", path, f"--junitxml={xml}"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", path, f"--junitxml={xml}", *extra]
     if workers:
         cmd += ["-n", str(workers)]
     ok = _run(cmd)

@@ -99,6 +99,19 @@ ffi.cdef(
         struct kvm_cpuid_entry2 entries[];
     };
 
+    struct kvm_xcr {
+        uint32_t xcr;
+        uint32_t reserved;
+        uint64_t value;
+    };
+
+    struct kvm_xcrs {
+        uint32_t nr_xcrs;
+        uint32_t flags;
+        struct kvm_xcr xcrs[16];
+        uint64_t padding[16];
+    };
+
     struct kvm_lapic_state {
         char regs[1024];
     };
@@ -239,6 +252,8 @@ class Ioctl(enum.IntEnum):
     KVM_SET_LAPIC = _iow(0x8F, "struct kvm_lapic_state")
     KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
     KVM_GET_CPUID2 = _iowr(0x91, "struct kvm_cpuid2")
+    KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
+    KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
 
 
 class Cap(enum.IntEnum):
@@ -254,6 +269,7 @@ class Cap(enum.IntEnum):
     KVM_CAP_IRQFD = 32
     KVM_CAP_PIT2 = 33
     KVM_CAP_IOEVENTFD = 36
+    KVM_CAP_XCRS = 56
     KVM_CAP_MAX_VCPUS = 66
     KVM_CAP_TSC_DEADLINE_TIMER = 72
     KVM_CAP_IMMEDIATE_EXIT = 136

@@ -147,6 +147,22 @@ class Vcpu:
         n = ioctl(self.fd, Ioctl.KVM_GET_MSRS, c)
         return {c.entries[i].index: c.entries[i].data for i in range(n)}
 
+    def set_xcr0(self, value: int) -> None:
+        xcrs: Any = ffi.new("struct kvm_xcrs *")
+        xcrs.nr_xcrs = 1
+        xcrs.xcrs[0].xcr = 0
+        xcrs.xcrs[0].value = value
+        ioctl(self.fd, Ioctl.KVM_SET_XCRS, xcrs)
+
+    def get_xcr0(self) -> int:
+        xcrs: Any = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, Ioctl.KVM_GET_XCRS, xcrs)
+        for i in range(xcrs.nr_xcrs):
+            if xcrs.xcrs[i].xcr == 0:
+                value: int = xcrs.xcrs[i].value
+                return value
+        return 0
+
     def get_lapic(self) -> Any:
         lapic: Any = ffi.new("struct kvm_lapic_state *")
         ioctl(self.fd, Ioctl.KVM_GET_LAPIC, lapic)

@@ -68,3 +68,24 @@ def vcpu_cpuid(
                 e.eax, e.ebx, e.ecx = 0, 0, (LEVEL_TYPE_INVALID << 8) | e.index
         result.append(e)
     return result
+
+
+LEAF_XSAVE = 0xD
+ECX_XSAVE = 1 << 26
+
+
+def xsave_features(entries: list[CpuidEntry]) -> int | None:
+    """Every XCR0 state component these CPUID entries offer, or None without XSAVE.
+
+    pyvmm starts vCPUs with all of them enabled in XCR0. A guest kernel normally enables the same
+    set itself, so it changes nothing there; but it keeps KVM's view of XCR0 right where a nested
+    hypervisor fails to intercept XSETBV (QEMU's TCG SVM): otherwise KVM keeps CPUID.(0xD,0).EBX
+    at the legacy 576-byte size and Linux warns "XSAVE consistency problem" at boot.
+    """
+    leaf1 = next((e for e in entries if e.function == LEAF_FEATURES), None)
+    if leaf1 is None or not leaf1.ecx & ECX_XSAVE:
+        return None
+    leaf_d = next((e for e in entries if e.function == LEAF_XSAVE and e.index == 0), None)
+    if leaf_d is None:
+        return None
+    return leaf_d.eax | (leaf_d.edx << 32)

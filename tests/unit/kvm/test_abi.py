@@ -18,6 +18,8 @@ STRUCTS = [
     "kvm_msr_list",
     "kvm_cpuid_entry2",
     "kvm_cpuid2",
+    "kvm_xcr",
+    "kvm_xcrs",
     "kvm_lapic_state",
     "kvm_userspace_memory_region",
     "kvm_pit_config",

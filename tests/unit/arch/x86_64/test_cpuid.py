@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyvmm.arch.x86_64.cpuid import vcpu_cpuid
+from pyvmm.arch.x86_64.cpuid import vcpu_cpuid, xsave_features
 from pyvmm.kvm.cpuid import CpuidEntry
 
 SUPPORTED = [
@@ -53,3 +53,16 @@ def test_cache_leaf_reports_cores_per_package() -> None:
 def test_paravirt_leaves_pass_through() -> None:
     e = _leaf(vcpu_cpuid(SUPPORTED, 0, 1, tsc_deadline=False), 0x40000000)
     assert (e.ebx, e.ecx, e.edx) == (0x4B4D564B, 0x564B4D56, 0x4D)
+
+
+def test_xcr0_covers_every_offered_state_component() -> None:
+    xsave = CpuidEntry(0x1, 0, 0, 0, 0, 1 << 26, 0)
+    leaf_d = CpuidEntry(0xD, 0, 1, 0x207, 0x240, 0xA88, 0x1)
+    assert xsave_features([xsave, leaf_d]) == 0x1_0000_0207
+
+
+def test_no_xcr0_without_xsave() -> None:
+    no_xsave = CpuidEntry(0x1, 0, 0, 0, 0, 0, 0)
+    leaf_d = CpuidEntry(0xD, 0, 1, 0x207, 0x240, 0xA88, 0)
+    assert xsave_features([no_xsave, leaf_d]) is None
+    assert xsave_features([CpuidEntry(0x1, 0, 0, 0, 0, 1 << 26, 0)]) is None

@@ -1,0 +1,206 @@
+"""The test VM: a KVM host made of software, for machines whose own KVM cannot boot Linux.
+
+QEMU's TCG emulation with `-cpu max` offers AMD SVM with nested paging, so Debian's stock kernel
+booted under it loads kvm-amd and has a working /dev/kvm. The host's root filesystem is shared
+in read-only over 9p (so the host's Python and the project tree run inside unchanged) and a
+scratch directory read-write at the same path. `TestVm.run()` boots it, runs one command in a
+chroot of the host's tree, and returns the command's exit status and output.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm.harness.kit import GuestKit
+
+# What the test VM's init loads: virtio-pci and 9p for the shares, KVM for SVM guests,
+# tun for network tests.
+TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "kvm_amd", "tun"]
+HOSTROOT_TAG = "hostroot"
+SCRATCH_TAG = "scratch"
+QEMU = "qemu-system-x86_64"
+DEFAULT_MEM_MIB = 4096
+STATUS_FILE = "status"
+OUTPUT_FILE = "output"
+COMMAND_FILE = "command.sh"
+
+PR_SET_PDEATHSIG = 1
+
+TESTVM_INIT = r"""#!/bin/busybox sh
+# Test VM init: load KVM and 9p, mount the host's tree read-only and the scratch directory
+# read-write, run the command in a chroot of the host's tree, record its status, power off.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/load-order); do
+    insmod "/lib/modules/$m" || echo "testvm: insmod $m failed"
+done
+param() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p"; }
+scratch="$(param pyvmm.scratch)"
+work="$(param pyvmm.work)"
+opts=trans=virtio,version=9p2000.L,msize=512000,cache=loose
+mkdir -p /host
+if ! mount -t 9p -o "$opts,ro" hostroot /host; then
+    echo "testvm: cannot mount the host's tree"; poweroff -f
+fi
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mount -t devtmpfs dev /host/dev
+mkdir -p /host/dev/pts /host/dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts
+mount -t tmpfs tmpfs /host/dev/shm
+mount -t tmpfs tmpfs /host/tmp
+mount -t tmpfs tmpfs /host/run
+mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000" scratch "/host$scratch"
+echo "testvm: ready after $(cut -d' ' -f1 /proc/uptime) s"
+chroot /host /bin/sh "$work/command.sh" > "/host$work/output" 2>&1
+echo $? > "/host$work/status"
+sync
+umount "/host$scratch"
+poweroff -f
+"""
+
+
+class TestVmError(Exception):
+    """The test VM could not be booted, or did not finish its command."""
+
+
+@dataclass(frozen=True)
+class TestVmResult:
+    returncode: int
+    output: str
+    console: str
+    seconds: float
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGKILL when the harness dies, however it dies."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()
+
+
+class TestVm:
+    """Boots the kit's Debian kernel under QEMU TCG with KVM loaded inside."""
+
+    def __init__(
+        self, kit: GuestKit, mem_mib: int = DEFAULT_MEM_MIB, cpus: int | None = None
+    ) -> None:
+        if shutil.which(QEMU) is None:
+            raise TestVmError(f"{QEMU} not found: apt-get install qemu-system-x86")
+        self.kit = kit
+        self.mem_mib = mem_mib
+        self.cpus = cpus or min(os.cpu_count() or 1, 4)
+
+    def qemu_command(
+        self, initramfs: Path, scratch: Path, workdir: Path, console: Path
+    ) -> list[str]:
+        kernel = self.kit.kernel()
+        append = (
+            f"console=ttyS0 quiet loglevel=3 panic=-1 pyvmm.scratch={scratch} pyvmm.work={workdir}"
+        )
+        return [
+            QEMU,
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            str(self.cpus),
+            "-m",
+            str(self.mem_mib),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            f"file:{console}",
+            "-kernel",
+            str(kernel.bzimage),
+            "-initrd",
+            str(initramfs),
+            "-append",
+            append,
+            "-virtfs",
+            f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,"
+            "multidevs=remap",
+            "-virtfs",
+            f"local,path={scratch},mount_tag={SCRATCH_TAG},security_model=none,multidevs=remap",
+        ]
+
+    def run(
+        self,
+        command: list[str],
+        scratch: Path,
+        timeout: float,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> TestVmResult:
+        """Run `command` inside the test VM; `scratch` (a host directory outside /tmp) is
+        writable inside at the same path. Raises TestVmError if the VM does not finish within
+        `timeout` seconds or never runs the command."""
+        scratch = scratch.resolve()
+        if scratch == Path("/tmp") or Path("/tmp") in scratch.parents:
+            raise TestVmError(f"scratch {scratch}: must be outside /tmp (a tmpfs in the test VM)")
+        initramfs = self.kit.build_initramfs("testvm", TESTVM_INIT, TESTVM_MODULES)
+        workdir = Path(tempfile.mkdtemp(prefix=".testvm-", dir=scratch))
+        try:
+            script = ["set -e", f"cd {shlex.quote(str(cwd or Path.cwd()))}"]
+            for key, value in (env or {}).items():
+                script.append(f"export {key}={shlex.quote(value)}")
+            script.append("exec " + shlex.join(command))
+            (workdir / COMMAND_FILE).write_text("\n".join(script) + "\n")
+            console = workdir / "console.log"
+            cmd = self.qemu_command(initramfs, scratch, workdir, console)
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+            try:
+                qemu_out, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise TestVmError(
+                    f"test VM did not finish within {timeout:.0f} s; console ends with: "
+                    + _tail(console)
+                ) from None
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            seconds = time.monotonic() - start
+            console_text = console.read_text(errors="replace") if console.exists() else ""
+            status = workdir / STATUS_FILE
+            if not status.exists():
+                raise TestVmError(
+                    f"test VM ended (QEMU status {proc.returncode}) without running the command: "
+                    + (qemu_out.decode(errors="replace").strip() or _tail(console))
+                )
+            return TestVmResult(
+                int(status.read_text().strip() or "255"),
+                (workdir / OUTPUT_FILE).read_text(errors="replace"),
+                console_text,
+                seconds,
+            )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    if not path.exists():
+        return "(no console output)"
+    text = path.read_text(errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) or "(no console output)"
