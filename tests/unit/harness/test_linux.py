@@ -1,0 +1,70 @@
+"""Where Linux guests run, and what a missing test-VM ingredient looks like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyvmm.harness import linux, testvm
+from pyvmm.harness.boots import parse_checks
+from pyvmm.harness.linux import choose_placement
+
+
+@pytest.fixture
+def kvm_device(tmp_path: Path) -> str:
+    device = tmp_path / "kvm"
+    device.touch()
+    return str(device)
+
+
+def test_vmx_or_svm_hosts_boot_natively(monkeypatch: pytest.MonkeyPatch, kvm_device: str) -> None:
+    monkeypatch.delenv("PYVMM_TEST_KERNEL", raising=False)
+    for flag, name in (("vmx", "VMX"), ("svm", "SVM")):
+        monkeypatch.setattr(linux, "_cpu_flags", lambda flag=flag: {"fpu", flag, "lm"})
+        placement = choose_placement(kvm_device)
+        assert placement.native
+        assert name in placement.reason
+
+
+def test_pvm_hosts_use_the_test_vm(monkeypatch: pytest.MonkeyPatch, kvm_device: str) -> None:
+    monkeypatch.delenv("PYVMM_TEST_KERNEL", raising=False)
+    monkeypatch.setattr(linux, "_cpu_flags", lambda: {"fpu", "lm", "hypervisor"})
+    placement = choose_placement(kvm_device)
+    assert not placement.native
+    assert "neither VMX nor SVM" in placement.describe()
+    assert "inside the test VM" in placement.describe()
+
+
+def test_no_kvm_device_means_the_test_vm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PYVMM_TEST_KERNEL", raising=False)
+    placement = choose_placement(str(tmp_path / "kvm"))
+    assert not placement.native
+    assert "absent" in placement.reason
+
+
+def test_a_named_test_kernel_boots_natively(
+    monkeypatch: pytest.MonkeyPatch, kvm_device: str
+) -> None:
+    monkeypatch.setenv("PYVMM_TEST_KERNEL", "/boot/pvm-guest")
+    monkeypatch.setattr(linux, "_cpu_flags", lambda: {"fpu"})
+    placement = choose_placement(kvm_device)
+    assert placement.native
+    assert "/boot/pvm-guest" in placement.reason
+
+
+def test_missing_qemu_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(testvm.TestVmError, match=r"qemu-system-x86_64 not found: apt-get install"):
+        testvm.TestVm(kit=None)  # type: ignore[arg-type]
+
+
+def test_scratch_under_tmp_is_refused(tmp_path: Path) -> None:
+    vm = object.__new__(testvm.TestVm)
+    with pytest.raises(testvm.TestVmError, match="outside /tmp"):
+        vm.run(["true"], scratch=tmp_path, timeout=1)
+
+
+def test_guest_lines_are_parsed_wherever_they_sit_on_the_line() -> None:
+    out = "noise\r\n[  1.0] x GUEST mem ok MemTotal 1 kB\nGUEST cpus FAIL expected 2\nGUEST done\n"
+    assert parse_checks(out) == {"mem": ["ok", "MemTotal 1 kB"], "cpus": ["FAIL", "expected 2"]}
