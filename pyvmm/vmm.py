@@ -61,6 +61,10 @@ SYSTEM_EVENT_CRASH = 3
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 acpi=off"
 
 
+# What a read from an address no device claims returns (a floating bus).
+_ALL_ONES = b"\xff" * 8
+
+
 @dataclass(frozen=True)
 class VmExit:
     """Why the VM stopped and the exit status `pyvmm run` returns."""
@@ -166,14 +170,20 @@ class Vmm:
         try:
             while not self._exit_event.is_set():
                 ex = vcpu.run()
-                if isinstance(ex, IoExit):
+                if type(ex) is IoExit:
+                    if ex.count == 1:
+                        if ex.is_write:
+                            io_bus.write(ex.port, ex.data)
+                        elif not io_bus.read(ex.port, ex.data):
+                            ex.data[:] = _ALL_ONES[: ex.size]
+                        continue
                     size = ex.size
-                    for i in range(ex.count):
+                    for i in range(ex.count):  # rep ins/outs: one access per element
                         chunk = ex.data[i * size : (i + 1) * size]
                         if ex.is_write:
                             io_bus.write(ex.port, chunk)
                         elif not io_bus.read(ex.port, chunk):
-                            chunk[:] = b"\xff" * size
+                            chunk[:] = _ALL_ONES[:size]
                 elif isinstance(ex, MmioExit):
                     if ex.is_write:
                         mmio_bus.write(ex.addr, ex.data)

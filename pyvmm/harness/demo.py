@@ -47,7 +47,7 @@ def linux_demo() -> int:
     )  # fmt: skip
     _say("$ pyvmm run " + " ".join(argv[4:]))
     if not harness.placement.native:
-        _say("booting the test VM, then pyvmm inside it (about a minute under emulation)")
+        _say("booting the test VM, then pyvmm inside it (about half a minute under emulation)")
     [result] = harness.run([BootSpec("demo", argv)])
     sys.stdout.write(result.output)
     sys.stderr.write(result.stderr)

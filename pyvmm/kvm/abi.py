@@ -9,6 +9,7 @@ system headers and checks every size, offset and ioctl number.
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Any
 
 import cffi
@@ -196,6 +197,29 @@ ffi.cdef(
 )
 
 libc: Any = ffi.dlopen(None)
+
+_STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def struct_for(ctype: str, *fields: str) -> struct.Struct:
+    """A `struct.Struct` that unpacks the given unsigned integer fields of `ctype` in one call,
+    starting at the first field's offset. Offsets and sizes come from the cffi declaration, so
+    hot paths can decode kernel structs from a buffer without hand-written offsets."""
+    first = ffi.offsetof(ctype, *fields[0].split("."))
+    fmt = "<"
+    pos = first
+    for f in fields:
+        path = f.split(".")
+        offset = ffi.offsetof(ctype, *path)
+        if offset < pos:
+            raise ValueError(f"{ctype}: field {f} is out of order")
+        field_type = ffi.typeof(ctype)
+        for name in path:
+            field_type = dict(field_type.fields)[name].type
+        fmt += "x" * (offset - pos) + _STRUCT_CODES[ffi.sizeof(field_type.cname)]
+        pos = offset + ffi.sizeof(field_type.cname)
+    return struct.Struct(fmt)
+
 
 KVMIO = 0xAE
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2

@@ -8,13 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pyvmm.kvm.abi import KVM_EXIT_IO_OUT, ExitReason, Ioctl, ffi
+from pyvmm.kvm.abi import KVM_EXIT_IO_OUT, ExitReason, Ioctl, ffi, libc, struct_for
 from pyvmm.kvm.cpuid import CpuidEntry, to_kvm_cpuid2
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.ioctl import ioctl
 
 
-@dataclass
+@dataclass(slots=True)
 class IoExit:
     """Port I/O: `data` is the kvm_run buffer to read (out) or fill (in), size*count bytes."""
 
@@ -176,27 +176,29 @@ class Vcpu:
         self.run_struct.immediate_exit = 1
 
     def run(self) -> VcpuExit:
-        """Run the vCPU until it needs userspace; decode why."""
-        try:
-            ioctl(self.fd, Ioctl.KVM_RUN)
-        except KvmError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN):
+        """Run the vCPU until it needs userspace; decode why.
+
+        This is the hot path of every exit: the ioctl goes straight to libc with a prebuilt
+        argument, and the common exit (port I/O) is decoded with one struct unpack of the
+        shared kvm_run page rather than field by field through cffi.
+        """
+        if _libc_ioctl(self.fd, _KVM_RUN, _NO_ARG) < 0:
+            err = ffi.errno
+            if err in (errno.EINTR, errno.EAGAIN):
                 self.run_struct.immediate_exit = 0
                 return InterruptedExit()
-            raise
-        run = self.run_struct
-        reason = run.exit_reason
+            raise KvmError(Ioctl.KVM_RUN.name, err)
+        reason = _EXIT_REASON.unpack_from(self._mmap, _EXIT_REASON_OFFSET)[0]
         if reason == ExitReason.IO:
-            io = run.io
-            start = io.data_offset
-            end = start + io.size * io.count
+            direction, size, port, count, start = _IO.unpack_from(self._mmap, _IO_OFFSET)
             return IoExit(
-                io.port,
-                io.size,
-                io.count,
-                io.direction == KVM_EXIT_IO_OUT,
-                self._run_view[start:end],
+                port,
+                size,
+                count,
+                direction == KVM_EXIT_IO_OUT,
+                self._run_view[start : start + size * count],
             )
+        run = self.run_struct
         if reason == ExitReason.MMIO:
             mmio = run.mmio
             data = self._run_view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + mmio.len]
@@ -217,3 +219,12 @@ class Vcpu:
 
 
 _MMIO_DATA_OFFSET: int = ffi.offsetof("struct kvm_run", "mmio", "data")
+_EXIT_REASON_OFFSET: int = ffi.offsetof("struct kvm_run", "exit_reason")
+_IO_OFFSET: int = ffi.offsetof("struct kvm_run", "io", "direction")
+_EXIT_REASON = struct_for("struct kvm_run", "exit_reason")
+_IO = struct_for(
+    "struct kvm_run", "io.direction", "io.size", "io.port", "io.count", "io.data_offset"
+)
+_libc_ioctl: Any = libc.ioctl
+_KVM_RUN = int(Ioctl.KVM_RUN)
+_NO_ARG: Any = ffi.cast("unsigned long", 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyvmm.kvm.abi import Cap, Ioctl, ffi
+from pyvmm.kvm.abi import Cap, Ioctl, ffi, struct_for
 from tests.cheaders import c_facts
 
 STRUCTS = [
@@ -71,3 +71,15 @@ def test_ioctl_numbers_match_linux_headers(tmp_path: Path) -> None:
 def test_capability_numbers_match_linux_headers(tmp_path: Path) -> None:
     actual = c_facts(tmp_path, ["linux/kvm.h"], [c.name for c in Cap])
     assert {c.name: c.value for c in Cap} == dict(zip([c.name for c in Cap], actual, strict=True))
+
+
+def test_struct_for_decodes_fields_where_cffi_puts_them() -> None:
+    run = ffi.new("struct kvm_run *")
+    run.io.direction, run.io.size, run.io.port = 1, 2, 0x3F8
+    run.io.count, run.io.data_offset = 3, 0x1000
+    io = struct_for(
+        "struct kvm_run", "io.direction", "io.size", "io.port", "io.count", "io.data_offset"
+    )
+    offset = ffi.offsetof("struct kvm_run", "io", "direction")
+    assert io.unpack_from(ffi.buffer(run), offset) == (1, 2, 0x3F8, 3, 0x1000)
+    assert struct_for("struct kvm_irqfd", "fd", "flags").format == "<IxxxxI"
