@@ -2,9 +2,10 @@
 
 QEMU's TCG emulation with `-cpu max` offers AMD SVM with nested paging, so Debian's stock kernel
 booted under it loads kvm-amd and has a working /dev/kvm. The host's root filesystem is shared
-in read-only over 9p (so the host's Python and the project tree run inside unchanged) and a
-scratch directory read-write at the same path. `TestVm.run()` boots it, runs one command in a
-chroot of the host's tree, and returns the command's exit status and output.
+in read-only over 9p under a tmpfs overlay (the host's Python and the project tree run inside
+unchanged; writes vanish with the VM), and a scratch directory read-write at the same path.
+`TestVm.run()` boots it, runs one command in a chroot of that tree, and returns the command's
+exit status and output.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 
 from pyvmm.harness.kit import GuestKit
 
-# What the test VM's init loads: virtio-pci and 9p for the shares, KVM for SVM guests,
-# tun for network tests.
-TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "kvm_amd", "tun"]
+# What the test VM's init loads: virtio-pci and 9p for the shares, overlay to make the host's
+# tree writable (into a tmpfs), KVM for SVM guests, tun for network tests.
+TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun"]
 HOSTROOT_TAG = "hostroot"
 SCRATCH_TAG = "scratch"
 QEMU = "qemu-system-x86_64"
@@ -47,20 +48,23 @@ done
 param() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p"; }
 scratch="$(param pyvmm.scratch)"
 work="$(param pyvmm.work)"
-opts=trans=virtio,version=9p2000.L,msize=512000,cache=loose
-mkdir -p /host
-if ! mount -t 9p -o "$opts,ro" hostroot /host; then
+opts=trans=virtio,version=9p2000.L,msize=512000
+mkdir -p /lower /upper /host
+if ! mount -t 9p -o "$opts,ro,cache=loose" hostroot /lower; then
     echo "testvm: cannot mount the host's tree"; poweroff -f
 fi
+# The host's tree, writable: changes land in a tmpfs and vanish with the VM.
+mount -t tmpfs -o mode=755 tmpfs /upper
+mkdir -p /upper/data /upper/work
+mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /host
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
-mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
-mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000" scratch "/host$scratch"
+mount -t 9p -o "$opts" scratch "/host$scratch"
 echo "testvm: ready after $(cut -d' ' -f1 /proc/uptime) s"
 chroot /host /bin/sh "$work/command.sh" > "/host$work/output" 2>&1
 echo $? > "/host$work/status"
@@ -146,12 +150,11 @@ class TestVm:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> TestVmResult:
-        """Run `command` inside the test VM; `scratch` (a host directory outside /tmp) is
-        writable inside at the same path. Raises TestVmError if the VM does not finish within
-        `timeout` seconds or never runs the command."""
+        """Run `command` inside the test VM. `scratch` (a host directory) is shared writable at
+        the same path; the rest of the host's tree is visible, its changes discarded. Raises
+        TestVmError if the VM does not finish within `timeout` seconds or never runs the
+        command."""
         scratch = scratch.resolve()
-        if scratch == Path("/tmp") or Path("/tmp") in scratch.parents:
-            raise TestVmError(f"scratch {scratch}: must be outside /tmp (a tmpfs in the test VM)")
         initramfs = self.kit.build_initramfs("testvm", TESTVM_INIT, TESTVM_MODULES)
         workdir = Path(tempfile.mkdtemp(prefix=".testvm-", dir=scratch))
         try:
