@@ -123,13 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick:
         t = time.monotonic()
         if build_probe_guest():
-            results.append(run_pytest("integration", "tests/integration"))
+            results.append(
+                run_pytest("integration", "tests/integration", extra=["--ignore", LINUX_TESTS])
+            )
         else:
             results.append(
                 SuiteResult(
                     "integration", False, time.monotonic() - t, notes=["guest build failed"]
                 )
             )
+        # One test VM (or one series of native boots) for the whole Linux suite: no xdist.
+        results.append(run_pytest("linux", LINUX_TESTS))
     print_summary(results, time.monotonic() - start)
     return 0 if all(r.ok for r in results) else 1
 
