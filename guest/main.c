@@ -18,6 +18,13 @@ static const struct test tests[] = {
 	{ "cmdline", test_cmdline, true },
 	{ "timer", test_timer, true },
 	{ "outloop", test_outloop, false },
+	{ "pci", test_pci, false },
+	{ "blk", test_blk, false },
+	{ "blk-ro", test_blk_ro, false },
+	{ "rng", test_rng, false },
+	{ "virtq-hostile", test_virtq_hostile, false },
+	{ "spin", test_spin, false },
+	{ "blkbench", test_blkbench, false },
 };
 
 static void run_test(const struct test *t)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -12,7 +13,10 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
-from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, VmConfig
+from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
+from pyvmm.control import COMMANDS, ControlError, send_command
+from pyvmm.control.protocol import one_line
+from pyvmm.disk.raw import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
@@ -28,6 +32,8 @@ USER_ERRORS = (
     CmdlineError,
     GuestMemoryError,
     KvmError,
+    ControlError,
+    DiskError,
 )
 
 
@@ -36,6 +42,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _disk(path: str, writable: bool, root: bool) -> DiskConfig:
+    return DiskConfig(path, writable=writable, root=root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra kernel command line (repeatable)",
     )
     run.add_argument("-i", "--initrd", metavar="PATH", help="initial ramdisk")
+    disk_flags = (
+        (("-r", "--root"), False, True, "read-only root disk (vda; adds root=/dev/vda ro)"),
+        (("--rwroot",), True, True, "writable root disk (vda; adds root=/dev/vda rw)"),
+        (("-d", "--disk"), False, False, "read-only disk (repeatable)"),
+        (("--rwdisk",), True, False, "writable disk (repeatable)"),
+    )
+    for flags, writable, root, summary in disk_flags:
+        run.add_argument(
+            *flags,
+            dest="disks",
+            action="append",
+            default=[],
+            metavar="PATH",
+            type=functools.partial(_disk, writable=writable, root=root),
+            help=summary,
+        )
+    run.add_argument(
+        "-s",
+        "--socket",
+        metavar="PATH",
+        help="listen for control commands on a Unix socket at PATH "
+        "(PATH/pyvmm-<pid>.sock if PATH is a directory)",
+    )
+    for name, summary in COMMANDS.items():
+        control = sub.add_parser(name, help=summary, description=f"{summary.capitalize()}.")
+        control.add_argument("socket", metavar="SOCKET", help="the VM's control socket")
     return parser
 
 
@@ -80,7 +116,18 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         params=tuple(args.params),
         initrd=args.initrd,
         kvm_path=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"),
+        socket=args.socket,
+        disks=tuple(sorted(args.disks, key=lambda d: not d.root)),
     ).validate()
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """Send a stop/suspend/resume command; silent on success."""
+    reply = send_command(args.socket, {"cmd": args.command})
+    if reply["ok"]:
+        return 0
+    print(f"pyvmm: {one_line(reply['error'])}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -119,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command in COMMANDS:
+            return cmd_control(args)
     except USER_ERRORS as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import stat
 from dataclasses import dataclass, field
 
 from pyvmm.arch.x86_64.mptable import max_cpus
+from pyvmm.control.protocol import socket_is_live
 
 DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1
@@ -13,6 +16,24 @@ MIN_MEM_MIB = 2
 # Guest RAM above 4 GiB is not limited by pyvmm; this keeps typos like `-m 1000000` from
 # reserving a terabyte of address space.
 MAX_MEM_MIB = 1 << 20
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+SOCKET_FLAG = "-s/--socket"
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One virtio-blk disk, in the order the guest sees them (vda, vdb, ...)."""
+
+    path: str
+    writable: bool
+    root: bool = False
+
+    @property
+    def flag(self) -> str:
+        if self.root:
+            return "--rwroot" if self.writable else "-r/--root"
+        return "--rwdisk" if self.writable else "-d/--disk"
 
 
 class ConfigError(Exception):
@@ -27,13 +48,17 @@ class VmConfig:
     params: tuple[str, ...] = field(default_factory=tuple)
     initrd: str | None = None
     kvm_path: str = "/dev/kvm"
+    # The control socket's path; validate() turns a directory into a file name in it.
+    socket: str | None = None
+    disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
 
     @property
     def mem_bytes(self) -> int:
         return self.mem_mib << 20
 
     def validate(self) -> VmConfig:
-        """Raise ConfigError for the first bad setting; return self so calls can chain."""
+        """Raise ConfigError for the first bad setting; return the config, with the control
+        socket's path resolved, so calls can chain. Removes a stale socket file at that path."""
         _check_readable_file(self.kernel, "KERNEL")
         if self.initrd is not None:
             _check_readable_file(self.initrd, "-i/--initrd")
@@ -47,6 +72,17 @@ class VmConfig:
         for p in self.params:
             if not p.isprintable() or not p.isascii():
                 raise ConfigError(f"-p/--params {p!r}: kernel parameters must be printable ASCII")
+        roots = [d for d in self.disks if d.root]
+        if len(roots) > 1:
+            raise ConfigError(f"{roots[1].flag} {roots[1].path}: only one root disk is possible")
+        if roots and not self.disks[0].root:
+            raise ConfigError(f"{roots[0].flag} {roots[0].path}: the root disk must come first")
+        for disk in self.disks:
+            _check_readable_file(disk.path, disk.flag)
+            if disk.writable and not os.access(disk.path, os.W_OK):
+                raise ConfigError(f"{disk.flag} {disk.path}: not writable")
+        if self.socket is not None:  # last: it may remove a stale socket file
+            return dataclasses.replace(self, socket=check_socket_path(self.socket, os.getpid()))
         return self
 
 
@@ -57,3 +93,45 @@ def _check_readable_file(path: str, what: str) -> None:
         raise ConfigError(f"{what} {path}: is a directory")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{what} {path}: permission denied")
+
+
+def check_socket_path(path: str, pid: int) -> str:
+    """The control socket path for `-s/--socket PATH`: PATH/pyvmm-<pid>.sock when PATH is a
+    directory, else PATH. A stale socket there is removed; a live one is an error."""
+    if not path:
+        raise ConfigError(f"{SOCKET_FLAG}: empty path")
+    if os.path.isdir(path):
+        path = os.path.join(path, f"pyvmm-{pid}.sock")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{SOCKET_FLAG} {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{SOCKET_FLAG} {path}: directory {parent} is not writable")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{SOCKET_FLAG} {path}: longer than {MAX_SOCKET_PATH_BYTES} bytes, "
+            "too long for a Unix socket"
+        )
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise ConfigError(f"{SOCKET_FLAG} {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{SOCKET_FLAG} {path}: exists and is not a socket")
+    try:
+        live = socket_is_live(path)
+    except OSError as e:
+        raise ConfigError(f"{SOCKET_FLAG} {path}: {e.strerror or e}") from None
+    if live:
+        raise ConfigError(f"{SOCKET_FLAG} {path}: another VM is listening there")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(
+            f"{SOCKET_FLAG} {path}: cannot remove the stale socket: {e.strerror}"
+        ) from None
+    return path

@@ -10,16 +10,30 @@ from typing import BinaryIO
 
 from pyvmm.arch.x86_64 import cpuid, msrs, regs
 from pyvmm.arch.x86_64.gdt import write_gdt
-from pyvmm.arch.x86_64.layout import CMDLINE_MAX_SIZE, CMDLINE_START, PCI_HOLE_START, ram_ranges
+from pyvmm.arch.x86_64.layout import (
+    CMDLINE_MAX_SIZE,
+    CMDLINE_START,
+    IOAPIC_START,
+    PCI_HOLE_START,
+    PCI_MMIO_START,
+    ram_ranges,
+)
 from pyvmm.arch.x86_64.mptable import write_mptable
 from pyvmm.arch.x86_64.paging import write_page_tables
 from pyvmm.arch.x86_64.zeropage import BootInfo, write_zero_page
 from pyvmm.config import VmConfig
+from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.cmos import Cmos
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.irq import EventFdIrq
+from pyvmm.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, PciRoot
 from pyvmm.devices.serial import Serial
+from pyvmm.devices.virtio.block import Block
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.pci import VirtioPciDevice
+from pyvmm.devices.virtio.rng import Rng
+from pyvmm.disk.raw import RawDisk
 from pyvmm.kvm import (
     FailEntryExit,
     HltExit,
@@ -35,6 +49,7 @@ from pyvmm.kvm import (
     Vm,
 )
 from pyvmm.kvm.abi import Cap
+from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import KernelImage, build_cmdline, load_initrd, load_kernel, write_cmdline
 from pyvmm.memory import GuestMemory
 from pyvmm.terminal import StdinPump
@@ -49,7 +64,12 @@ I8042_PORT_LEN = 5
 CMOS_PORT = 0x70
 CMOS_PORT_LEN = 2
 
+# PCI INTA# lines go to IOAPIC pins 16-23, clear of the ISA interrupts.
+PCI_INTX_FIRST_GSI = 16
+PCI_INTX_GSIS = 8
+
 KICK_SIGNAL = signal.SIGUSR1
+PAUSE_TIMEOUT_S = 10.0
 # KVM_SYSTEM_EVENT_* types
 SYSTEM_EVENT_SHUTDOWN = 1
 SYSTEM_EVENT_RESET = 2
@@ -73,6 +93,22 @@ class VmExit:
     reason: str
 
 
+class _VmControl:
+    """What the control socket's commands do to this VM."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self._vmm = vmm
+
+    def stop(self) -> None:
+        self._vmm.request_exit(VmExit(0, "stopped by control socket"))
+
+    def suspend(self) -> None:
+        self._vmm.pause()
+
+    def resume(self) -> None:
+        self._vmm.resume()
+
+
 class Vmm:
     """A built VM. `run()` starts the vCPUs and returns when the guest resets or is stopped."""
 
@@ -84,9 +120,15 @@ class Vmm:
         self._exit_lock = threading.Lock()
         self._exit_event = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._run_state = threading.Condition()
+        self._pause_requested = False
+        self._parked = 0
+        self.control: ControlServer | None = None
         self.kvm = Kvm(config.kvm_path)
         try:
             self._build(console_out, console_in_fd)
+            if config.socket is not None:
+                self.control = ControlServer(config.socket, _VmControl(self))
         except BaseException:
             self.close()
             raise
@@ -99,7 +141,9 @@ class Vmm:
             self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
 
         self.kernel: KernelImage = load_kernel(self.mem, cfg.kernel)
-        cmdline = build_cmdline(DEFAULT_CMDLINE, list(cfg.params))
+        root = [d for d in cfg.disks if d.root]
+        root_params = [f"root=/dev/vda {'rw' if root[0].writable else 'ro'}"] if root else []
+        cmdline = build_cmdline(DEFAULT_CMDLINE, [*root_params, *cfg.params])
         write_cmdline(
             self.mem, CMDLINE_START, cmdline, min(self.kernel.cmdline_max, CMDLINE_MAX_SIZE - 1)
         )
@@ -107,9 +151,6 @@ class Vmm:
         if cfg.initrd is not None:
             low_ram_end = min(self.mem.regions[0].end, PCI_HOLE_START)
             initrd = load_initrd(self.mem, cfg.initrd, self.kernel, low_ram_end)
-        write_gdt(self.mem)
-        write_page_tables(self.mem)
-        write_mptable(self.mem, cfg.cpus)
         self.zero_page = write_zero_page(
             self.mem,
             BootInfo(
@@ -133,6 +174,11 @@ class Vmm:
         self.io_bus.insert(
             Cmos(below_4g, cfg.mem_bytes - below_4g), CMOS_PORT, CMOS_PORT_LEN, "CMOS/RTC"
         )
+        self._build_pci()
+        write_gdt(self.mem)
+        write_page_tables(self.mem)
+        write_mptable(self.mem, cfg.cpus, self.pci_irqs)
+
         self.stdin_pump = (
             StdinPump(console_in_fd, self.serial.queue_input) if console_in_fd is not None else None
         )
@@ -155,12 +201,99 @@ class Vmm:
         # The other vCPUs wait in the in-kernel LAPIC for the guest's INIT/SIPI.
         regs.setup_boot_vcpu(self.vcpus[0], self.kernel.entry, self.zero_page)
 
+    def _build_pci(self) -> None:
+        """PCI bus 0 with a virtio device per disk, then virtio-rng."""
+        self.gsi_router = GsiRouter(self.vm.fd)
+        self.pci = PciRoot(self.mmio_bus, PCI_MMIO_START, IOAPIC_START, self._on_guest_reset)
+        self.io_bus.insert(self.pci, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, "PCI config (CF8)")
+        self.pci_irqs: list[tuple[int, int]] = []
+        self.virtio_devices: list[VirtioPciDevice] = []
+        self._intx_lines: list[EventFdIrq] = []
+        any_length = bool(self.kvm.check_extension(Cap.KVM_CAP_IOEVENTFD_ANY_LENGTH))
+        notify_len = 0 if any_length else 2
+
+        def add_ioeventfd(fd: int, addr: int, length: int) -> None:
+            self.vm.register_ioeventfd(fd, addr, notify_len)
+
+        def remove_ioeventfd(fd: int, addr: int, length: int) -> None:
+            self.vm.unregister_ioeventfd(fd, addr, notify_len)
+
+        backends: list[VirtioDevice] = [*self._disks(), Rng()]
+        for backend in backends:
+            gsi = PCI_INTX_FIRST_GSI + len(self.pci_irqs) % PCI_INTX_GSIS
+            intx = EventFdIrq(gsi)
+            self._intx_lines.append(intx)
+            self.vm.register_irqfd(intx.fd, gsi)
+            device = VirtioPciDevice(
+                backend,
+                self.mem,
+                intx,
+                allocate_gsi=self.gsi_router.allocate_msi,
+                set_msi_route=self.gsi_router.set_msi,
+                register_irqfd=self.vm.register_irqfd,
+                register_ioeventfd=add_ioeventfd,
+                unregister_ioeventfd=remove_ioeventfd,
+            )
+            slot = self.pci.add_device(device)
+            self.virtio_devices.append(device)
+            self.pci_irqs.append((slot, gsi))
+
+    def _disks(self) -> list[VirtioDevice]:
+        disks: list[VirtioDevice] = []
+        for i, spec in enumerate(self.config.disks):
+            name = "vd" + chr(ord("a") + i) if i < 26 else f"vd{i}"
+            raw = RawDisk(spec.path, spec.writable, spec.flag)
+            disks.append(Block(raw, name=name, serial=f"pyvmm-{name}"))
+        return disks
+
     def request_exit(self, exit: VmExit) -> None:
         """Record why the VM ends (first reason wins) and wake the main thread."""
         with self._exit_lock:
             if self._exit is None:
                 self._exit = exit
         self._exit_event.set()
+        with self._run_state:
+            self._run_state.notify_all()
+
+    def pause(self) -> None:
+        """Park every vCPU outside KVM_RUN and stop the device workers; return when done."""
+        with self._run_state:
+            if self._pause_requested:
+                return
+            self._pause_requested = True
+        self._kick_vcpus()
+        with self._run_state:
+            self._run_state.wait_for(
+                lambda: (
+                    self._parked >= sum(t.is_alive() for t in self._threads)
+                    or self._exit_event.is_set()
+                ),
+                timeout=PAUSE_TIMEOUT_S,
+            )
+        for device in self.virtio_devices:
+            device.pause()
+
+    def resume(self) -> None:
+        for device in self.virtio_devices:
+            device.resume()
+        with self._run_state:
+            self._pause_requested = False
+            self._run_state.notify_all()
+
+    def _park(self) -> None:
+        with self._run_state:
+            self._parked += 1
+            self._run_state.notify_all()
+            self._run_state.wait_for(lambda: not self._pause_requested or self._exit_event.is_set())
+            self._parked -= 1
+
+    def _kick_vcpus(self) -> None:
+        """Bring every vCPU out of KVM_RUN (now, or as soon as it next enters)."""
+        for vcpu in self.vcpus:
+            vcpu.request_exit()
+        for t in self._threads:
+            if t.is_alive() and t.ident is not None:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
 
     def _on_guest_reset(self) -> None:
         self.request_exit(VmExit(0, "guest reset"))
@@ -169,6 +302,9 @@ class Vmm:
         io_bus, mmio_bus = self.io_bus, self.mmio_bus
         try:
             while not self._exit_event.is_set():
+                if self._pause_requested:
+                    self._park()
+                    continue
                 ex = vcpu.run()
                 if type(ex) is IoExit:
                     if ex.count == 1:
@@ -248,9 +384,17 @@ class Vmm:
         self._threads.clear()
 
     def close(self) -> None:
+        control = getattr(self, "control", None)
+        if control is not None:
+            control.close()
+            self.control = None
         pump = getattr(self, "stdin_pump", None)
         if pump is not None:
             pump.stop()
+        for device in getattr(self, "virtio_devices", []):
+            device.close()
+        for line in getattr(self, "_intx_lines", []):
+            line.close()
         for vcpu in getattr(self, "vcpus", []):
             vcpu.close()
         if hasattr(self, "vm"):

@@ -22,6 +22,18 @@
 /* Timer interrupts counted by the IRQ 0 handler (entry.S). */
 extern volatile uint32_t timer_ticks;
 
+/* Local APIC (xAPIC MMIO), software-enabled at set-up with 0xff as its spurious vector. */
+#define LAPIC_BASE 0xfee00000UL
+#define LAPIC_ID 0x020
+#define LAPIC_EOI 0x0b0
+#define LAPIC_SVR 0x0f0
+#define LAPIC_SVR_ENABLE 0x100
+#define SPURIOUS_VECTOR 0xff
+
+/* MSI/MSI-X interrupts on this vector are counted (and EOId at the LAPIC) by msi_irq. */
+#define MSI_VECTOR 0x41
+extern volatile uint32_t msi_count;
+
 /* Called from entry.S on the CPL0 stack; never returns (ends in iretq to CPL3). */
 void cpl0_main(uint64_t kind, uint64_t info) __attribute__((noreturn));
 /* The CPL3 program (main.c). */
@@ -29,7 +41,7 @@ void user_main(void) __attribute__((noreturn));
 
 /* entry.S */
 extern char vector_stubs[];	/* 256 stubs, 16 bytes apart, that call trap_fatal */
-extern char timer_irq[], pic1_irq[], pic2_irq[], spurious_irq[];
+extern char timer_irq[], pic1_irq[], pic2_irq[], spurious_irq[], msi_irq[];
 void load_gdt(const void *desc);
 void enter_user(void (*entry)(void), uint64_t stack) __attribute__((noreturn));
 

@@ -125,6 +125,16 @@ pic2_irq:
 spurious_irq:
 	iretq
 
+/* MSI_VECTOR (0x41): count, EOI the local APIC (its EOI register at 0xfee000b0). */
+	.globl msi_irq
+msi_irq:
+	incl msi_count(%rip)
+	push %rax
+	mov $0xfee000b0, %eax
+	movl $0, (%rax)
+	pop %rax
+	iretq
+
 /*
  * One 16-byte stub per vector: push a zero error code where the CPU pushes none, push the
  * vector, and go to trap_fatal(vector, error, rip), which reports and resets.
@@ -156,6 +166,9 @@ trap_common:
 	.balign 4
 	.globl timer_ticks
 timer_ticks:
+	.long 0
+	.globl msi_count
+msi_count:
 	.long 0
 	.balign 4096
 pvh_pml4:

@@ -1,6 +1,7 @@
 /* CPL0 set-up, run once at start-up: copy the boot info, load our GDT (with user segments and a
  * 64-bit TSS whose I/O bitmap allows every port), our IDT, page tables that identity-map RAM
- * and the PCI hole with the U/S bit set, remap and mask the 8259 PICs, then iretq to CPL3.
+ * and the PCI hole (and up to 64 GiB, for BARs) with the U/S bit set, remap and mask the 8259
+ * PICs, software-enable the local APIC, then iretq to CPL3.
  * On PVM every instruction here is emulated (~0.26 us), so it does as little as it can;
  * .bss is not cleared (the VMM's memory starts zeroed). */
 #include "lib/boot.h"
@@ -105,13 +106,30 @@ static void setup_idt(void)
 		set_gate(v, pic1_irq, 0);
 	for (unsigned v = IRQ_BASE + 8; v < IRQ_BASE + 16; v++)
 		set_gate(v, pic2_irq, 0);
-	set_gate(0xff, spurious_irq, 0);	/* the local APIC's spurious vector */
+	set_gate(SPURIOUS_VECTOR, spurious_irq, 0);	/* the local APIC's spurious vector */
+	set_gate(MSI_VECTOR, msi_irq, 0);
 	asm volatile("lidt %0" : : "m"(desc));
+}
+
+/* CPUID.80000001H:EDX[26]: 1 GiB pages. */
+static bool have_1g_pages(void)
+{
+	uint32_t eax = 0x80000000, ebx, ecx = 0, edx;
+
+	asm volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+	if (eax < 0x80000001)
+		return false;
+	eax = 0x80000001;
+	ecx = 0;
+	asm volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+	return edx & (1u << 26);
 }
 
 /*
  * Identity-map [0, max(4 GiB, top of RAM)) with 2 MiB user-accessible pages; the part of the
- * 4 GiB below RAM's end (the PCI hole: IOAPIC, LAPIC, BARs) is cache-disabled.
+ * 4 GiB below RAM's end (the PCI hole: IOAPIC, LAPIC, BARs) is cache-disabled. The rest up to
+ * 64 GiB, where firmware may put 64-bit BARs, is mapped cache-disabled too, with 1 GiB pages
+ * where the CPU has them (60 entries instead of 30720, each write emulated on PVM).
  */
 static void setup_paging(void)
 {
@@ -140,6 +158,16 @@ static void setup_paging(void)
 			flags |= PTE_PCD | PTE_PWT;
 		pd[addr / LARGE_PAGE] = addr | flags;
 	}
+	if (have_1g_pages()) {
+		for (uint64_t i = top / GiB; i < MAX_MAPPED_GIB; i++)
+			pdpt[i] = (i * GiB) | PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_PCD | PTE_PWT;
+	} else {
+		for (uint64_t i = top / GiB; i < MAX_MAPPED_GIB; i++)
+			pdpt[i] = (uint64_t)&pd[i * 512] | PTE_P | PTE_RW | PTE_US;
+		for (uint64_t addr = top; addr < MAX_MAPPED_GIB * GiB; addr += LARGE_PAGE)
+			pd[addr / LARGE_PAGE] = addr | PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_PCD |
+						 PTE_PWT;
+	}
 	asm volatile("mov %0, %%cr3" : : "r"(pml4) : "memory");
 }
 
@@ -167,6 +195,8 @@ void cpl0_main(uint64_t kind, uint64_t info)
 	setup_idt();
 	setup_paging();
 	setup_pics();
+	/* Software-enable the local APIC (for MSI-X); LINT0 keeps passing the PIC through. */
+	*(volatile uint32_t *)(LAPIC_BASE + LAPIC_SVR) = LAPIC_SVR_ENABLE | SPURIOUS_VECTOR;
 	/* The stack top minus 8 gives user_main the alignment of a called function. */
 	enter_user(user_main, (uint64_t)(cpl3_stack + sizeof(cpl3_stack) - 8));
 }

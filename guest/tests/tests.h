@@ -9,5 +9,12 @@ void test_cpus(void);
 void test_cmdline(void);
 void test_timer(void);
 void test_outloop(void);
+void test_pci(void);
+void test_blk(void);
+void test_blk_ro(void);
+void test_rng(void);
+void test_virtq_hostile(void);
+void test_spin(void);
+void test_blkbench(void);
 
 #endif

@@ -56,6 +56,14 @@ class Bus:
         self._entries.insert(i, _Entry(base, length, name, device))
         self._bases.insert(i, base)
 
+    def remove(self, base: int) -> BusDevice:
+        """Take out the device inserted at `base`."""
+        i = bisect.bisect_left(self._bases, base)
+        if i == len(self._bases) or self._bases[i] != base:
+            raise KeyError(f"{self.name}: no device at {base:#x}")
+        del self._bases[i]
+        return self._entries.pop(i).device
+
     def _find(self, addr: int, size: int) -> _Entry | None:
         i = bisect.bisect(self._bases, addr) - 1
         if i < 0:

@@ -21,6 +21,8 @@ from pyvmm.harness.testvm import TestVm, TestVmError
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_INIT = ROOT / "guest" / "linux" / "init"
 TESTVM_OVERHEAD_S = 180.0
+# Drivers the guest checks need that Debian builds as modules.
+GUEST_MODULES = ["virtio_pci", "virtio_blk", "virtio_rng", "ext4"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class LinuxHarness:
 
     def guest_files(self) -> GuestFiles:
         kernel = self.kit.kernel()
-        initramfs = self.kit.build_initramfs("guest", GUEST_INIT.read_text(), [])
+        initramfs = self.kit.build_initramfs("guest", GUEST_INIT.read_text(), GUEST_MODULES)
         override = os.environ.get("PYVMM_TEST_KERNEL")
         bzimage = Path(override) if override else kernel.bzimage
         vmlinux = Path(override) if override else kernel.vmlinux

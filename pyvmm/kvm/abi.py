@@ -152,6 +152,36 @@ ffi.cdef(
         uint8_t  pad[16];
     };
 
+    struct kvm_irq_routing_irqchip {
+        uint32_t irqchip;
+        uint32_t pin;
+    };
+
+    struct kvm_irq_routing_msi {
+        uint32_t address_lo;
+        uint32_t address_hi;
+        uint32_t data;
+        uint32_t pad;
+    };
+
+    struct kvm_irq_routing_entry {
+        uint32_t gsi;
+        uint32_t type;
+        uint32_t flags;
+        uint32_t pad;
+        union {
+            struct kvm_irq_routing_irqchip irqchip;
+            struct kvm_irq_routing_msi msi;
+            uint32_t pad[8];
+        } u;
+    };
+
+    struct kvm_irq_routing {
+        uint32_t nr;
+        uint32_t flags;
+        struct kvm_irq_routing_entry entries[];
+    };
+
     struct kvm_run {
         uint8_t  request_interrupt_window;
         uint8_t  immediate_exit;
@@ -260,6 +290,7 @@ class Ioctl(enum.IntEnum):
     KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
     KVM_CREATE_IRQCHIP = _io(0x60)
     KVM_IRQ_LINE = _iow(0x61, "struct kvm_irq_level")
+    KVM_SET_GSI_ROUTING = _iow(0x6A, "struct kvm_irq_routing")
     KVM_IRQFD = _iow(0x76, "struct kvm_irqfd")
     KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
     KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
@@ -294,6 +325,7 @@ class Cap(enum.IntEnum):
     KVM_CAP_PIT2 = 33
     KVM_CAP_IOEVENTFD = 36
     KVM_CAP_XCRS = 56
+    KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
     KVM_CAP_MAX_VCPUS = 66
     KVM_CAP_TSC_DEADLINE_TIMER = 72
     KVM_CAP_IMMEDIATE_EXIT = 136
@@ -328,3 +360,9 @@ KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_MAX_CPUID_ENTRIES = 256
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_IOAPIC_NUM_PINS = 24

@@ -24,6 +24,8 @@ KERNEL_DEFAULT_START = 16 * MiB
 
 # The PCI hole below 4 GiB: RAM is split around it; BARs, IOAPIC and LAPIC live in it.
 PCI_HOLE_START = 0xC000_0000
+# Where BARs are placed: the PCI hole up to the IOAPIC.
+PCI_MMIO_START = PCI_HOLE_START
 FIRST_ADDR_PAST_32BITS = 4 * GiB
 IOAPIC_START = 0xFEC0_0000
 APIC_START = 0xFEE0_0000

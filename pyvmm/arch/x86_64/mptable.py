@@ -7,6 +7,7 @@ Structures are declared with cffi (packed, as the specification lays them out).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 import cffi
@@ -85,6 +86,13 @@ MP_SPEC_REV = 4  # version 1.4
 APIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
 ISA_IRQS = 16
+PCI_BUS_ID = 0  # MP bus IDs of PCI buses are their bus numbers
+ISA_BUS_ID = 1
+PCI_INTA = 0
+# PCI interrupts are active-low (polarity 0b11) and level-triggered (trigger 0b11 << 2).
+PCI_IRQ_FLAGS = 0x0F
+# Room kept in the EBDA for PCI interrupt entries when counting how many CPUs fit.
+MAX_PCI_IRQS = 16
 BROADCAST_APIC_ID = 0xFF
 CPU_FEATURE_STEPPING = 0x600  # family 6, as firmware on KVM reports it
 CPU_FEATURE_FLAGS = (1 << 0) | (1 << 9)  # FPU, on-chip APIC
@@ -128,10 +136,15 @@ def ioapic_id(num_cpus: int) -> int:
     return num_cpus + 1
 
 
-def build_mptable(num_cpus: int, base: int = EBDA_START) -> bytes:
-    """The floating pointer followed by the configuration table, to be placed at `base`."""
-    if not 1 <= num_cpus <= 254:
-        raise MpTableError(f"the MP table describes 1 to 254 CPUs, not {num_cpus}")
+def build_mptable(
+    num_cpus: int, pci_irqs: Sequence[tuple[int, int]] = (), base: int = EBDA_START
+) -> bytes:
+    """The floating pointer and configuration table, to be placed at `base`. `pci_irqs` lists
+    (slot, IOAPIC pin) for each PCI device's INTA#."""
+    if not 1 <= num_cpus <= max_cpus():
+        raise MpTableError(f"the MP table in the EBDA describes 1 to {max_cpus()} CPUs")
+    if len(pci_irqs) > MAX_PCI_IRQS:
+        raise MpTableError(f"the MP table has room for {MAX_PCI_IRQS} PCI interrupts")
     entries: list[bytes] = []
     for cpu in range(num_cpus):
         flags = CpuFlag.ENABLED | (CpuFlag.BOOT_PROCESSOR if cpu == 0 else 0)
@@ -146,7 +159,12 @@ def build_mptable(num_cpus: int, base: int = EBDA_START) -> bytes:
                 featureflag=CPU_FEATURE_FLAGS,
             )
         )
-    entries.append(_entry("struct mpc_bus", type=EntryType.BUS, busid=0, bustype=b"ISA   "))
+    entries.append(
+        _entry("struct mpc_bus", type=EntryType.BUS, busid=PCI_BUS_ID, bustype=b"PCI   ")
+    )
+    entries.append(
+        _entry("struct mpc_bus", type=EntryType.BUS, busid=ISA_BUS_ID, bustype=b"ISA   ")
+    )
     entries.append(
         _entry(
             "struct mpc_ioapic",
@@ -164,10 +182,23 @@ def build_mptable(num_cpus: int, base: int = EBDA_START) -> bytes:
                 type=EntryType.INTSRC,
                 irqtype=IrqType.INT,
                 irqflag=0,
-                srcbus=0,
+                srcbus=ISA_BUS_ID,
                 srcbusirq=irq,
                 dstapic=ioapic_id(num_cpus),
                 dstirq=irq,
+            )
+        )
+    for slot, gsi in pci_irqs:
+        entries.append(
+            _entry(
+                "struct mpc_intsrc",
+                type=EntryType.INTSRC,
+                irqtype=IrqType.INT,
+                irqflag=PCI_IRQ_FLAGS,
+                srcbus=PCI_BUS_ID,
+                srcbusirq=(slot << 2) | PCI_INTA,
+                dstapic=ioapic_id(num_cpus),
+                dstirq=gsi,
             )
         )
     for lint, irqtype in ((0, IrqType.EXTINT), (1, IrqType.NMI)):
@@ -209,15 +240,18 @@ def build_mptable(num_cpus: int, base: int = EBDA_START) -> bytes:
     return result
 
 
-def write_mptable(mem: GuestMemory, num_cpus: int) -> None:
-    mem.write(EBDA_START, build_mptable(num_cpus))
+def write_mptable(
+    mem: GuestMemory, num_cpus: int, pci_irqs: Sequence[tuple[int, int]] = ()
+) -> None:
+    mem.write(EBDA_START, build_mptable(num_cpus, pci_irqs))
 
 
 def max_cpus() -> int:
     """The most CPUs whose MP table still fits in the EBDA."""
     fixed = sum(
-        ffi.sizeof(t)
-        for t in ("struct mpf_intel", "struct mpc_table", "struct mpc_bus", "struct mpc_ioapic")
+        ffi.sizeof(t) for t in ("struct mpf_intel", "struct mpc_table", "struct mpc_ioapic")
     )
-    fixed += ISA_IRQS * ffi.sizeof("struct mpc_intsrc") + 2 * ffi.sizeof("struct mpc_lintsrc")
+    fixed += 2 * ffi.sizeof("struct mpc_bus")
+    fixed += (ISA_IRQS + MAX_PCI_IRQS) * ffi.sizeof("struct mpc_intsrc")
+    fixed += 2 * ffi.sizeof("struct mpc_lintsrc")
     return (LOW_RAM_END - EBDA_START - fixed) // ffi.sizeof("struct mpc_cpu")

@@ -1,0 +1,122 @@
+"""The control-socket wire format (one JSON object per line each way) and its errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+# The commands a VM answers; the CLI offers one subcommand per entry.
+COMMANDS: dict[str, str] = {
+    "stop": "stop a running VM",
+    "suspend": "pause a running VM's vCPUs and devices",
+    "resume": "continue a suspended VM",
+}
+
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_REPLY_BYTES = 1024 * 1024
+# How long probing an existing socket file may wait for a listener to accept.
+PROBE_TIMEOUT = 2.0
+# The longest command name echoed back in an "unknown command" reply.
+MAX_ECHOED_COMMAND = 64
+NEWLINE = b"\n"
+
+
+class ControlError(Exception):
+    """A control-socket operation failed; the message names the socket path."""
+
+
+class NoSuchSocketError(ControlError):
+    """No file exists at the socket path."""
+
+
+class NotASocketError(ControlError):
+    """The path exists but is not a Unix socket."""
+
+
+class StaleSocketError(ControlError):
+    """The socket file exists but nothing listens on it."""
+
+
+class SocketPermissionError(ControlError):
+    """The caller may not connect to the socket."""
+
+
+class ControlTimeoutError(ControlError):
+    """The VM did not answer in time."""
+
+
+class ConnectionLostError(ControlError):
+    """The VM closed the connection or it broke before a reply arrived."""
+
+
+class BadReplyError(ControlError):
+    """The VM's reply is not a well-formed reply line."""
+
+
+class SocketInUseError(ControlError):
+    """Another process listens on the socket path the server wants."""
+
+
+class SocketBindError(ControlError):
+    """The server's socket could not be created at its path."""
+
+
+class RequestError(Exception):
+    """A request line is malformed; the message is sent back to the client."""
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """One JSON object on one line (ASCII, so no embedded newline can appear)."""
+    return json.dumps(message, separators=(",", ":")).encode("ascii") + NEWLINE
+
+
+def ok_reply(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def error_reply(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+def parse_request(line: bytes) -> str:
+    """Return the command named by a request line (without its newline)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("malformed request: not UTF-8") from None
+    if not text.strip():
+        raise RequestError("malformed request: empty line")
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestError("malformed request: not JSON") from None
+    if not isinstance(request, dict):
+        raise RequestError("malformed request: not a JSON object")
+    if "cmd" not in request:
+        raise RequestError("malformed request: no 'cmd'")
+    cmd = request["cmd"]
+    if not isinstance(cmd, str):
+        raise RequestError("malformed request: 'cmd' is not a string")
+    return cmd
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped, for a one-line message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def socket_is_live(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True if something accepts connections on the socket at `path`, False if the socket is
+    stale (connection refused). Other failures (no such file, permission) raise OSError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except TimeoutError:
+            return True  # a full accept backlog: a listener exists but is busy
+    return True

@@ -1,0 +1,322 @@
+"""The VM side of the control socket: a 0600 Unix socket served by background threads."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pyvmm.control.protocol import (
+    MAX_ECHOED_COMMAND,
+    MAX_REQUEST_BYTES,
+    NEWLINE,
+    RequestError,
+    SocketBindError,
+    SocketInUseError,
+    encode_message,
+    error_reply,
+    ok_reply,
+    one_line,
+    parse_request,
+    socket_is_live,
+)
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o600
+LISTEN_BACKLOG = 64
+MAX_CONNECTIONS = 64
+RECV_SIZE = 4096
+# A client that stops reading its replies is dropped after this long.
+SEND_TIMEOUT = 5.0
+# How long close() lets a command in progress finish sending its reply.
+CLOSE_GRACE = 2.0
+# How long close() waits for threads once their sockets are shut down.
+CLOSE_JOIN = 2.0
+# Pause before accepting again when out of file descriptors or memory.
+ACCEPT_BACKOFF = 0.1
+ROOT_UID = 0
+_PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ControlHandler(Protocol):
+    """What the VM does for each command. Calls are serialised; an exception's message is
+    sent back as the error reply."""
+
+    def stop(self) -> None:
+        """Request the VM's exit and return at once (the reply is sent after this returns)."""
+
+    def suspend(self) -> None:
+        """Pause the vCPUs and device workers."""
+
+    def resume(self) -> None:
+        """Continue the vCPUs and device workers."""
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(conn: socket.socket) -> PeerCredentials:
+    """The connecting process's credentials (SO_PEERCRED, taken at connect time)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+def peer_allowed(peer: PeerCredentials, server_uid: int) -> bool:
+    """Only the VM's own user and root may control it."""
+    return peer.uid in (server_uid, ROOT_UID)
+
+
+class ControlServer:
+    """Serves the control protocol on a Unix socket at `path` until `close()`.
+
+    The socket file is created with mode 0600; peers are also checked by uid. Each accepted
+    connection gets its own thread, so a silent or slow client holds up only itself."""
+
+    def __init__(self, path: str, handler: ControlHandler) -> None:
+        self.path = path
+        self._commands: dict[str, Callable[[], None]] = {
+            "stop": handler.stop,
+            "suspend": handler.suspend,
+            "resume": handler.resume,
+        }
+        self._uid = os.geteuid()
+        self._closing = threading.Event()
+        self._lock = threading.Lock()  # guards _conns and closing connection sockets
+        self._dispatch_lock = threading.Lock()  # one command at a time across connections
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self._sock, self._ident = _bind(path)
+        except BaseException:
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+            raise
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> ControlServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop accepting, let a command in progress send its reply, drop every connection and
+        remove the socket file if it is still the one this server created. Idempotent."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+        os.write(self._stop_w, b"x")  # never read: wakes every poller, now and later
+        me = threading.current_thread()
+        if self._thread is not me:
+            self._thread.join()
+        self._unlink_if_ours()
+        self._sock.close()
+
+        with self._lock:
+            threads = [t for t in self._conns.values() if t is not me]
+        _join_all(threads, CLOSE_GRACE)
+        with self._lock:
+            for conn in self._conns:
+                _shutdown(conn)
+        _join_all(threads, CLOSE_JOIN)
+        if any(t.is_alive() for t in threads) or self._thread.is_alive():
+            log.warning("control socket %s: threads still running after close", self.path)
+            return  # leave the stop pipe open rather than let a live poller see a reused fd
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def _unlink_if_ours(self) -> None:
+        try:
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        except OSError as e:
+            log.debug("control socket %s: not removed: %s", self.path, e)
+
+    def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while not self._closing.is_set():
+            poller.poll()
+            if self._closing.is_set():
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as e:
+                log.warning("control socket %s: accept failed: %s", self.path, e)
+                if e.errno in _ACCEPT_RESOURCE_ERRORS:
+                    self._closing.wait(ACCEPT_BACKOFF)
+                continue
+            try:
+                self._admit(conn)
+            except Exception:
+                log.exception("control socket %s: dropping a connection", self.path)
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        peer = peer_credentials(conn)
+        if not peer_allowed(peer, self._uid):
+            log.warning("control socket %s: refused pid %d uid %d", self.path, peer.pid, peer.uid)
+            _send_nowait(conn, error_reply("permission denied"))
+            conn.close()
+            return
+        conn.settimeout(SEND_TIMEOUT)
+        with self._lock:
+            if self._closing.is_set():
+                conn.close()
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                _send_nowait(conn, error_reply("too many connections"))
+                conn.close()
+                return
+            thread = threading.Thread(
+                target=self._serve, args=(conn,), name=f"control-{peer.pid}", daemon=True
+            )
+            self._conns[conn] = thread
+            try:
+                thread.start()
+            except BaseException:
+                del self._conns[conn]
+                raise
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_lines(conn)
+        except OSError as e:
+            log.debug("control socket %s: connection dropped: %s", self.path, e)
+        except Exception:
+            log.exception("control socket %s: connection failed", self.path)
+        finally:
+            with self._lock:
+                del self._conns[conn]
+                conn.close()
+
+    def _serve_lines(self, conn: socket.socket) -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        buf = bytearray()
+        while True:
+            poller.poll()
+            if self._closing.is_set():
+                return
+            data = conn.recv(RECV_SIZE)
+            if not data:
+                return  # the client hung up, perhaps mid-line: nothing to do
+            buf += data
+            while (end := buf.find(NEWLINE)) >= 0:
+                line = bytes(buf[:end])
+                del buf[: end + 1]
+                if len(line) > MAX_REQUEST_BYTES:
+                    conn.sendall(encode_message(_too_long()))
+                    return
+                conn.sendall(encode_message(self._handle(line)))
+                if self._closing.is_set():
+                    return
+            if len(buf) > MAX_REQUEST_BYTES:
+                conn.sendall(encode_message(_too_long()))
+                return
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            cmd = parse_request(line)
+        except RequestError as e:
+            return error_reply(str(e))
+        action = self._commands.get(cmd)
+        if action is None:
+            name = one_line(cmd[:MAX_ECHOED_COMMAND])
+            return error_reply(f"unknown command {name!r}")
+        with self._dispatch_lock:
+            if self._closing.is_set():
+                return error_reply("the VM is shutting down")
+            try:
+                action()
+            except Exception as e:
+                log.debug("control command %s failed", cmd, exc_info=True)
+                return error_reply(one_line(str(e)) or type(e).__name__)
+        return ok_reply()
+
+
+def _bind(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening socket at `path` with mode 0600 and the (st_dev, st_ino) of its file."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # On Linux the mode of an unbound socket's inode is the mode bind() gives the file
+        # (less the umask), so the file is never wider than 0600, even for an instant.
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise SocketBindError(f"{path}: cannot create the socket: {_reason(e)}") from None
+            _remove_stale(path)
+            sock.bind(path)
+        st = os.lstat(path)
+        if stat.S_IMODE(st.st_mode) != SOCKET_MODE:
+            # Narrower than 0600 because of the umask: nobody can connect before listen().
+            os.chmod(path, SOCKET_MODE)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise SocketBindError(f"{path}: cannot create the socket: {_reason(e)}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _remove_stale(path: str) -> None:
+    """Unlink a socket nobody listens on; raise SocketInUseError if someone does."""
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise SocketBindError(f"{path}: exists and is not a socket")
+    if socket_is_live(path):
+        raise SocketInUseError(f"{path}: another VM is listening there")
+    os.unlink(path)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _too_long() -> dict[str, Any]:
+    return error_reply(f"request longer than {MAX_REQUEST_BYTES} bytes")
+
+
+def _send_nowait(conn: socket.socket, message: dict[str, Any]) -> None:
+    """Best effort: a short reply to a fresh connection fits its empty send buffer."""
+    with contextlib.suppress(OSError):
+        conn.send(encode_message(message), socket.MSG_DONTWAIT)
+
+
+def _shutdown(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,159 @@
+"""MSI-X: the capability, the vector table and the pending-bit array of one PCI function.
+
+Each vector has a GSI whose KVM route carries the address and data the guest programmed, and an
+eventfd registered as that GSI's irqfd: `notify(vector)` is one eventfd write and no exit. A
+masked vector (or a masked or disabled function) records the interrupt in the PBA instead and
+fires it when unmasked, as the specification requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import struct
+import threading
+from collections.abc import Callable
+
+from pyvmm.devices.pci.config import CapabilityId, PciConfigSpace
+
+TABLE_ENTRY_SIZE = 16
+MAX_VECTORS = 2048
+NO_VECTOR = 0xFFFF
+
+
+class MessageControl(enum.IntFlag):
+    TABLE_SIZE_MASK = 0x7FF
+    FUNCTION_MASK = 1 << 14
+    ENABLE = 1 << 15
+
+
+class EntryField(enum.IntEnum):
+    ADDRESS_LO = 0
+    ADDRESS_HI = 4
+    DATA = 8
+    VECTOR_CONTROL = 12
+
+
+VECTOR_MASKED = 1
+
+
+class MsixError(Exception):
+    """A vector count or table placement the capability cannot describe."""
+
+
+class Msix:
+    """MSI-X state for one function, with its capability added to `config`."""
+
+    def __init__(
+        self,
+        config: PciConfigSpace,
+        num_vectors: int,
+        bar: int,
+        table_offset: int,
+        pba_offset: int,
+        allocate_gsi: Callable[[], int],
+        set_route: Callable[[int, int, int], None],
+        register_irqfd: Callable[[int, int], None],
+    ) -> None:
+        if not 1 <= num_vectors <= MAX_VECTORS:
+            raise MsixError(f"{num_vectors} MSI-X vectors; 1 to {MAX_VECTORS} are possible")
+        if table_offset & 7 or pba_offset & 7:
+            raise MsixError("MSI-X table and PBA offsets must be 8-byte aligned")
+        self.num_vectors = num_vectors
+        self.table_offset = table_offset
+        self.pba_offset = pba_offset
+        self.table_size = num_vectors * TABLE_ENTRY_SIZE
+        self.pba_size = ((num_vectors + 63) // 64) * 8
+        self._config = config
+        self._set_route = set_route
+        self._lock = threading.Lock()
+        self._table = bytearray(self.table_size)
+        for v in range(num_vectors):
+            struct.pack_into("<I", self._table, v * TABLE_ENTRY_SIZE + 12, VECTOR_MASKED)
+        self._pending = [False] * num_vectors
+        self.gsis = [allocate_gsi() for _ in range(num_vectors)]
+        self.eventfds = [
+            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_vectors)
+        ]
+        for gsi, fd in zip(self.gsis, self.eventfds, strict=True):
+            register_irqfd(fd, gsi)
+        body = struct.pack("<HII", num_vectors - 1, table_offset | bar, pba_offset | bar)
+        writable = struct.pack("<HII", MessageControl.ENABLE | MessageControl.FUNCTION_MASK, 0, 0)
+        self.cap_offset = config.add_capability(CapabilityId.MSIX, body, writable)
+
+    def close(self) -> None:
+        for fd in self.eventfds:
+            os.close(fd)
+        self.eventfds = []
+
+    def _control(self) -> MessageControl:
+        return MessageControl(self._config.get(self.cap_offset + 2, 2))
+
+    @property
+    def enabled(self) -> bool:
+        return MessageControl.ENABLE in self._control()
+
+    def _deliverable(self, vector: int) -> bool:
+        control = self._control()
+        if MessageControl.ENABLE not in control or MessageControl.FUNCTION_MASK in control:
+            return False
+        (vc,) = struct.unpack_from("<I", self._table, vector * TABLE_ENTRY_SIZE + 12)
+        return not vc & VECTOR_MASKED
+
+    def notify(self, vector: int) -> None:
+        """Raise `vector` now, or mark it pending if it is masked. Out-of-range is ignored."""
+        if not 0 <= vector < self.num_vectors:
+            return
+        with self._lock:
+            if self._deliverable(vector):
+                self._fire(vector)
+            else:
+                self._pending[vector] = True
+
+    def _fire(self, vector: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(self.eventfds[vector], 1)
+
+    def control_written(self) -> None:
+        """Call after a config write that may have touched the message control."""
+        with self._lock:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        for vector, pending in enumerate(self._pending):
+            if pending and self._deliverable(vector):
+                self._pending[vector] = False
+                self._fire(vector)
+
+    def table_read(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            end = offset + len(data)
+            if offset < 0 or end > self.table_size:
+                data[:] = b"\xff" * len(data)
+                return
+            data[:] = self._table[offset:end]
+
+    def table_write(self, offset: int, data: bytes | memoryview) -> None:
+        end = offset + len(data)
+        if offset < 0 or end > self.table_size or len(data) not in (4, 8):
+            return  # the spec allows only dword and qword accesses
+        with self._lock:
+            self._table[offset:end] = data
+            first = offset // TABLE_ENTRY_SIZE
+            last = (end - 1) // TABLE_ENTRY_SIZE
+            for vector in range(first, last + 1):
+                base = vector * TABLE_ENTRY_SIZE
+                lo, hi, msg = struct.unpack_from("<III", self._table, base)
+                self._set_route(self.gsis[vector], lo | (hi << 32), msg)
+            self._flush_pending()
+
+    def pba_read(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            bits = sum(1 << v for v, pending in enumerate(self._pending) if pending)
+            pba = bits.to_bytes(self.pba_size, "little")
+            end = offset + len(data)
+            if offset < 0 or end > self.pba_size:
+                data[:] = b"\xff" * len(data)
+                return
+            data[:] = pba[offset:end]

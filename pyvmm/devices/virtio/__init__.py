@@ -1,0 +1,1 @@
+"""Virtio devices: split virtqueues, the PCI transport, and the device models."""

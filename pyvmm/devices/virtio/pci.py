@@ -1,0 +1,487 @@
+"""The virtio 1.x PCI transport (modern only): one PCI function carrying one virtio device.
+
+BAR0 (64-bit, 32 KiB) holds the common configuration, ISR status, device configuration and
+notification areas, described by vendor capabilities, plus the MSI-X table and PBA. Queue
+notifications are ioeventfds on the notify addresses (KVM signals them without an exit to
+userspace); used-buffer interrupts leave through MSI-X irqfds, or INTx when MSI-X is off.
+The driver must follow the status sequence of virtio 1.2 section 3.1: a driver that accepts
+features the device did not offer, lacks VERSION_1, or sets DRIVER_OK without FEATURES_OK is
+refused (FEATURES_OK does not stick; DEVICE_NEEDS_RESET is set).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cffi
+
+from pyvmm.devices.irq import IrqLine
+from pyvmm.devices.pci.config import CapabilityId, InterruptPin, PciConfigSpace, PciId
+from pyvmm.devices.pci.device import PciDevice
+from pyvmm.devices.pci.msix import NO_VECTOR, Msix
+from pyvmm.devices.virtio.device import DeviceStatus, Feature, VirtioDevice
+from pyvmm.devices.virtio.queue import QueueError, SplitQueue
+from pyvmm.devices.virtio.worker import QueueWorker
+from pyvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    struct virtio_pci_common_cfg {
+        uint32_t device_feature_select;
+        uint32_t device_feature;
+        uint32_t guest_feature_select;
+        uint32_t guest_feature;
+        uint16_t msix_config;
+        uint16_t num_queues;
+        uint8_t  device_status;
+        uint8_t  config_generation;
+        uint16_t queue_select;
+        uint16_t queue_size;
+        uint16_t queue_msix_vector;
+        uint16_t queue_enable;
+        uint16_t queue_notify_off;
+        uint32_t queue_desc_lo;
+        uint32_t queue_desc_hi;
+        uint32_t queue_avail_lo;
+        uint32_t queue_avail_hi;
+        uint32_t queue_used_lo;
+        uint32_t queue_used_hi;
+    };
+    struct virtio_pci_cap {
+        uint8_t  cap_vndr;
+        uint8_t  cap_next;
+        uint8_t  cap_len;
+        uint8_t  cfg_type;
+        uint8_t  bar;
+        uint8_t  id;
+        uint8_t  padding[2];
+        uint32_t offset;
+        uint32_t length;
+    };
+    """
+)
+
+VIRTIO_VENDOR_ID = 0x1AF4
+VIRTIO_DEVICE_ID_BASE = 0x1040
+VIRTIO_PCI_REVISION = 1
+# PCI class codes for the devices we offer, by virtio type (others: "other" 0xFF0000).
+CLASS_CODES = {1: 0x020000, 2: 0x018000, 4: 0xFF0000}
+CLASS_OTHER = 0xFF0000
+
+BAR = 0
+BAR_SIZE = 0x8000
+COMMON_OFFSET = 0x0000
+ISR_OFFSET = 0x1000
+DEVICE_OFFSET = 0x2000
+NOTIFY_OFFSET = 0x3000
+REGION_SIZE = 0x1000
+MSIX_TABLE_OFFSET = 0x4000
+MSIX_PBA_OFFSET = 0x5000
+NOTIFY_MULTIPLIER = 4
+COMMON_SIZE = 0x40
+
+
+class CfgType(enum.IntEnum):
+    COMMON = 1
+    NOTIFY = 2
+    ISR = 3
+    DEVICE = 4
+    PCI = 5
+
+
+class Isr(enum.IntFlag):
+    QUEUE = 1
+    CONFIG = 2
+
+
+def _common(field: str) -> int:
+    offset: int = ffi.offsetof("struct virtio_pci_common_cfg", field)
+    return offset
+
+
+COMMON_FIELD_AT = {
+    _common(name): (name, ffi.sizeof(field.type))
+    for name, field in ffi.typeof("struct virtio_pci_common_cfg").fields
+}
+
+
+class _Queue:
+    """A queue's registers as the driver programs them."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.msix_vector = NO_VECTOR
+        self.enable = 0
+        self.desc = 0
+        self.avail = 0
+        self.used = 0
+
+
+class VirtioPciDevice(PciDevice):
+    """A virtio device on the PCI bus."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        mem: GuestMemory,
+        intx: IrqLine,
+        allocate_gsi: Callable[[], int],
+        set_msi_route: Callable[[int, int, int], None],
+        register_irqfd: Callable[[int, int], None],
+        register_ioeventfd: Callable[[int, int, int], None],
+        unregister_ioeventfd: Callable[[int, int, int], None],
+    ) -> None:
+        ident = PciId(
+            vendor=VIRTIO_VENDOR_ID,
+            device=VIRTIO_DEVICE_ID_BASE + device.device_type,
+            class_code=CLASS_CODES.get(device.device_type, CLASS_OTHER),
+            revision=VIRTIO_PCI_REVISION,
+            subsystem_vendor=VIRTIO_VENDOR_ID,
+            subsystem=device.device_type,
+        )
+        config = PciConfigSpace(ident, InterruptPin.INTA)
+        super().__init__(config)
+        self.name = device.name
+        self.device = device
+        self.mem = mem
+        self._intx = intx
+        self._register_ioeventfd = register_ioeventfd
+        self._unregister_ioeventfd = unregister_ioeventfd
+        self._lock = threading.RLock()
+        config.add_bar64(BAR, BAR_SIZE)
+        self._add_virtio_cap(CfgType.COMMON, COMMON_OFFSET, COMMON_SIZE)
+        self._add_virtio_cap(
+            CfgType.NOTIFY, NOTIFY_OFFSET, REGION_SIZE, struct.pack("<I", NOTIFY_MULTIPLIER)
+        )
+        self._add_virtio_cap(CfgType.ISR, ISR_OFFSET, 1)
+        self._add_virtio_cap(CfgType.DEVICE, DEVICE_OFFSET, REGION_SIZE)
+        # VIRTIO_PCI_CAP_PCI_CFG: a window onto BAR0 through config space (bar, offset,
+        # length and 4 data bytes, all driver-writable); accesses to it are trapped below.
+        self._pci_cfg_cap = self._add_virtio_cap(CfgType.PCI, 0, 0, b"\x00" * 4, writable_tail=True)
+        self.queues = [_Queue(size) for size in device.queue_max_sizes]
+        self.msix = Msix(
+            config,
+            num_vectors=len(self.queues) + 1,
+            bar=BAR,
+            table_offset=MSIX_TABLE_OFFSET,
+            pba_offset=MSIX_PBA_OFFSET,
+            allocate_gsi=allocate_gsi,
+            set_route=set_msi_route,
+            register_irqfd=register_irqfd,
+        )
+        self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
+        self._notify_base: int | None = None
+        self._worker: QueueWorker | None = None
+        self._reset_state()
+
+    def _add_virtio_cap(
+        self,
+        cfg_type: CfgType,
+        offset: int,
+        length: int,
+        extra: bytes = b"",
+        writable_tail: bool = False,
+    ) -> int:
+        cap: Any = ffi.new("struct virtio_pci_cap *")
+        cap.cap_len = ffi.sizeof("struct virtio_pci_cap") + len(extra)
+        cap.cfg_type = cfg_type
+        cap.bar = BAR
+        cap.offset = offset
+        cap.length = length
+        body = bytes(ffi.buffer(cap))[2:] + extra
+        writable = None
+        if writable_tail:
+            # bar (byte 4 of the cap), offset, length and the data bytes are driver-writable.
+            mask = bytearray(len(body))
+            bar_at = ffi.offsetof("struct virtio_pci_cap", "bar") - 2
+            mask[bar_at] = 0xFF
+            tail = ffi.offsetof("struct virtio_pci_cap", "offset") - 2
+            mask[tail:] = b"\xff" * (len(body) - tail)
+            writable = bytes(mask)
+        return self.config.add_capability(CapabilityId.VENDOR, body, writable)
+
+    def _reset_state(self) -> None:
+        self.status = DeviceStatus(0)
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.driver_features = 0
+        self.msix_config = NO_VECTOR
+        self.queue_select = 0
+        self.isr = Isr(0)
+        self.config_generation = 0
+        for q in self.queues:
+            q.reset()
+
+    @property
+    def offered_features(self) -> int:
+        transport = Feature.VERSION_1 | Feature.RING_INDIRECT_DESC | Feature.RING_EVENT_IDX
+        return self.device.device_features | int(transport)
+
+    # PCI config space: trap the VIRTIO_PCI_CAP_PCI_CFG data window.
+    def _pci_cfg_window(self) -> tuple[int, int, int, int]:
+        cap = self._pci_cfg_cap
+        bar = self.config.data[cap + ffi.offsetof("struct virtio_pci_cap", "bar")]
+        off, length = struct.unpack_from(
+            "<II", self.config.data, cap + ffi.offsetof("struct virtio_pci_cap", "offset")
+        )
+        data_at = cap + ffi.sizeof("struct virtio_pci_cap")
+        return bar, off, length, data_at
+
+    def config_read(self, offset: int, data: memoryview) -> None:
+        bar, off, length, data_at = self._pci_cfg_window()
+        if offset == data_at and bar == BAR and length in (1, 2, 4) and len(data) >= length:
+            self.bar_read(BAR, off, data[:length])
+            data[length:] = b"\x00" * (len(data) - length)
+            return
+        self.config.read(offset, data)
+
+    def config_write(self, offset: int, data: bytes | memoryview) -> None:
+        bar, off, length, data_at = self._pci_cfg_window()
+        if offset == data_at and bar == BAR and length in (1, 2, 4) and len(data) >= length:
+            self.bar_write(BAR, off, bytes(data[:length]))
+            return
+        self.config.write(offset, data)
+        self.msix.control_written()
+
+    # BAR0.
+    def bars_changed(self, mapped: dict[int, int]) -> None:
+        with self._lock:
+            base = mapped.get(BAR)
+            new = None if base is None else base + NOTIFY_OFFSET
+            if new == self._notify_base:
+                return
+            for i, fd in enumerate(self.notify_fds):
+                if self._notify_base is not None:
+                    self._unregister_ioeventfd(fd, self._notify_base + i * NOTIFY_MULTIPLIER, 0)
+                if new is not None:
+                    self._register_ioeventfd(fd, new + i * NOTIFY_MULTIPLIER, 0)
+            self._notify_base = new
+
+    def bar_read(self, bar: int, offset: int, data: memoryview) -> None:
+        with self._lock:
+            if offset < COMMON_OFFSET + REGION_SIZE:
+                self._common_read(offset - COMMON_OFFSET, data)
+            elif offset == ISR_OFFSET:
+                data[:] = bytes([self.isr]) + b"\x00" * (len(data) - 1)
+                self.isr = Isr(0)  # reading the ISR acknowledges it
+            elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + REGION_SIZE:
+                self.device.config_read(offset - DEVICE_OFFSET, data)
+            elif MSIX_TABLE_OFFSET <= offset < MSIX_TABLE_OFFSET + REGION_SIZE:
+                self.msix.table_read(offset - MSIX_TABLE_OFFSET, data)
+            elif MSIX_PBA_OFFSET <= offset < MSIX_PBA_OFFSET + REGION_SIZE:
+                self.msix.pba_read(offset - MSIX_PBA_OFFSET, data)
+            else:
+                data[:] = b"\x00" * len(data)
+
+    def bar_write(self, bar: int, offset: int, data: bytes | memoryview) -> None:
+        with self._lock:
+            if offset < COMMON_OFFSET + REGION_SIZE:
+                self._common_write(offset - COMMON_OFFSET, bytes(data))
+            elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + REGION_SIZE:
+                self.device.config_write(offset - DEVICE_OFFSET, data)
+            elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + REGION_SIZE:
+                # Reached only when the access did not match the ioeventfd (another width).
+                index = (offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER
+                if index < len(self.notify_fds):
+                    os.eventfd_write(self.notify_fds[index], 1)
+            elif MSIX_TABLE_OFFSET <= offset < MSIX_TABLE_OFFSET + REGION_SIZE:
+                self.msix.table_write(offset - MSIX_TABLE_OFFSET, data)
+
+    # The common configuration structure.
+    def _selected_queue(self) -> _Queue | None:
+        if self.queue_select < len(self.queues):
+            return self.queues[self.queue_select]
+        return None
+
+    def _common_value(self, name: str) -> int:
+        q = self._selected_queue()
+        if name == "device_feature_select":
+            return self.device_feature_select
+        if name == "device_feature":
+            if self.device_feature_select > 1:
+                return 0
+            return (self.offered_features >> (32 * self.device_feature_select)) & 0xFFFFFFFF
+        if name == "guest_feature_select":
+            return self.driver_feature_select
+        if name == "guest_feature":
+            if self.driver_feature_select > 1:
+                return 0
+            return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
+        if name == "msix_config":
+            return self.msix_config
+        if name == "num_queues":
+            return len(self.queues)
+        if name == "device_status":
+            return int(self.status)
+        if name == "config_generation":
+            return self.config_generation
+        if name == "queue_select":
+            return self.queue_select
+        if q is None:
+            return 0
+        if name == "queue_size":
+            return q.size
+        if name == "queue_msix_vector":
+            return q.msix_vector
+        if name == "queue_enable":
+            return q.enable
+        if name == "queue_notify_off":
+            return self.queue_select
+        fields = {
+            "queue_desc_lo": q.desc,
+            "queue_desc_hi": q.desc >> 32,
+            "queue_avail_lo": q.avail,
+            "queue_avail_hi": q.avail >> 32,
+            "queue_used_lo": q.used,
+            "queue_used_hi": q.used >> 32,
+        }
+        return fields.get(name, 0) & 0xFFFFFFFF
+
+    def _common_read(self, offset: int, data: memoryview) -> None:
+        field = COMMON_FIELD_AT.get(offset)
+        if field is None or field[1] != len(data):
+            data[:] = b"\x00" * len(data)  # the spec wants naturally sized field accesses
+            return
+        name, size = field
+        data[:] = self._common_value(name).to_bytes(size, "little")
+
+    def _common_write(self, offset: int, data: bytes) -> None:
+        field = COMMON_FIELD_AT.get(offset)
+        if field is None or field[1] != len(data):
+            return
+        name, _ = field
+        value = int.from_bytes(data, "little")
+        q = self._selected_queue()
+        live = DeviceStatus.DRIVER_OK in self.status
+        if name == "device_feature_select":
+            self.device_feature_select = value
+        elif name == "guest_feature_select":
+            self.driver_feature_select = value
+        elif name == "guest_feature":
+            if DeviceStatus.FEATURES_OK not in self.status and self.driver_feature_select <= 1:
+                shift = 32 * self.driver_feature_select
+                mask = 0xFFFFFFFF << shift
+                self.driver_features = (self.driver_features & ~mask) | (value << shift)
+        elif name == "msix_config":
+            self.msix_config = value
+        elif name == "device_status":
+            self._set_status(value)
+        elif name == "queue_select":
+            self.queue_select = value
+        elif q is None or live:
+            return  # queue registers are fixed once the device is live
+        elif name == "queue_size":
+            q.size = value
+        elif name == "queue_msix_vector":
+            q.msix_vector = value
+        elif name == "queue_enable":
+            q.enable = value & 1
+        elif name in ("queue_desc_lo", "queue_avail_lo", "queue_used_lo"):
+            attr = name.split("_")[1]
+            setattr(q, attr, (getattr(q, attr) & ~0xFFFFFFFF) | value)
+        elif name in ("queue_desc_hi", "queue_avail_hi", "queue_used_hi"):
+            attr = name.split("_")[1]
+            setattr(q, attr, (getattr(q, attr) & 0xFFFFFFFF) | (value << 32))
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        new = DeviceStatus(value & 0xFF)
+        if self.status & ~new:
+            return  # status bits only accumulate; only a write of 0 clears them
+        if DeviceStatus.FEATURES_OK in new and DeviceStatus.FEATURES_OK not in self.status:
+            unoffered = self.driver_features & ~self.offered_features
+            if unoffered or not self.driver_features & Feature.VERSION_1:
+                log.info("%s: refusing driver features %#x", self.name, self.driver_features)
+                new &= ~DeviceStatus.FEATURES_OK
+        if DeviceStatus.DRIVER_OK in new and DeviceStatus.DRIVER_OK not in self.status:
+            if DeviceStatus.FEATURES_OK not in new:
+                self.status = new & ~DeviceStatus.DRIVER_OK | DeviceStatus.DEVICE_NEEDS_RESET
+                return
+            self.status = new
+            self._activate()
+            return
+        self.status = new
+
+    def _activate(self) -> None:
+        event_idx = bool(self.driver_features & Feature.RING_EVENT_IDX)
+        active: dict[int, tuple[SplitQueue, int]] = {}
+        try:
+            for index, q in enumerate(self.queues):
+                if not q.enable:
+                    continue
+                if q.size > q.max_size:
+                    raise QueueError(f"queue {index}: size {q.size} above {q.max_size}")
+                queue = SplitQueue(self.mem, q.size, q.desc, q.avail, q.used, event_idx)
+                active[index] = (queue, self.notify_fds[index])
+        except QueueError as e:
+            log.warning("%s: cannot activate: %s", self.name, e)
+            self._needs_reset()
+            return
+        self.device.activate(self.mem, self.driver_features)
+        self._worker = QueueWorker(self.device, active, self._queue_interrupt, self._failed)
+        self._worker.start()
+
+    def _failed(self, why: str) -> None:
+        # Called on the worker thread, which a vCPU thread holding the lock may be joining in
+        # _reset: take no lock. The flag and a config interrupt are all the driver needs.
+        self._needs_reset()
+
+    def _needs_reset(self) -> None:
+        self.status |= DeviceStatus.DEVICE_NEEDS_RESET
+        if DeviceStatus.DRIVER_OK in self.status:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            self._config_interrupt()
+
+    def _reset(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        self.device.reset()
+        self._reset_state()
+
+    # Interrupts.
+    def _queue_interrupt(self, index: int) -> None:
+        if self.msix.enabled:
+            self.msix.notify(self.queues[index].msix_vector)
+        else:
+            self.isr |= Isr.QUEUE
+            self._intx.trigger()
+
+    def _config_interrupt(self) -> None:
+        if self.msix.enabled:
+            self.msix.notify(self.msix_config)
+        else:
+            self.isr |= Isr.CONFIG
+            self._intx.trigger()
+
+    # VMM control.
+    def pause(self) -> None:
+        if self._worker is not None:
+            self._worker.pause()
+
+    def resume(self) -> None:
+        if self._worker is not None:
+            self._worker.resume()
+
+    def close(self) -> None:
+        self._reset()
+        self.device.close()
+        self.msix.close()
+        for fd in self.notify_fds:
+            os.close(fd)
+        self.notify_fds = []

@@ -1,0 +1,416 @@
+"""Split virtqueues (virtio 1.2, section 2.7), device side, hardened against hostile drivers.
+
+A `SplitQueue` is driven by one device worker thread. `pop` walks the next available descriptor
+chain and hands back its buffers as zero-copy memoryviews of guest RAM (for `os.preadv` /
+`os.pwritev`); `add_used` returns a chain to the driver. Every guest-supplied address and length
+is checked through `GuestMemory`; anything a driver writes into the rings or descriptor tables
+ends in a `QueueError` subclass at worst, after a bounded amount of work.
+
+Behaviour the device code relies on:
+- A malformed chain raises an `InvalidChain` subclass *after* its avail ring slot is consumed;
+  `err.head` is the head index to give back with `add_used(err.head, 0)`, or None when the head
+  itself is out of range (then nothing can be returned for it).
+- `BadAvailIndex` (avail.idx more than the queue size ahead) consumes nothing: the driver is
+  broken and the device should set DEVICE_NEEDS_RESET.
+- Zero-length descriptors are dropped: they yield no view, their address is not checked and
+  their WRITE flag is ignored, but they still count towards the chain length and their NEXT
+  link is followed.
+
+The ring indexes are read and written as single 16-bit native loads and stores (a torn used.idx
+would make the driver see a bogus index); hosts are little-endian, as virtio 1.x rings are.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from pyvmm.memory import GuestMemory, GuestMemoryError
+
+if sys.byteorder != "little":  # pragma: no cover - x86_64 and aarch64 hosts only
+    raise ImportError("pyvmm virtqueues need a little-endian host")
+
+
+class VirtqFlags(enum.IntFlag):
+    """Descriptor flags."""
+
+    NEXT = 1
+    WRITE = 2
+    INDIRECT = 4
+
+
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+# The spec forbids chains of 2^32 bytes or more; the used length (u32) must fit too.
+MAX_CHAIN_BYTES = (1 << 32) - 1
+MAX_USED_LEN = (1 << 32) - 1
+
+DESC_SIZE = 16
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+USED_ELEM_SIZE = 8
+RING_HEADER_SIZE = 4  # flags and idx, u16 each
+EVENT_FIELD_SIZE = 2  # used_event / avail_event after the ring entries
+IDX_MASK = 0xFFFF
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+
+_NEXT = int(VirtqFlags.NEXT)
+_WRITE = int(VirtqFlags.WRITE)
+_INDIRECT = int(VirtqFlags.INDIRECT)
+
+# Acquiring and releasing a lock runs locked read-modify-write instructions: a full barrier on
+# x86-64 (the store-load ordering the notification protocol needs). On aarch64 it only gives
+# acquire/release ordering; the window it leaves there is tiny next to the interpreter's speed.
+_FENCE = threading.Lock()
+
+
+def _full_fence() -> None:
+    with _FENCE:
+        pass
+
+
+class QueueError(Exception):
+    """Base of every error a queue raises because of what the driver wrote."""
+
+
+class QueueConfigError(QueueError):
+    """The queue's size or ring addresses as the driver configured them are unusable."""
+
+
+class InvalidQueueSize(QueueConfigError):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"queue size {size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+        self.size = size
+
+
+class MisalignedRing(QueueConfigError):
+    def __init__(self, area: str, addr: int, align: int) -> None:
+        super().__init__(f"{area} at {addr:#x} is not {align}-byte aligned")
+        self.area = area
+        self.addr = addr
+        self.align = align
+
+
+class RingOutsideRam(QueueConfigError):
+    def __init__(self, area: str, addr: int, length: int) -> None:
+        super().__init__(f"{area} at {addr:#x}+{length:#x} is not wholly inside one RAM region")
+        self.area = area
+        self.addr = addr
+        self.length = length
+
+
+class BadAvailIndex(QueueError):
+    """avail.idx is more than the queue size ahead of the next index to consume (not consumed)."""
+
+    def __init__(self, avail_idx: int, next_avail: int, size: int) -> None:
+        super().__init__(
+            f"avail.idx {avail_idx} is {(avail_idx - next_avail) & IDX_MASK} entries ahead of "
+            f"{next_avail}, more than the queue size {size}"
+        )
+        self.avail_idx = avail_idx
+        self.next_avail = next_avail
+
+
+class InvalidChain(QueueError):
+    """A malformed descriptor chain, already consumed from the avail ring.
+
+    `head` is the index to return with `add_used(head, 0)`, or None if the head is out of range.
+    """
+
+    def __init__(self, head: int | None, message: str) -> None:
+        where = f"chain {head}" if head is not None else "chain"
+        super().__init__(f"{where}: {message}")
+        self.head = head
+
+
+class BadHeadIndex(InvalidChain):
+    def __init__(self, index: int, size: int) -> None:
+        super().__init__(None, f"head index {index} is not below the queue size {size}")
+        self.index = index
+
+
+class DescriptorOutOfRange(InvalidChain):
+    def __init__(self, head: int, index: int, limit: int) -> None:
+        super().__init__(head, f"next index {index} is not below the table's {limit} entries")
+        self.index = index
+
+
+class ChainTooLong(InvalidChain):
+    """More descriptors than the table holds: a loop."""
+
+    def __init__(self, head: int, limit: int) -> None:
+        super().__init__(head, f"more than {limit} descriptors in one table (a loop)")
+
+
+class ChainTooLarge(InvalidChain):
+    def __init__(self, head: int) -> None:
+        super().__init__(head, f"buffers add up to more than {MAX_CHAIN_BYTES} bytes")
+
+
+class NestedIndirect(InvalidChain):
+    def __init__(self, head: int) -> None:
+        super().__init__(head, "INDIRECT descriptor inside an indirect table")
+
+
+class IndirectWithNext(InvalidChain):
+    def __init__(self, head: int) -> None:
+        super().__init__(head, "descriptor has both INDIRECT and NEXT")
+
+
+class IndirectTableInvalid(InvalidChain):
+    def __init__(self, head: int, length: int) -> None:
+        super().__init__(
+            head,
+            f"indirect table length {length} is not a non-zero multiple of {DESC_SIZE} "
+            f"of at most {MAX_QUEUE_SIZE} entries",
+        )
+        self.length = length
+
+
+class ReadableAfterWritable(InvalidChain):
+    def __init__(self, head: int) -> None:
+        super().__init__(head, "device-readable buffer after a device-writable one")
+
+
+class DescriptorOutsideRam(InvalidChain):
+    def __init__(self, head: int, addr: int, length: int) -> None:
+        super().__init__(head, f"buffer {addr:#x}+{length:#x} is not wholly inside one RAM region")
+        self.addr = addr
+        self.length = length
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One available chain: its head index and its buffers as views of guest RAM, in order."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(v.nbytes for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(v.nbytes for v in self.writable)
+
+
+class SplitQueue:
+    """The device side of one split virtqueue, used from a single worker thread."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_table: int,
+        avail_ring: int,
+        used_ring: int,
+        event_idx: bool,
+        *,
+        next_avail: int = 0,
+        next_used: int = 0,
+    ) -> None:
+        """Check the layout the driver configured; `next_*` restore saved indexes (default 0)."""
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise InvalidQueueSize(size)
+        self._mem = mem
+        self._size = size
+        self._event_idx = event_idx
+        desc = self._area(mem, "descriptor table", desc_table, DESC_SIZE * size, DESC_ALIGN)
+        avail = self._area(
+            mem,
+            "available ring",
+            avail_ring,
+            RING_HEADER_SIZE + 2 * size + EVENT_FIELD_SIZE,
+            AVAIL_ALIGN,
+        )
+        used = self._area(
+            mem,
+            "used ring",
+            used_ring,
+            RING_HEADER_SIZE + USED_ELEM_SIZE * size + EVENT_FIELD_SIZE,
+            USED_ALIGN,
+        )
+        self.desc_table = desc_table
+        self.avail_ring = avail_ring
+        self.used_ring = used_ring
+        self._desc = desc
+        # u16 views: [0] flags, [1] idx, [2 + i] ring entry i, [2 + size] used_event.
+        self._avail16 = avail.cast("H")
+        # u16 views of the used ring: [0] flags, [1] idx, [2 + 4 * size] avail_event.
+        self._used16 = used.cast("H")
+        # u32 view of the used elements: [2 * i] id, [2 * i + 1] len.
+        self._used32 = used[RING_HEADER_SIZE : RING_HEADER_SIZE + USED_ELEM_SIZE * size].cast("I")
+        self._used_event_at = 2 + size
+        self._avail_event_at = 2 + 4 * size
+        self._mask = size - 1
+        self._next_avail = next_avail & IDX_MASK
+        self._next_used = next_used & IDX_MASK
+        self._unsignalled = 0  # used elements published since the last needs_interrupt
+        self._signalled_used = self._next_used
+
+    @staticmethod
+    def _area(mem: GuestMemory, name: str, addr: int, length: int, align: int) -> memoryview:
+        if addr % align:
+            raise MisalignedRing(name, addr, align)
+        try:
+            return mem.view(addr, length)
+        except GuestMemoryError as e:
+            raise RingOutsideRam(name, addr, length) from e
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    @property
+    def next_avail(self) -> int:
+        """The (wrapping 16-bit) avail index of the next chain `pop` will take."""
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        """The (wrapping 16-bit) used index the next `add_used` will publish."""
+        return self._next_used
+
+    def reset(self) -> None:
+        """Back to the state of a freshly enabled queue; guest memory is not touched."""
+        self._next_avail = 0
+        self._next_used = 0
+        self._unsignalled = 0
+        self._signalled_used = 0
+
+    def release(self) -> None:
+        """Drop this queue's views of guest RAM (so the memory can be unmapped); ends its use."""
+        for view in (self._used32, self._used16, self._avail16, self._desc):
+            view.release()
+
+    def has_pending(self) -> bool:
+        """Whether the driver has made chains available that `pop` has not taken yet."""
+        return self._avail16[1] != self._next_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None; raises `BadAvailIndex` or an `InvalidChain`."""
+        avail_idx = self._avail16[1]
+        ahead = (avail_idx - self._next_avail) & IDX_MASK
+        if ahead == 0:
+            return None
+        if ahead > self._size:
+            raise BadAvailIndex(avail_idx, self._next_avail, self._size)
+        head = self._avail16[2 + (self._next_avail & self._mask)]
+        self._next_avail = (self._next_avail + 1) & IDX_MASK
+        if head >= self._size:
+            raise BadHeadIndex(head, self._size)
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        mem = self._mem
+        table = self._desc
+        limit = self._size  # entries in the current table; also the most a chain may visit in it
+        budget = limit
+        in_indirect = False
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        total = 0
+        index = head
+        while True:
+            if budget == 0:
+                raise ChainTooLong(head, limit)
+            budget -= 1
+            addr, length, flags, nxt = _DESC.unpack_from(table, index * DESC_SIZE)
+            if flags & _INDIRECT:
+                if in_indirect:
+                    raise NestedIndirect(head)
+                if flags & _NEXT:
+                    raise IndirectWithNext(head)
+                entries, rest = divmod(length, DESC_SIZE)
+                if rest or not 0 < entries <= MAX_QUEUE_SIZE:
+                    raise IndirectTableInvalid(head, length)
+                try:
+                    table = mem.view(addr, length)
+                except GuestMemoryError as e:
+                    raise DescriptorOutsideRam(head, addr, length) from e
+                in_indirect = True
+                limit = budget = entries
+                index = 0
+                continue
+            if length:
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise ChainTooLarge(head)
+                try:
+                    view = mem.view(addr, length)
+                except GuestMemoryError as e:
+                    raise DescriptorOutsideRam(head, addr, length) from e
+                if flags & _WRITE:
+                    writable.append(view)
+                elif writable:
+                    raise ReadableAfterWritable(head)
+                else:
+                    readable.append(view)
+            if not flags & _NEXT:
+                return DescriptorChain(head, readable, writable)
+            if nxt >= limit:
+                raise DescriptorOutOfRange(head, nxt, limit)
+            index = nxt
+
+    def add_used(self, head: int, length: int) -> None:
+        """Give chain `head` back to the driver with `length` bytes written into it.
+
+        Raises ValueError (a device bug, not the driver's) for an impossible head or length.
+        """
+        if not 0 <= head < self._size:
+            raise ValueError(f"used head {head} is not below the queue size {self._size}")
+        if not 0 <= length <= MAX_USED_LEN:
+            raise ValueError(f"used length {length} does not fit in 32 bits")
+        slot = 2 * (self._next_used & self._mask)
+        self._used32[slot] = head
+        self._used32[slot + 1] = length
+        # The element is complete before the index that publishes it (stores stay in order on
+        # x86-64; each is a single native store).
+        self._next_used = (self._next_used + 1) & IDX_MASK
+        self._used16[1] = self._next_used
+        self._unsignalled += 1
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what `add_used` published since last asked.
+
+        False when nothing was published since the previous call.
+        """
+        if self._unsignalled == 0:
+            return False
+        _full_fence()  # used.idx is visible before we read the driver's suppression fields
+        old = self._signalled_used
+        new = self._next_used
+        many = self._unsignalled > IDX_MASK
+        self._signalled_used = new
+        self._unsignalled = 0
+        if self._event_idx:
+            event = self._avail16[self._used_event_at]
+            return many or ((new - event - 1) & IDX_MASK) < ((new - old) & IDX_MASK)
+        return not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_notification(self) -> None:
+        """Ask the driver to notify on new chains; re-check `has_pending` afterwards."""
+        if self._event_idx:
+            self._used16[self._avail_event_at] = self._next_avail
+        else:
+            self._used16[0] = 0
+        _full_fence()  # our request is visible before the caller re-reads avail.idx
+
+    def disable_notification(self) -> None:
+        """Tell the driver notifications are not needed (a hint; it may still notify)."""
+        if not self._event_idx:
+            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY
+        # With EVENT_IDX, leaving avail_event behind next_avail suppresses further notifies.

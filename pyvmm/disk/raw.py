@@ -1,0 +1,132 @@
+"""A raw disk image: the file's bytes are the disk's bytes.
+
+Opened once at VM start, locked with flock so two VMs cannot both write one image (a read-only
+open takes a shared lock, a writable one an exclusive lock). Data moves between the file and
+guest memory in place with preadv/pwritev on memoryviews of guest RAM; discard punches holes and
+write-zeroes zeroes ranges with fallocate.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import cffi
+
+_ffi = cffi.FFI()
+_ffi.cdef("int fallocate(int fd, int mode, int64_t offset, int64_t len);")
+_libc: Any = _ffi.dlopen(None)
+
+SECTOR_SIZE = 512
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+class DiskError(Exception):
+    """The image cannot be used; the message names the file and the flag."""
+
+
+class RawDisk:
+    """An open raw image."""
+
+    def __init__(self, path: str, writable: bool, flag: str = "--disk") -> None:
+        self.path = path
+        self.writable = writable
+        try:
+            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise DiskError(f"{flag} {path}: no such file") from None
+        except PermissionError:
+            what = "not writable" if writable else "not readable"
+            raise DiskError(f"{flag} {path}: {what} (permission denied)") from None
+        except IsADirectoryError:
+            raise DiskError(f"{flag} {path}: is a directory") from None
+        except OSError as e:
+            raise DiskError(f"{flag} {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(self.fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise DiskError(f"{flag} {path}: not a regular file or block device")
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DiskError(
+                    f"{flag} {path}: in use by another VM (locked"
+                    f"{'' if writable else ' for writing'})"
+                ) from None
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def sectors(self) -> int:
+        return self.size // SECTOR_SIZE
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read_into(self, offset: int, buffers: list[memoryview]) -> int:
+        """Fill `buffers` from the image at `offset`; the bytes read (short at the end)."""
+        return _all(os.preadv, self.fd, buffers, offset)
+
+    def write_from(self, offset: int, buffers: list[memoryview]) -> int:
+        return _all(os.pwritev, self.fd, buffers, offset)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Give the range back to the host filesystem; it then reads as zeroes."""
+        _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if unmap:
+            try:
+                _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        try:
+            _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            zeroes = bytes(min(length, 1 << 20))
+            done = 0
+            while done < length:
+                n = os.pwrite(self.fd, zeroes[: length - done], offset + done)
+                done += n
+
+
+def _all(
+    op: Callable[[int, list[memoryview], int], int], fd: int, buffers: list[memoryview], offset: int
+) -> int:
+    """preadv/pwritev until every buffer is done or the file ends (short transfers resume)."""
+    total = 0
+    pending = [b for b in buffers if len(b)]
+    while pending:
+        n = op(fd, pending, offset + total)
+        if n == 0:
+            break
+        total += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+    return total
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) < 0:
+        err = _ffi.errno
+        raise OSError(err, os.strerror(err))

@@ -1,0 +1,553 @@
+"""ControlServer over real Unix sockets, and the -s/--socket checks in config."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvmm.config import ConfigError, VmConfig, check_socket_path
+from pyvmm.control import server as server_module
+from pyvmm.control.client import send_command
+from pyvmm.control.protocol import MAX_REQUEST_BYTES, SocketBindError, SocketInUseError
+from pyvmm.control.server import (
+    ControlServer,
+    PeerCredentials,
+    peer_allowed,
+    peer_credentials,
+)
+
+IO_TIMEOUT = 5.0
+SYSTEM_PYTHON = "/usr/bin/python3"
+NOBODY_UID = 65534
+
+
+class FakeHandler:
+    """Records the commands it gets; `failures` maps a command to the exception it raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.failures: dict[str, Exception] = {}
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def _record(self, cmd: str) -> None:
+        with self._lock:
+            self.calls.append(cmd)
+        if cmd in self.failures:
+            raise self.failures[cmd]
+
+    def stop(self) -> None:
+        self._record("stop")
+        self.stopped.set()
+
+    def suspend(self) -> None:
+        self._record("suspend")
+
+    def resume(self) -> None:
+        self._record("resume")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "ctl.sock")
+
+
+@pytest.fixture
+def handler() -> FakeHandler:
+    return FakeHandler()
+
+
+@pytest.fixture
+def server(path: str, handler: FakeHandler) -> Iterator[ControlServer]:
+    srv = ControlServer(path, handler)
+    yield srv
+    srv.close()
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(IO_TIMEOUT)
+    sock.connect(path)
+    return sock
+
+
+class LineReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def line(self) -> bytes | None:
+        """The next line, or None at end of stream."""
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def reply(self) -> dict[str, Any]:
+        line = self.line()
+        assert line is not None, "connection closed instead of a reply"
+        reply = json.loads(line)
+        assert isinstance(reply, dict)
+        return reply
+
+
+def request(sock: socket.socket, data: bytes) -> dict[str, Any]:
+    sock.sendall(data)
+    return LineReader(sock).reply()
+
+
+def wait_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server still sends, until it closes the connection."""
+    out = b""
+    while data := sock.recv(65536):
+        out += data
+    return out
+
+
+# Round trips
+
+
+@pytest.mark.parametrize("cmd", ["stop", "suspend", "resume"])
+def test_each_command(server: ControlServer, handler: FakeHandler, cmd: str) -> None:
+    assert send_command(server.path, {"cmd": cmd}) == {"ok": True}
+    assert handler.calls == [cmd]
+
+
+def test_commands_are_handled_in_order_on_one_connection(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    with connect(server.path) as sock:
+        sock.sendall(b'{"cmd": "suspend"}\n{"cmd": "resume"}\n{"cmd":"stop"}\n')
+        reader = LineReader(sock)
+        assert [reader.reply() for _ in range(3)] == [{"ok": True}] * 3
+    assert handler.calls == ["suspend", "resume", "stop"]
+
+
+def test_handler_exception_becomes_an_error_reply(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    handler.failures["suspend"] = RuntimeError("already suspended")
+    handler.failures["resume"] = ValueError()
+    with connect(server.path) as sock:
+        reader = LineReader(sock)
+        sock.sendall(b'{"cmd": "suspend"}\n')
+        assert reader.reply() == {"ok": False, "error": "already suspended"}
+        sock.sendall(b'{"cmd": "resume"}\n')
+        assert reader.reply() == {"ok": False, "error": "ValueError"}
+        sock.sendall(b'{"cmd": "stop"}\n')
+        assert reader.reply() == {"ok": True}
+
+
+def test_unknown_command(server: ControlServer, handler: FakeHandler) -> None:
+    assert send_command(server.path, {"cmd": "x"}) == {
+        "ok": False,
+        "error": "unknown command 'x'",
+    }
+    long = send_command(server.path, {"cmd": "y" * 10000 + "\n"})
+    assert long["ok"] is False
+    assert len(long["error"]) < 100
+    assert handler.calls == []
+
+
+def test_extra_request_fields_are_ignored(server: ControlServer, handler: FakeHandler) -> None:
+    assert send_command(server.path, {"cmd": "stop", "why": "test"}) == {"ok": True}
+    assert handler.calls == ["stop"]
+
+
+# Malformed and hostile requests
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"stop", "not JSON"),
+        (b"{'cmd': 'stop'}", "not JSON"),
+        (b"", "empty line"),
+        (b"   \r", "empty line"),
+        (b'["stop"]', "not a JSON object"),
+        (b'"stop"', "not a JSON object"),
+        (b"{}", "no 'cmd'"),
+        (b'{"command": "stop"}', "no 'cmd'"),
+        (b'{"cmd": 1}', "'cmd' is not a string"),
+        (b'{"cmd": null}', "'cmd' is not a string"),
+        (b'{"cmd": ["stop"]}', "'cmd' is not a string"),
+        (b"\xff\xfe\x00\x01", "not UTF-8"),
+        (b'{"cmd": "\xc3"}', "not UTF-8"),
+        (b"[" * 60000, "not JSON"),
+        (b'{"cmd": "stop"', "not JSON"),
+        (b"1" * 5000, "not JSON"),
+    ],
+)
+def test_malformed_request_gets_an_error_and_the_connection_stays_usable(
+    server: ControlServer, handler: FakeHandler, data: bytes, error: str
+) -> None:
+    with connect(server.path) as sock:
+        reader = LineReader(sock)
+        sock.sendall(data + b"\n")
+        assert reader.reply() == {"ok": False, "error": f"malformed request: {error}"}
+        sock.sendall(b'{"cmd": "stop"}\n')
+        assert reader.reply() == {"ok": True}
+    assert handler.calls == ["stop"]
+
+
+@pytest.mark.parametrize("newline", [b"", b"\n"])
+def test_oversized_request_gets_an_error_and_is_closed(
+    server: ControlServer, handler: FakeHandler, newline: bytes
+) -> None:
+    with connect(server.path) as sock:
+        # The server may close while we are still sending; its reply is still readable.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b'{"cmd": "stop", "pad": "' + b"x" * (MAX_REQUEST_BYTES + 10) + newline)
+        reader = LineReader(sock)
+        assert reader.reply() == {
+            "ok": False,
+            "error": f"request longer than {MAX_REQUEST_BYTES} bytes",
+        }
+        assert reader.line() is None
+    assert handler.calls == []
+    assert send_command(server.path, {"cmd": "resume"}) == {"ok": True}
+
+
+def test_request_of_exactly_the_limit_is_accepted(server: ControlServer) -> None:
+    prefix = b'{"cmd": "stop", "pad": "'
+    pad = MAX_REQUEST_BYTES - len(prefix) - len(b'"}')
+    with connect(server.path) as sock:
+        assert request(sock, prefix + b"x" * pad + b'"}\n') == {"ok": True}
+
+
+def test_binary_garbage_gets_one_error_per_line(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    garbage = os.urandom(20000) + b"\n"
+    with connect(server.path) as sock:
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)
+        replies = wait_until_closed(sock).splitlines()
+    assert len(replies) == garbage.count(b"\n")
+    for line in replies:
+        reply = json.loads(line)
+        assert reply["ok"] is False
+        assert reply["error"].startswith("malformed request")
+    assert handler.calls == []
+    assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+
+
+def test_client_that_hangs_up_mid_line_is_harmless(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    with connect(server.path) as sock:
+        sock.sendall(b'{"cmd": "st')
+    with connect(server.path) as sock:
+        sock.sendall(b'{"cmd": "suspend"}\n')
+        sock.close()  # without reading the reply
+    time.sleep(0.1)
+    assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+    assert handler.calls[-1] == "stop"
+
+
+def test_many_concurrent_clients(server: ControlServer, handler: FakeHandler) -> None:
+    clients = 40
+    replies: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        try:
+            start.wait()
+            replies.append(send_command(server.path, {"cmd": ("suspend", "resume")[i % 2]}))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(IO_TIMEOUT * 2)
+    assert errors == []
+    assert replies == [{"ok": True}] * clients
+    assert sorted(handler.calls) == ["resume"] * (clients // 2) + ["suspend"] * (clients // 2)
+
+
+def test_silent_client_does_not_block_another(server: ControlServer) -> None:
+    with connect(server.path) as silent, connect(server.path) as partial:
+        partial.sendall(b'{"cmd": ')
+        started = time.monotonic()
+        assert send_command(server.path, {"cmd": "suspend"}, timeout=2) == {"ok": True}
+        assert time.monotonic() - started < 1
+        assert silent.fileno() >= 0
+
+
+def test_client_that_never_reads_does_not_block_others_or_close(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    hog = connect(server.path)
+    hog.settimeout(None)
+    requests = b'{"cmd":"nope"}\n' * 100000  # replies far beyond the socket buffers
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the server gives up on us
+            hog.sendall(requests)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    time.sleep(0.2)
+    assert send_command(server.path, {"cmd": "resume"}, timeout=2) == {"ok": True}
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < server_module.CLOSE_GRACE + server_module.CLOSE_JOIN + 1
+    hog.close()
+    flooder.join(IO_TIMEOUT)
+    assert handler.calls == ["resume"]
+
+
+def test_too_many_connections(
+    server: ControlServer, monkeypatch: pytest.MonkeyPatch, handler: FakeHandler
+) -> None:
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 2)
+    with connect(server.path) as a, connect(server.path) as b:
+        assert request(a, b'{"cmd": "suspend"}\n') == {"ok": True}
+        assert request(b, b'{"cmd": "resume"}\n') == {"ok": True}
+        with connect(server.path) as c:
+            assert LineReader(c).reply() == {"ok": False, "error": "too many connections"}
+            assert wait_until_closed(c) == b""
+    time.sleep(0.1)  # the server notices the hang-ups
+    assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+
+
+# Peer credentials
+
+
+def test_peer_allowed() -> None:
+    assert peer_allowed(PeerCredentials(pid=10, uid=1000, gid=1000), server_uid=1000)
+    assert peer_allowed(PeerCredentials(pid=10, uid=0, gid=0), server_uid=1000)
+    assert peer_allowed(PeerCredentials(pid=10, uid=0, gid=5), server_uid=0)
+    assert not peer_allowed(PeerCredentials(pid=10, uid=1001, gid=1000), server_uid=1000)
+    assert not peer_allowed(PeerCredentials(pid=10, uid=1000, gid=0), server_uid=0)
+    assert not peer_allowed(PeerCredentials(pid=10, uid=65534, gid=65534), server_uid=1000)
+
+
+def test_peer_credentials_of_a_real_connection() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert peer_credentials(a) == PeerCredentials(os.getpid(), os.geteuid(), os.getegid())
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="needs root to run a client as another user",
+)
+def test_other_user_is_refused(handler: FakeHandler) -> None:
+    directory = tempfile.mkdtemp(prefix="pyvmm-ctl-")
+    try:
+        os.chmod(directory, 0o711)
+        path = os.path.join(directory, "ctl.sock")
+        with ControlServer(path, handler):
+            os.chmod(path, 0o666)  # let the other user reach the peer-credential check
+            client = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "s.settimeout(5)\n"
+                "s.connect(sys.argv[1])\n"
+                "try:\n"
+                '    s.sendall(b\'{"cmd": "stop"}\\n\')\n'
+                "except BrokenPipeError:\n"
+                "    pass  # refused and closed already; the reply is still readable\n"
+                "out = b''\n"
+                "while not out.endswith(b'\\n') and (d := s.recv(4096)):\n"
+                "    out += d\n"
+                "sys.stdout.write(out.decode())\n"
+            )
+            result = subprocess.run(
+                [SYSTEM_PYTHON, "-c", client, path],
+                user=NOBODY_UID,
+                capture_output=True,
+                timeout=IO_TIMEOUT * 2,
+                cwd="/",
+            )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"ok": False, "error": "permission denied"}
+        assert handler.calls == []
+    finally:
+        shutil.rmtree(directory)
+
+
+# The socket file
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+def test_socket_mode_is_0600_whatever_the_umask(
+    path: str, handler: FakeHandler, umask: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        srv = ControlServer(path, handler)
+    finally:
+        os.umask(old)
+    with srv:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_uid == os.geteuid()
+        assert send_command(path, {"cmd": "stop"}) == {"ok": True}
+
+
+def test_close_unlinks_and_is_idempotent(path: str, handler: FakeHandler) -> None:
+    srv = ControlServer(path, handler)
+    assert os.path.exists(path)
+    srv.close()
+    assert not os.path.lexists(path)
+    srv.close()
+
+
+def test_close_leaves_a_socket_file_that_is_not_ours(path: str, handler: FakeHandler) -> None:
+    srv = ControlServer(path, handler)
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(path)
+        srv.close()
+        assert os.path.lexists(path)
+
+
+def test_close_is_prompt_and_drops_idle_clients(path: str, handler: FakeHandler) -> None:
+    srv = ControlServer(path, handler)
+    with connect(path) as idle:
+        assert request(idle, b'{"cmd": "suspend"}\n') == {"ok": True}
+        started = time.monotonic()
+        srv.close()
+        assert time.monotonic() - started < 1
+        assert wait_until_closed(idle) == b""
+    with pytest.raises(FileNotFoundError):
+        connect(path)
+
+
+def test_stop_reply_arrives_even_when_the_vm_closes_the_server_at_once(
+    path: str, handler: FakeHandler
+) -> None:
+    for _ in range(20):
+        handler.stopped.clear()
+        srv = ControlServer(path, handler)
+
+        def vm_main(srv: ControlServer = srv) -> None:
+            handler.stopped.wait(IO_TIMEOUT)
+            srv.close()
+
+        main = threading.Thread(target=vm_main)
+        main.start()
+        assert send_command(path, {"cmd": "stop"}) == {"ok": True}
+        main.join(IO_TIMEOUT)
+        assert not os.path.lexists(path)
+
+
+def test_bind_replaces_a_stale_socket(path: str, handler: FakeHandler) -> None:
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)
+    with ControlServer(path, handler):
+        assert send_command(path, {"cmd": "stop"}) == {"ok": True}
+
+
+def test_bind_refuses_a_live_socket(server: ControlServer, handler: FakeHandler) -> None:
+    with pytest.raises(SocketInUseError, match="another VM is listening there"):
+        ControlServer(server.path, handler)
+    assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+
+
+def test_bind_refuses_a_regular_file(path: str, handler: FakeHandler) -> None:
+    Path(path).write_text("precious")
+    with pytest.raises(SocketBindError, match="not a socket"):
+        ControlServer(path, handler)
+    assert Path(path).read_text() == "precious"
+
+
+def test_bind_in_a_missing_directory(tmp_path: Path, handler: FakeHandler) -> None:
+    path = str(tmp_path / "nowhere" / "ctl.sock")
+    with pytest.raises(SocketBindError, match=f"^{re.escape(path)}: cannot create the socket"):
+        ControlServer(path, handler)
+
+
+# -s/--socket in config
+
+
+def test_config_socket_directory_form(tmp_path: Path) -> None:
+    assert check_socket_path(str(tmp_path), 1234) == str(tmp_path / "pyvmm-1234.sock")
+
+
+def test_config_socket_file_form(path: str) -> None:
+    assert check_socket_path(path, 1234) == path
+
+
+def test_config_validate_resolves_the_socket(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    config = VmConfig(kernel=str(kernel), socket=str(tmp_path)).validate()
+    assert config.socket == str(tmp_path / f"pyvmm-{os.getpid()}.sock")
+    assert VmConfig(kernel=str(kernel)).validate().socket is None
+
+
+def test_config_socket_parent_missing(tmp_path: Path) -> None:
+    path = str(tmp_path / "nowhere" / "ctl.sock")
+    with pytest.raises(ConfigError, match=f"^-s/--socket {re.escape(path)}: no such directory"):
+        check_socket_path(path, 1)
+
+
+def test_config_socket_parent_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "ctl.sock")
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if p == str(tmp_path) else real_access(p, mode)
+    )
+    with pytest.raises(
+        ConfigError, match=f"^-s/--socket {re.escape(path)}: directory .* not writable"
+    ):
+        check_socket_path(path, 1)
+
+
+def test_config_socket_not_a_socket(path: str) -> None:
+    Path(path).write_text("precious")
+    with pytest.raises(
+        ConfigError, match=f"^-s/--socket {re.escape(path)}: exists and is not a socket$"
+    ):
+        check_socket_path(path, 1)
+    assert Path(path).read_text() == "precious"
+
+
+def test_config_socket_live(server: ControlServer) -> None:
+    with pytest.raises(
+        ConfigError, match=f"^-s/--socket {re.escape(server.path)}: another VM is listening there$"
+    ):
+        check_socket_path(server.path, 1)
+    assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+
+
+def test_config_socket_stale_is_removed(path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)
+    assert check_socket_path(path, 1) == path
+    assert not os.path.lexists(path)
+
+
+def test_config_socket_path_too_long(tmp_path: Path) -> None:
+    path = str(tmp_path / ("x" * 120))
+    with pytest.raises(ConfigError, match="too long for a Unix socket"):
+        check_socket_path(path, 1)
+
+
+def test_config_socket_empty() -> None:
+    with pytest.raises(ConfigError, match=r"^-s/--socket: empty path$"):
+        check_socket_path("", 1)

@@ -1,0 +1,190 @@
+"""The virtio-pci transport driven the way Linux's virtio_pci_modern drives it: status sequence,
+feature negotiation, queue set-up, notification through the ioeventfd and an MSI-X interrupt."""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from pyvmm.devices.irq import IrqLine
+from pyvmm.devices.pci.config import Command, Reg
+from pyvmm.devices.virtio.device import DeviceStatus, Feature
+from pyvmm.devices.virtio.pci import COMMON_FIELD_AT, MSIX_TABLE_OFFSET, VirtioPciDevice
+from pyvmm.devices.virtio.rng import Rng
+from pyvmm.memory import GuestMemory
+
+MiB = 1 << 20
+BAR_ADDR = 0xC000_0000
+DESC, AVAIL, USED, BUF = 0x10000, 0x11000, 0x12000, 0x20000
+FIELD = {name: (offset, size) for offset, (name, size) in COMMON_FIELD_AT.items()}
+
+
+class CountingIrq:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def trigger(self) -> None:
+        self.count += 1
+
+
+class Harness:
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        self.intx = CountingIrq()
+        self.ioeventfds: dict[int, int] = {}
+        self.routes: dict[int, tuple[int, int]] = {}
+        self.irqfds: dict[int, int] = {}
+        self._next_gsi = 24
+        intx: IrqLine = self.intx
+        self.dev = VirtioPciDevice(
+            Rng(),
+            mem,
+            intx,
+            allocate_gsi=self._allocate,
+            set_msi_route=lambda gsi, a, d: self.routes.__setitem__(gsi, (a, d)),
+            register_irqfd=lambda fd, gsi: self.irqfds.__setitem__(gsi, fd),
+            register_ioeventfd=lambda fd, addr, n: self.ioeventfds.__setitem__(addr, fd),
+            unregister_ioeventfd=lambda fd, addr, n: self.ioeventfds.pop(addr),
+        )
+        self.dev.config.set_bar_address(0, BAR_ADDR)
+        self.dev.config_write(Reg.COMMAND, struct.pack("<H", Command.MEMORY_SPACE))
+        self.dev.bars_changed({0: BAR_ADDR})
+
+    def _allocate(self) -> int:
+        self._next_gsi += 1
+        return self._next_gsi - 1
+
+    def read(self, name: str) -> int:
+        offset, size = FIELD[name]
+        buf = bytearray(size)
+        self.dev.bar_read(0, offset, memoryview(buf))
+        return int.from_bytes(buf, "little")
+
+    def write(self, name: str, value: int) -> None:
+        offset, size = FIELD[name]
+        self.dev.bar_write(0, offset, value.to_bytes(size, "little"))
+
+    def negotiate(self, features: int) -> int:
+        self.write("device_status", 0)
+        self.write("device_status", DeviceStatus.ACKNOWLEDGE)
+        self.write("device_status", DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+        for half in (0, 1):
+            self.write("guest_feature_select", half)
+            self.write("guest_feature", (features >> (32 * half)) & 0xFFFFFFFF)
+        status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+        self.write("device_status", status)
+        return self.read("device_status")
+
+    def setup_queue(self, vector: int) -> None:
+        self.write("queue_select", 0)
+        self.write("queue_size", 8)
+        self.write("queue_msix_vector", vector)
+        for name, addr in (("desc", DESC), ("avail", AVAIL), ("used", USED)):
+            self.write(f"queue_{name}_lo", addr)
+            self.write(f"queue_{name}_hi", 0)
+        self.write("queue_enable", 1)
+
+    def submit(self, length: int) -> None:
+        self.mem.write(DESC, struct.pack("<QIHH", BUF, length, 2, 0))  # one WRITE descriptor
+        idx = self.mem.read_u16(AVAIL + 2)
+        self.mem.write_u16(AVAIL + 4 + 2 * (idx % 8), 0)
+        self.mem.write_u16(AVAIL + 2, idx + 1)
+        notify = self.ioeventfds[BAR_ADDR + 0x3000]
+        os.eventfd_write(notify, 1)
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    mem = GuestMemory([(0, MiB)])
+    h = Harness(mem)
+    yield h
+    h.dev.close()
+    mem.close()
+
+
+def _wait_readable(fd: int, timeout: float = 5.0) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_features_offered_include_version_1_and_ring_features(harness: Harness) -> None:
+    harness.write("device_feature_select", 1)
+    assert harness.read("device_feature") & 1  # VERSION_1 is bit 32
+    harness.write("device_feature_select", 0)
+    low = harness.read("device_feature")
+    assert low & Feature.RING_INDIRECT_DESC and low & Feature.RING_EVENT_IDX
+
+
+def test_unoffered_features_are_refused(harness: Harness) -> None:
+    status = harness.negotiate(Feature.VERSION_1 | (1 << 40))
+    assert not status & DeviceStatus.FEATURES_OK
+
+
+def test_a_driver_without_version_1_is_refused(harness: Harness) -> None:
+    assert not harness.negotiate(0) & DeviceStatus.FEATURES_OK
+
+
+def test_driver_ok_without_features_ok_needs_reset(harness: Harness) -> None:
+    harness.write("device_status", DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+    harness.write(
+        "device_status", DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK
+    )
+    status = harness.read("device_status")
+    assert status & DeviceStatus.DEVICE_NEEDS_RESET
+    assert not status & DeviceStatus.DRIVER_OK
+
+
+def test_request_completes_with_an_msix_interrupt(harness: Harness) -> None:
+    assert harness.negotiate(Feature.VERSION_1) & DeviceStatus.FEATURES_OK
+    harness.setup_queue(vector=0)
+    assert harness.read("queue_msix_vector") == 0
+    # MSI-X table entry 0 -> LAPIC vector 0x41, unmasked; then enable MSI-X.
+    entry = struct.pack("<IIII", 0xFEE0_0000, 0, 0x41, 0)
+    harness.dev.bar_write(0, MSIX_TABLE_OFFSET, entry[:8])
+    harness.dev.bar_write(0, MSIX_TABLE_OFFSET + 8, entry[8:])
+    control = harness.dev.msix.cap_offset + 2
+    harness.dev.config_write(control, struct.pack("<H", 1 << 15))
+    status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.submit(64)
+    gsi = harness.dev.msix.gsis[0]
+    assert harness.routes[gsi] == (0xFEE0_0000, 0x41)
+    assert _wait_readable(harness.irqfds[gsi]), "no MSI-X interrupt"
+    assert harness.mem.read_u16(USED + 2) == 1
+    head, length = struct.unpack("<II", harness.mem.read(USED + 4, 8))
+    assert (head, length) == (0, 64)
+    assert harness.mem.read(BUF, 64) != bytes(64)
+
+
+def test_masked_vector_is_held_pending_then_delivered(harness: Harness) -> None:
+    harness.negotiate(Feature.VERSION_1)
+    harness.setup_queue(vector=0)
+    control = harness.dev.msix.cap_offset + 2
+    harness.dev.config_write(control, struct.pack("<H", 1 << 15))  # enabled, entry 0 masked
+    status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.submit(16)
+    gsi = harness.dev.msix.gsis[0]
+    for _ in range(500):
+        if harness.mem.read_u16(USED + 2) == 1:
+            break
+        select.select([], [], [], 0.01)
+    assert not _wait_readable(harness.irqfds[gsi], 0.2), "a masked vector fired"
+    pba = bytearray(8)
+    harness.dev.bar_read(0, 0x5000, memoryview(pba))
+    assert pba[0] & 1
+    harness.dev.bar_write(0, MSIX_TABLE_OFFSET + 12, struct.pack("<I", 0))  # unmask
+    assert _wait_readable(harness.irqfds[gsi], 1.0)
+
+
+def test_reset_stops_the_queue_and_clears_status(harness: Harness) -> None:
+    harness.negotiate(Feature.VERSION_1)
+    harness.setup_queue(vector=0xFFFF)
+    status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.write("device_status", 0)
+    assert harness.read("device_status") == 0
+    assert harness.read("queue_enable") == 0
