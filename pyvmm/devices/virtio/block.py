@@ -15,8 +15,8 @@ from typing import Any
 
 import cffi
 
-from pyvmm.devices.virtio.device import DeviceError, DeviceType, VirtioDevice
-from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
+from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
+from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue
 from pyvmm.disk.raw import SECTOR_SIZE, RawDisk
 
 log = logging.getLogger(__name__)
@@ -157,19 +157,7 @@ class Block(VirtioDevice):
         data[:] = chunk + b"\x00" * (len(data) - len(chunk))
 
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        while True:
-            try:
-                chain = queue.pop()
-            except InvalidChain as e:
-                # The chain was consumed; give it back empty. A bad head index leaves nothing to
-                # give back, so only a reset can bring the driver and device back in step.
-                log.info("%s: bad descriptor chain %s: %s", self.name, e.head, e)
-                if e.head is None:
-                    raise DeviceError(f"{e}: nothing to return to the driver") from e
-                queue.add_used(e.head, 0)
-                continue
-            if chain is None:
-                return
+        for chain in available_chains(queue, self.name):
             queue.add_used(chain.head, self._handle(chain))
 
     def _handle(self, chain: DescriptorChain) -> int:

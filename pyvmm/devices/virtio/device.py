@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
+from collections.abc import Iterator
 
-from pyvmm.devices.virtio.queue import SplitQueue
+from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
 from pyvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 
 class DeviceType(enum.IntEnum):
@@ -79,3 +83,21 @@ class VirtioDevice(abc.ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release host resources (files) when the VM ends."""
+
+
+def available_chains(queue: SplitQueue, device: str) -> Iterator[DescriptorChain]:
+    """Every chain the driver made available. An invalid chain was consumed, so it is given
+    back empty; a bad head index leaves nothing to give back, so only a reset can bring the
+    driver and the device back in step (DeviceError)."""
+    while True:
+        try:
+            chain = queue.pop()
+        except InvalidChain as e:
+            if e.head is None:
+                raise DeviceError(f"{e}: nothing to return to the driver") from e
+            log.info("%s: bad descriptor chain %d: %s", device, e.head, e)
+            queue.add_used(e.head, 0)
+            continue
+        if chain is None:
+            return
+        yield chain

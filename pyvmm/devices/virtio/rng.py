@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from pyvmm.devices.virtio.device import DeviceError, DeviceType, VirtioDevice
-from pyvmm.devices.virtio.queue import InvalidChain, SplitQueue
+from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
+from pyvmm.devices.virtio.queue import SplitQueue
 
 QUEUE_SIZE = 256
 # getrandom returns at most this much per call without blocking on large requests.
@@ -28,18 +28,7 @@ class Rng(VirtioDevice):
         data[:] = b"\x00" * len(data)
 
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        while True:
-            try:
-                chain = queue.pop()
-            except InvalidChain as e:
-                # The chain was consumed; give it back empty. A bad head index leaves nothing to
-                # give back, so only a reset can bring the driver and device back in step.
-                if e.head is None:
-                    raise DeviceError(f"{e}: nothing to return to the driver") from e
-                queue.add_used(e.head, 0)
-                continue
-            if chain is None:
-                return
+        for chain in available_chains(queue, self.name):
             written = 0
             for view in chain.writable:
                 want = min(len(view), MAX_REQUEST - written)
