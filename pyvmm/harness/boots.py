@@ -3,7 +3,10 @@ host, natively or inside the test VM (`python -m pyvmm.harness.boots SPEC.json R
 
 A boot is a VMM command line (pyvmm, or QEMU for comparison) whose serial output carries
 `GUEST <check> ok|FAIL ...` lines from the kit's init. Each boot's output, exit status and timings
-are written to the result file for the host-side tests and benchmarks to judge.
+are written to the result file for the host-side tests and benchmarks to judge. A boot can also
+run commands when a line appears on the console (`pyvmm stop SOCKET` once the guest is ready),
+and record the state of files before and after it (a disk image's allocated bytes, a socket),
+seen from where the VMM ran.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import json
 import os
 import re
 import select
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 GUEST_LINE = re.compile(r"GUEST (\S+) (ok|FAIL)(?: (.*))?$")
 INPUT_READY = b"GUEST input ready"
@@ -30,6 +35,40 @@ class BootSpec:
     timeout: float = DEFAULT_TIMEOUT
     # A line to type on the console once the guest says "GUEST input ready".
     type_line: str | None = None
+    # Commands to run while the VMM runs: marker -> argv, run once when the marker first appears
+    # in the console output (with the timeout that is left).
+    on_line: dict[str, list[str]] = field(default_factory=dict)
+    # Paths whose state is recorded just before the VMM starts and just after it exits.
+    watch: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileState:
+    size: int
+    allocated: int  # bytes of storage the file holds (st_blocks * 512)
+    kind: str  # "file", "socket", "dir" or "other"
+
+
+@dataclass
+class CommandResult:
+    """A command an `on_line` marker started."""
+
+    marker: str
+    argv: list[str]
+    returncode: int | None  # None: it did not finish before the boot's timeout
+    output: str  # its stdout and stderr
+    at_s: float  # when it started, seconds after the VMM
+    # The boot's watched paths just before the command started.
+    watched: dict[str, FileState | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CommandResult:
+        fields = dict(data)
+        fields["watched"] = {
+            path: None if s is None else FileState(**s)
+            for path, s in data.get("watched", {}).items()
+        }
+        return cls(**fields)
 
 
 @dataclass
@@ -44,6 +83,59 @@ class BootResult:
     to_init_s: float | None
     timed_out: bool = False
     checks: dict[str, list[str]] = field(default_factory=dict)
+    commands: list[CommandResult] = field(default_factory=list)
+    # path -> [state before, state after]; None where the path did not exist.
+    watched: dict[str, list[FileState | None]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BootResult:
+        """The inverse of dataclasses.asdict (results come back from the test VM as JSON)."""
+        fields = dict(data)
+        fields["commands"] = [CommandResult.from_dict(c) for c in data.get("commands", [])]
+        fields["watched"] = {
+            path: [None if s is None else FileState(**s) for s in states]
+            for path, states in data.get("watched", {}).items()
+        }
+        return cls(**fields)
+
+
+def file_state(path: str) -> FileState | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        kind = "file"
+    elif stat.S_ISSOCK(st.st_mode):
+        kind = "socket"
+    elif stat.S_ISDIR(st.st_mode):
+        kind = "dir"
+    else:
+        kind = "other"
+    return FileState(st.st_size, st.st_blocks * 512, kind)
+
+
+def run_command(
+    marker: str, argv: list[str], timeout: float, at_s: float, watch: list[str]
+) -> CommandResult:
+    watched = {path: file_state(path) for path in watch}
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=max(timeout, 1.0),
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        output = e.output.decode(errors="replace") if isinstance(e.output, bytes) else ""
+        return CommandResult(marker, argv, None, output, at_s, watched)
+    except OSError as e:
+        why = f"cannot run {argv[0]}: {e.strerror}"
+        return CommandResult(marker, argv, None, why, at_s, watched)
+    output = proc.stdout.decode(errors="replace")
+    return CommandResult(marker, argv, proc.returncode, output, at_s, watched)
 
 
 def parse_checks(output: str) -> dict[str, list[str]]:
@@ -63,6 +155,9 @@ def run_boot(spec: BootSpec) -> BootResult:
         stdin: int = slave
     else:
         stdin = subprocess.DEVNULL
+    before = {path: file_state(path) for path in spec.watch}
+    pending = {marker.encode(): (marker, argv) for marker, argv in spec.on_line.items()}
+    commands: list[CommandResult] = []
     start = time.monotonic()
     proc = subprocess.Popen(spec.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
@@ -90,6 +185,10 @@ def run_boot(spec: BootSpec) -> BootResult:
             if spec.type_line is not None and not typed and INPUT_READY in out:
                 os.write(master, spec.type_line.encode() + b"\n")
                 typed = True
+            for key in [k for k in pending if k in out]:
+                marker, command = pending.pop(key)
+                now = time.monotonic() - start
+                commands.append(run_command(marker, command, spec.timeout - now, now, spec.watch))
     finally:
         if proc.poll() is None and timed_out:
             proc.kill()
@@ -97,6 +196,7 @@ def run_boot(spec: BootSpec) -> BootResult:
         for fd in (master, slave):
             if fd >= 0:
                 os.close(fd)
+    after = {path: file_state(path) for path in spec.watch}
     text = out.decode(errors="replace")
     return BootResult(
         spec.name,
@@ -108,6 +208,8 @@ def run_boot(spec: BootSpec) -> BootResult:
         to_init,
         timed_out,
         parse_checks(text),
+        commands,
+        {path: [before[path], after[path]] for path in spec.watch},
     )
 
 

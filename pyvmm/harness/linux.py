@@ -2,27 +2,44 @@
 
 `choose_placement()` decides and says why; `LinuxHarness.run()` runs a list of BootSpecs there
 and returns their results. The kit's kernel and initramfs are built (or found cached) first.
+
+Files the boots use live in the directories of a `LinuxHarness.session()`: `shared` is read and
+written by the boots and the host sees what they wrote (in the test VM it is the scratch
+directory, shared over 9p); `local` is on the filesystem where the boots run, for what 9p cannot
+do (fallocate hole punching, Unix sockets), and in the test VM what the boots write there is
+discarded with the VM.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyvmm.harness.boots import BootResult, BootSpec, run_boots
-from pyvmm.harness.kit import GuestKit
+from pyvmm.harness.kit import GuestKit, KitError, make_ext4
 from pyvmm.harness.testvm import TestVm, TestVmError
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_INIT = ROOT / "guest" / "linux" / "init"
 TESTVM_OVERHEAD_S = 180.0
-# Drivers the guest checks need that Debian builds as modules.
-GUEST_MODULES = ["virtio_pci", "virtio_blk", "virtio_rng", "ext4"]
+# Drivers the guest checks need that Debian builds as modules. ext4 asks for crc32c (its
+# checksums) through request_module, which finds no modprobe in the guest: load it ourselves.
+GUEST_MODULES = ["virtio_pci", "virtio_blk", "virtio_rng", "crc32c_generic", "ext4"]
+# The guest root disk (-r): busybox, the same init, and a marker file that tells the init it runs
+# from the disk (see guest/linux/init).
+ROOT_IMAGE_FORMAT = b"pyvmm-guest-root-1"  # bump when the image layout changes
+ROOT_IMAGE_DIR = "images"
+ROOT_IMAGE_MIB = 64
+ROOT_MARKER = "etc/pyvmm-root"
+ROOT_DIRS = ("bin", "dev", "etc", "mnt", "proc", "sbin", "sys", "tmp")
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,65 @@ class GuestFiles:
     initramfs: Path
 
 
+@dataclass(frozen=True)
+class RootImage:
+    """An ext4 guest root: boot it with the guest initramfs and `-r path`; its init runs the
+    checks. `token` is the content of its /etc/pyvmm-root."""
+
+    path: Path
+    token: str
+    size_mib: int
+
+
+@dataclass(frozen=True)
+class BootDirs:
+    """Where a session's boots find and leave files (see the module's docstring)."""
+
+    shared: Path
+    local: Path
+
+
+def _busybox_applets(busybox: Path) -> list[str]:
+    try:
+        proc = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise KitError(f"{busybox} --list failed: {e}") from e
+    return sorted(a for a in proc.stdout.split() if a and "/" not in a and a != "busybox")
+
+
+def build_root_image(kit: GuestKit, size_mib: int = ROOT_IMAGE_MIB) -> RootImage:
+    """The guest root disk, cached in the kit by a hash of what it is made from. Its /bin has
+    busybox and a link per applet (the root is read-only: busybox --install cannot run there)."""
+    init = GUEST_INIT.read_bytes()
+    busybox = kit.busybox()
+    busybox_bytes = busybox.read_bytes()
+    applets = _busybox_applets(busybox)
+    h = hashlib.sha256()
+    for part in (ROOT_IMAGE_FORMAT, init, busybox_bytes, " ".join(applets).encode()):
+        h.update(len(part).to_bytes(8, "little") + part)
+    h.update(size_mib.to_bytes(8, "little"))
+    key = h.hexdigest()[:16]
+    token = f"pyvmm-guest-root-{key}"
+    out = kit.cache_dir / ROOT_IMAGE_DIR / f"guest-root-{key}.ext4"
+    if out.is_file():
+        return RootImage(out, token, size_mib)
+    with tempfile.TemporaryDirectory(prefix="guest-root-") as d:
+        tree = Path(d)
+        for sub in ROOT_DIRS:
+            (tree / sub).mkdir()
+        (tree / "tmp").chmod(0o1777)
+        (tree / "bin" / "busybox").write_bytes(busybox_bytes)
+        (tree / "bin" / "busybox").chmod(0o755)
+        for applet in applets:
+            (tree / "bin" / applet).symlink_to("busybox")
+        (tree / "init").write_bytes(init)
+        (tree / "init").chmod(0o755)
+        (tree / "sbin" / "init").symlink_to("/init")
+        (tree / ROOT_MARKER).write_text(token + "\n")
+        make_ext4(tree, out, size_mib, label="pyvmm-root")
+    return RootImage(out, token, size_mib)
+
+
 class LinuxHarness:
     """Builds the guest kit's files and runs boots natively or in the test VM."""
 
@@ -80,6 +156,7 @@ class LinuxHarness:
     ) -> None:
         self.kit = kit or GuestKit(progress=progress)
         self.placement = placement or choose_placement()
+        self._dirs: BootDirs | None = None
 
     def guest_files(self) -> GuestFiles:
         kernel = self.kit.kernel()
@@ -89,21 +166,47 @@ class LinuxHarness:
         vmlinux = Path(override) if override else kernel.vmlinux
         return GuestFiles(bzimage, vmlinux, initramfs)
 
+    def root_image(self, size_mib: int = ROOT_IMAGE_MIB) -> RootImage:
+        return build_root_image(self.kit, size_mib)
+
     def pyvmm_argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "pyvmm", "run", *args]
 
-    def run(self, specs: list[BootSpec]) -> list[BootResult]:
-        if self.placement.native:
-            return run_boots(specs)
-        return self._run_in_testvm(specs)
+    def pyvmm_control_argv(self, command: str, socket: Path) -> list[str]:
+        return [sys.executable, "-m", "pyvmm", command, str(socket)]
 
-    def _run_in_testvm(self, specs: list[BootSpec]) -> list[BootResult]:
+    @contextlib.contextmanager
+    def session(self) -> Iterator[BootDirs]:
+        """Directories for the files of the boots run() runs until the block ends (then they
+        are deleted). Create the files first, then run()."""
+        if self._dirs is not None:
+            raise RuntimeError("LinuxHarness.session() is already open")
         scratch_root = self.kit.cache_dir / "scratch"
         scratch_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch_root) as d:
-            scratch = Path(d)
-            spec_file = scratch / "specs.json"
-            result_file = scratch / "results.json"
+        with (
+            tempfile.TemporaryDirectory(dir=scratch_root, prefix="shared-") as shared,
+            tempfile.TemporaryDirectory(dir=scratch_root, prefix="local-") as local,
+        ):
+            self._dirs = BootDirs(Path(shared), Path(local))
+            try:
+                yield self._dirs
+            finally:
+                self._dirs = None
+
+    def run(self, specs: list[BootSpec]) -> list[BootResult]:
+        """Run the boots one after the other; inside a session() when one is open."""
+        if self._dirs is None:
+            with self.session():
+                return self.run(specs)
+        if self.placement.native:
+            return run_boots(specs)
+        return self._run_in_testvm(specs, self._dirs.shared)
+
+    def _run_in_testvm(self, specs: list[BootSpec], scratch: Path) -> list[BootResult]:
+        # The scratch directory is the session's shared one: the boots' own files are there.
+        with tempfile.TemporaryDirectory(dir=scratch, prefix=".boots-") as d:
+            spec_file = Path(d) / "specs.json"
+            result_file = Path(d) / "results.json"
             spec_file.write_text(json.dumps([s.__dict__ for s in specs]))
             timeout = sum(s.timeout for s in specs) + TESTVM_OVERHEAD_S
             result = TestVm(self.kit).run(
@@ -117,4 +220,4 @@ class LinuxHarness:
                     f"the boots inside the test VM failed (status {result.returncode}): "
                     + result.output.strip()[-2000:]
                 )
-            return [BootResult(**r) for r in json.loads(result_file.read_text())]
+            return [BootResult.from_dict(r) for r in json.loads(result_file.read_text())]

@@ -25,8 +25,11 @@ from pyvmm.kvm.ioctl import ioctl
 
 ISA_IRQS = 16
 PIC_IRQS = 8
-# KVM's routing table limit (KVM_MAX_IRQ_ROUTES is 4096 on x86).
-MAX_GSI = 4096
+# KVM's limit on routing table entries (KVM_MAX_IRQ_ROUTES on x86).
+MAX_ROUTES = 4096
+# What KVM routes by default, which we keep: ISA IRQs to both PICs and the IOAPIC, the rest
+# of the IOAPIC's pins alone.
+LEGACY_ROUTES = ISA_IRQS * 2 + (KVM_IOAPIC_NUM_PINS - ISA_IRQS)
 
 
 class RoutingError(Exception):
@@ -51,12 +54,16 @@ class GsiRouter:
     def allocate_msi(self) -> int:
         """A new GSI for an MSI vector (routed nowhere useful until `set_msi`)."""
         with self._lock:
-            if self._next_gsi >= MAX_GSI:
-                raise RoutingError(f"all {MAX_GSI} GSIs are in use")
+            if LEGACY_ROUTES + len(self._msi) >= MAX_ROUTES:
+                raise RoutingError(f"all {MAX_ROUTES} interrupt routes are in use")
             gsi = self._next_gsi
-            self._next_gsi += 1
             self._msi[gsi] = MsiRoute()
-            self._commit()
+            try:
+                self._commit()
+            except BaseException:
+                del self._msi[gsi]
+                raise
+            self._next_gsi += 1
             return gsi
 
     def set_msi(self, gsi: int, address: int, data: int) -> None:
@@ -68,8 +75,9 @@ class GsiRouter:
             self._commit()
 
     def _commit(self) -> None:
-        legacy = ISA_IRQS * 2 + (KVM_IOAPIC_NUM_PINS - ISA_IRQS)
-        table: Any = ffi.new("struct kvm_irq_routing *", {"entries": legacy + len(self._msi)})
+        table: Any = ffi.new(
+            "struct kvm_irq_routing *", {"entries": LEGACY_ROUTES + len(self._msi)}
+        )
         n = 0
 
         def irqchip(gsi: int, chip: int, pin: int) -> None:
@@ -79,7 +87,6 @@ class GsiRouter:
             e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
             n += 1
 
-        # What KVM sets up by default: ISA IRQs to both PICs and the IOAPIC, the rest IOAPIC.
         for gsi in range(KVM_IOAPIC_NUM_PINS):
             if gsi < PIC_IRQS:
                 irqchip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi)

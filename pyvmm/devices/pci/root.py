@@ -129,6 +129,10 @@ class PciRoot:
         device.config_write(register, data)
         if register < Reg.BAR0 + 4 * 6 and register + len(data) > Reg.COMMAND:
             self._update_bars(slot, device)
+            # A BAR that moved away may free the range another device's BAR was refused.
+            for other, dev in enumerate(self.slots):
+                if dev is not None and other != slot:
+                    self._update_bars(other, dev)
 
     def _update_bars(self, slot: int, device: PciDevice) -> None:
         """Re-map `device`'s BAR windows after a write to its command register or BARs."""

@@ -224,7 +224,11 @@ class Block(VirtioDevice):
                 raise RequestError(Status.IOERR, "malformed discard segments")
             if len(segments) // DISCARD_SEGMENT.size > MAX_DISCARD_SEGMENTS:
                 raise RequestError(Status.IOERR, "too many discard segments")
+            allowed_flags = WRITE_ZEROES_UNMAP if rtype == RequestType.WRITE_ZEROES else 0
             for start, count, flags in DISCARD_SEGMENT.iter_unpack(segments):
+                if flags & ~allowed_flags:
+                    # Discard with unmap, or any flag the spec does not define (5.2.6.2).
+                    raise RequestError(Status.UNSUPP, f"segment flags {flags:#x}")
                 if count > MAX_DISCARD_SECTORS:
                     raise RequestError(Status.IOERR, f"discard of {count} sectors")
                 offset = self._range(start, count * SECTOR_SIZE)

@@ -1,0 +1,223 @@
+"""A stock Debian kernel uses pyvmm's virtio disks, virtio-rng and control socket: an ext4 root
+on a read-only disk (-r), data written to a writable disk (--rwdisk), fstrim on a writable disk,
+entropy from /dev/hwrng, and `pyvmm stop` ending a running VM.
+
+Both boots run in one go (natively or in one test VM boot) and each test judges one boot's report
+and the files it left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyvmm.harness.boots import BootResult, BootSpec
+from pyvmm.harness.kit import make_ext4
+from pyvmm.harness.linux import LinuxHarness, RootImage
+
+MiB = 1 << 20
+MEM_MIB = 1024
+SEED = 0x5EED_0DD
+COPY_MIB = 64  # copied by the guest from the source disk to the data disk
+DATA_MIB = 80  # the data disk: the guest writes its first COPY_MIB MiB only
+TRIM_MIB = 128
+FILL_MIB = 48  # the one file on the trim disk, deleted by the guest before fstrim
+MIN_TRIMMED = 32 * MiB
+STOP_MARKER = "GUEST wait ready"
+DISK_CHECKS = ["root", "disks", "rwdisk", "trim", "hwrng", "dmesg"]
+
+
+@dataclass
+class Disks:
+    """The disk boot's files, as the host sees them after both boots."""
+
+    root: RootImage
+    source: bytes
+    data: bytes  # data.img read back after the VM exited
+    data_size: int
+    trim: str  # the trim image's path where the boots ran
+    socket: str
+
+
+@dataclass
+class Boots:
+    disks: BootResult
+    stop: BootResult
+    files: Disks
+
+
+def _trim_image(directory: Path) -> Path:
+    """An ext4 image holding one FILL_MIB MiB file, every block of it allocated on the host."""
+    tree = directory / "trim-tree"
+    tree.mkdir()
+    (tree / "fill").write_bytes(b"\xa5" * (FILL_MIB * MiB))
+    image = make_ext4(tree, directory / "trim.img", TRIM_MIB, label="pyvmm-trim")
+    (tree / "fill").unlink()
+    tree.rmdir()
+    fd = os.open(image, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, TRIM_MIB * MiB)
+    finally:
+        os.close(fd)
+    return image
+
+
+@pytest.fixture(scope="module")
+def boots() -> Iterator[Boots]:
+    harness = LinuxHarness(progress=print)
+    print(harness.placement.describe())
+    files = harness.guest_files()
+    root = harness.root_image()
+    source = random.Random(SEED).randbytes(COPY_MIB * MiB)
+    with harness.session() as dirs:
+        src_img = dirs.local / "src.img"
+        src_img.write_bytes(source)
+        data_img = dirs.shared / "data.img"  # the host reads it back
+        with open(data_img, "wb") as f:
+            f.truncate(DATA_MIB * MiB)
+        trim_img = _trim_image(dirs.local)  # hole punching needs a local filesystem
+        socket = dirs.local / "ctl.sock"  # as does a Unix socket
+
+        def pyvmm(*extra: str) -> list[str]:
+            return harness.pyvmm_argv(
+                "-c", "1", "-m", str(MEM_MIB), "-p", "quiet", "-i", str(files.initramfs), *extra
+            )
+
+        specs = [
+            BootSpec(
+                "disks",
+                pyvmm(
+                    "-r",
+                    str(root.path),
+                    "--rwdisk",
+                    str(data_img),
+                    "-d",
+                    str(src_img),
+                    "--rwdisk",
+                    str(trim_img),
+                    "-p",
+                    f"pyvmm.check={','.join(DISK_CHECKS)}",
+                    "-p",
+                    f"pyvmm.root_token={root.token}",
+                    "-p",
+                    f"pyvmm.data=vdb pyvmm.src=vdc pyvmm.mib={COPY_MIB} pyvmm.trim=vdd",
+                    str(files.bzimage),
+                ),
+                watch=[str(trim_img)],
+            ),
+            BootSpec(
+                "stop",
+                pyvmm("-s", str(socket), "-p", "pyvmm.check=wait", str(files.bzimage)),
+                timeout=180,
+                on_line={STOP_MARKER: harness.pyvmm_control_argv("stop", socket)},
+                watch=[str(socket)],
+            ),
+        ]
+        disks, stop = harness.run(specs)
+        data = data_img.read_bytes()
+        yield Boots(
+            disks,
+            stop,
+            Disks(root, source, data, data_img.stat().st_size, str(trim_img), str(socket)),
+        )
+
+
+def _completed(result: BootResult) -> None:
+    assert not result.timed_out, f"{result.name} timed out; output:\n{result.output[-3000:]}"
+    assert result.returncode == 0, (
+        f"{result.name}: pyvmm exited {result.returncode}: {result.stderr.strip()}\n"
+        + result.output[-3000:]
+    )
+
+
+def _check(result: BootResult, name: str) -> str:
+    """The details of the guest's `GUEST <name> ok ...` line; fails on FAIL or no line."""
+    assert name in result.checks, f"{result.name}: no GUEST {name} line in:\n{result.output}"
+    status, details = result.checks[name]
+    assert status == "ok", f"{result.name}: GUEST {name} FAIL {details}"
+    return details
+
+
+def test_disk_boot_runs_every_check_and_resets(boots: Boots) -> None:
+    result = boots.disks
+    _completed(result)
+    for name in DISK_CHECKS:
+        _check(result, name)
+    assert "GUEST done" in result.output, f"init did not finish:\n{result.output[-3000:]}"
+
+
+def test_ext4_root_disk_is_mounted_read_only(boots: Boots) -> None:
+    details = _check(boots.disks, "root")
+    # The init found its own marker on /, i.e. it switched from the initramfs to the disk.
+    assert details.startswith(f"/dev/vda ext4 ro marker={boots.files.root.token},"), details
+    assert details.endswith("write refused: Read-only file system"), details
+
+
+def test_disks_are_named_in_command_line_order_with_their_sizes(boots: Boots) -> None:
+    details = _check(boots.disks, "disks")
+    root_bytes = boots.files.root.size_mib * MiB
+    assert details.split() == [
+        f"vda:{root_bytes}:ro:pyvmm-vda",
+        f"vdb:{DATA_MIB * MiB}:rw:pyvmm-vdb",
+        f"vdc:{COPY_MIB * MiB}:ro:pyvmm-vdc",
+        f"vdd:{TRIM_MIB * MiB}:rw:pyvmm-vdd",
+    ]
+
+
+def test_guest_writes_to_rwdisk_reach_the_image(boots: Boots) -> None:
+    details = _check(boots.disks, "rwdisk")
+    want = hashlib.sha256(boots.files.source).hexdigest()
+    assert details.split()[:2] == ["sha256", want], "the guest read back other data"
+    data = boots.files.data
+    assert boots.files.data_size == DATA_MIB * MiB, "the image changed size"
+    assert hashlib.sha256(data[: COPY_MIB * MiB]).hexdigest() == want, (
+        "data.img's first 64 MiB differ from what the guest copied"
+    )
+    assert data[COPY_MIB * MiB :].count(0) == (DATA_MIB - COPY_MIB) * MiB, (
+        "bytes past what the guest wrote are not zero"
+    )
+
+
+def test_fstrim_gives_the_freed_blocks_back_to_the_host(boots: Boots) -> None:
+    details = _check(boots.disks, "trim")
+    m = re.search(r"(\d+) bytes\)? trimmed", details)  # busybox: "/mnt: N bytes trimmed"
+    assert m, details
+    assert int(m.group(1)) >= MIN_TRIMMED, details
+    before, after = boots.disks.watched[boots.files.trim]
+    assert before is not None and after is not None, "trim.img vanished"
+    assert after.size == before.size == TRIM_MIB * MiB
+    freed = before.allocated - after.allocated
+    assert freed >= MIN_TRIMMED, (
+        f"trim.img holds {after.allocated} bytes after fstrim, {before.allocated} before: "
+        f"{freed} freed, expected at least {MIN_TRIMMED}"
+    )
+
+
+def test_hwrng_gives_entropy_from_virtio_rng(boots: Boots) -> None:
+    assert _check(boots.disks, "hwrng").startswith("virtio_rng")
+
+
+def test_kernel_log_is_clean_with_disks(boots: Boots) -> None:
+    _check(boots.disks, "dmesg")
+
+
+def test_pyvmm_stop_ends_the_vm_in_an_orderly_way(boots: Boots) -> None:
+    result = boots.stop
+    _completed(result)
+    assert STOP_MARKER in result.output, f"the guest never got ready:\n{result.output[-3000:]}"
+    assert "GUEST done" not in result.output, "the guest ended by itself, not by pyvmm stop"
+    [stop] = result.commands
+    assert stop.returncode == 0, f"pyvmm stop exited {stop.returncode}: {stop.output}"
+    assert stop.output == "", "pyvmm stop is silent on success"
+    during = stop.watched[boots.files.socket]
+    assert during is not None and during.kind == "socket", "no control socket while running"
+    before, after = result.watched[boots.files.socket]
+    assert before is None
+    assert after is None, "pyvmm left its control socket behind"

@@ -1,0 +1,247 @@
+"""Raw disk images: opening (errors a user can act on), locking between VMs, and the bytes
+that reach the file or come back from it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvmm.disk.raw import SECTOR_SIZE, DiskError, RawDisk
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * 32)  # 8 KiB, 16 sectors
+    return path
+
+
+@pytest.fixture
+def opened() -> Iterator[list[RawDisk]]:
+    disks: list[RawDisk] = []
+    yield disks
+    for d in disks:
+        d.close()
+
+
+def open_disk(opened: list[RawDisk], path: Path, writable: bool) -> RawDisk:
+    disk = RawDisk(str(path), writable, "--disk")
+    opened.append(disk)
+    return disk
+
+
+# --- opening ------------------------------------------------------------------------------------
+
+
+def test_size_and_sectors(image: Path, opened: list[RawDisk]) -> None:
+    disk = open_disk(opened, image, writable=False)
+    assert (disk.size, disk.sectors) == (8192, 16)
+    assert not disk.writable
+
+
+def test_a_partial_last_sector_is_not_a_sector(tmp_path: Path, opened: list[RawDisk]) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"x" * (SECTOR_SIZE * 3 + 100))
+    assert open_disk(opened, path, writable=False).sectors == 3
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_missing_file(tmp_path: Path, writable: bool) -> None:
+    path = tmp_path / "nope.img"
+    with pytest.raises(DiskError) as e:
+        RawDisk(str(path), writable, "--disk")
+    assert str(e.value) == f"--disk {path}: no such file"
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_directory_is_refused(tmp_path: Path, writable: bool) -> None:
+    with pytest.raises(DiskError) as e:
+        RawDisk(str(tmp_path), writable, "--disk-ro")
+    message = str(e.value)
+    assert message.startswith(f"--disk-ro {tmp_path}: ")
+    assert "directory" in message or "not a regular file" in message
+
+
+def test_a_fifo_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer, so the open does not block
+    try:
+        with pytest.raises(DiskError, match=f"--disk {fifo}: not a regular file"):
+            RawDisk(str(fifo), False, "--disk")
+    finally:
+        os.close(fd)
+
+
+def _open_as_nobody(path: str, writable: bool) -> str:
+    """Try RawDisk in a child process with uid/gid nobody; the DiskError message or 'opened'."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                RawDisk(path, writable, "--disk").close()
+                result = "opened"
+            except DiskError as e:
+                result = str(e)
+            os.write(w, result.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory other users can search (pytest's tmp_path is private to its owner)."""
+    d = Path(tempfile.mkdtemp(prefix="pyvmm-raw-"))
+    d.chmod(0o755)
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+def _permission_error(path: Path, writable: bool) -> str:
+    if os.getuid() == 0:
+        return _open_as_nobody(str(path), writable)
+    try:
+        RawDisk(str(path), writable, "--disk").close()
+    except DiskError as e:
+        return str(e)
+    return "opened"
+
+
+def test_an_unreadable_image(shared_dir: Path) -> None:
+    path = shared_dir / "secret.img"
+    path.write_bytes(b"\0" * 512)
+    path.chmod(0)
+    assert _permission_error(path, False) == f"--disk {path}: not readable (permission denied)"
+
+
+def test_an_image_that_is_not_writable(shared_dir: Path) -> None:
+    path = shared_dir / "ro.img"
+    path.write_bytes(b"\0" * 512)
+    path.chmod(0o444)
+    assert _permission_error(path, True) == f"--disk {path}: not writable (permission denied)"
+    assert _permission_error(path, False) == "opened"  # read-only use is fine
+
+
+# --- locking between VMs ------------------------------------------------------------------------
+
+
+def test_a_second_writable_open_is_refused(image: Path, opened: list[RawDisk]) -> None:
+    open_disk(opened, image, writable=True)
+    with pytest.raises(DiskError) as e:
+        RawDisk(str(image), True, "--disk")
+    assert str(e.value) == f"--disk {image}: in use by another VM (locked)"
+
+
+def test_a_read_only_open_of_an_image_being_written_is_refused(
+    image: Path, opened: list[RawDisk]
+) -> None:
+    open_disk(opened, image, writable=True)
+    with pytest.raises(DiskError) as e:
+        RawDisk(str(image), False, "--disk-ro")
+    assert str(e.value) == f"--disk-ro {image}: in use by another VM (locked for writing)"
+
+
+def test_a_writable_open_of_an_image_being_read_is_refused(
+    image: Path, opened: list[RawDisk]
+) -> None:
+    open_disk(opened, image, writable=False)
+    with pytest.raises(DiskError, match="in use by another VM"):
+        RawDisk(str(image), True, "--disk")
+
+
+def test_two_read_only_opens_share_the_image(image: Path, opened: list[RawDisk]) -> None:
+    a = open_disk(opened, image, writable=False)
+    b = open_disk(opened, image, writable=False)
+    assert a.size == b.size == 8192
+
+
+def test_closing_releases_the_lock(image: Path, opened: list[RawDisk]) -> None:
+    first = RawDisk(str(image), True)
+    first.close()
+    first.close()  # twice is harmless
+    assert open_disk(opened, image, writable=True).writable
+
+
+def test_a_refused_open_leaks_no_descriptor(image: Path, opened: list[RawDisk]) -> None:
+    open_disk(opened, image, writable=True)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(DiskError):
+            RawDisk(str(image), True)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def test_read_into_scattered_buffers(image: Path, opened: list[RawDisk]) -> None:
+    disk = open_disk(opened, image, writable=False)
+    a, b, c = bytearray(100), bytearray(0), bytearray(412)
+    n = disk.read_into(1000, [memoryview(a), memoryview(b), memoryview(c)])
+    assert n == 512
+    assert bytes(a + c) == image.read_bytes()[1000:1512]
+
+
+def test_short_read_at_the_end_of_the_file(image: Path, opened: list[RawDisk]) -> None:
+    disk = open_disk(opened, image, writable=False)
+    a, b = bytearray(b"\xee" * 300), bytearray(b"\xee" * 300)
+    assert disk.read_into(8192 - 400, [memoryview(a), memoryview(b)]) == 400
+    assert bytes(a) == image.read_bytes()[-400:-100]
+    assert bytes(b[:100]) == image.read_bytes()[-100:]
+    assert bytes(b[100:]) == b"\xee" * 200  # nothing written past what was read
+    assert disk.read_into(8192, [memoryview(a)]) == 0
+
+
+def test_write_from_scattered_buffers(image: Path, opened: list[RawDisk]) -> None:
+    disk = open_disk(opened, image, writable=True)
+    bufs = [memoryview(b"A" * 10), memoryview(b""), memoryview(b"B" * 502)]
+    assert disk.write_from(512, bufs) == 512
+    disk.flush()
+    data = image.read_bytes()
+    assert data[512:1024] == b"A" * 10 + b"B" * 502
+    assert data[:512] == (bytes(range(256)) * 2)
+    assert len(data) == 8192
+
+
+def test_discard_punches_a_hole_that_reads_as_zeroes(tmp_path: Path, opened: list[RawDisk]) -> None:
+    path = tmp_path / "big.img"
+    path.write_bytes(os.urandom(1 << 20))
+    disk = open_disk(opened, path, writable=True)
+    before = os.stat(path).st_blocks
+    disk.discard(256 * 1024, 512 * 1024)
+    after = os.stat(path)
+    assert after.st_size == 1 << 20
+    assert after.st_blocks <= before - (512 * 1024 // 512) + 8  # allow for fs granularity
+    data = path.read_bytes()
+    assert data[256 * 1024 : 768 * 1024] == bytes(512 * 1024)
+    assert data[: 256 * 1024] != bytes(256 * 1024)
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_write_zeroes(image: Path, opened: list[RawDisk], unmap: bool) -> None:
+    disk = open_disk(opened, image, writable=True)
+    original = image.read_bytes()
+    disk.write_zeroes(1024, 1536, unmap)
+    data = image.read_bytes()
+    assert data[1024:2560] == bytes(1536)
+    assert data[:1024] == original[:1024]
+    assert data[2560:] == original[2560:]
+    assert len(data) == 8192
