@@ -84,8 +84,13 @@ class RawDisk:
         os.fdatasync(self.fd)
 
     def discard(self, offset: int, length: int) -> None:
-        """Give the range back to the host filesystem; it then reads as zeroes."""
-        _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        """Give the range back to the host filesystem. Discard is a hint, so a filesystem that
+        cannot punch holes (9p, some FUSE) makes it a successful no-op, as QEMU does."""
+        try:
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         if unmap:
