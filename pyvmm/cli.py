@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import functools
 import logging
 import os
@@ -157,6 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `kill -USR2` prints every thread's stack on stderr: how to see where a hung VM is stuck.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

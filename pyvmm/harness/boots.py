@@ -15,6 +15,7 @@ import json
 import os
 import re
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from typing import Any
 
 GUEST_LINE = re.compile(r"GUEST (\S+) (ok|FAIL)(?: (.*))?$")
 INPUT_READY = b"GUEST input ready"
-DEFAULT_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = 180.0
+STACKS_SIGNAL = signal.SIGUSR2  # pyvmm dumps its threads' stacks on this (pyvmm/cli.py)
+STACK_DUMP_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ class BootResult:
     commands: list[CommandResult] = field(default_factory=list)
     # path -> [state before, state after]; None where the path did not exist.
     watched: dict[str, list[FileState | None]] = field(default_factory=dict)
+    # When the boot hung and was run again: the hung attempt's console tail and pyvmm's
+    # thread stacks, so a flaky hang is reported, not hidden.
+    hung_attempt: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BootResult:
@@ -191,6 +197,10 @@ def run_boot(spec: BootSpec) -> BootResult:
                 commands.append(run_command(marker, command, spec.timeout - now, now, spec.watch))
     finally:
         if proc.poll() is None and timed_out:
+            # Ask pyvmm for every thread's stack (on stderr) before killing it: a hung VMM
+            # should leave evidence of where it hung.
+            proc.send_signal(STACKS_SIGNAL)
+            err.extend(_drain(proc.stderr.fileno(), STACK_DUMP_WAIT_S))
             proc.kill()
         returncode = proc.wait()
         for fd in (master, slave):
@@ -213,8 +223,33 @@ def run_boot(spec: BootSpec) -> BootResult:
     )
 
 
+def _drain(fd: int, seconds: float) -> bytes:
+    """What arrives on `fd` within `seconds`."""
+    data = bytearray()
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data.extend(chunk)
+    return bytes(data)
+
+
 def run_boots(specs: list[BootSpec]) -> list[BootResult]:
-    return [run_boot(spec) for spec in specs]
+    """Run each boot; a boot that hangs (times out) is run once more, and the hang is kept in
+    the result's `hung_attempt`. Nested KVM under software emulation has shown rare hangs of
+    a secondary vCPU (an RCU stall in the guest) that did not come back on a rerun."""
+    results = []
+    for spec in specs:
+        result = run_boot(spec)
+        if result.timed_out:
+            hung = f"console: ...{result.output[-1500:]}\nstderr: ...{result.stderr[-6000:]}"
+            result = run_boot(spec)
+            result.hung_attempt = hung
+        results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

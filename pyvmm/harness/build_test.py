@@ -1,13 +1,21 @@
 """What `bin/build_test` runs: each suite in turn, then a summary table and one closing line.
 
-Suites: lint (ruff), type (mypy --strict), unit, integration (the probe guest and the CLI) and
-linux (a stock Debian kernel, natively or in the test VM); pytest's JUnit XML is kept under
-build/test-results. `--quick` stops after the unit tests.
+Suites: lint (ruff), type (mypy --strict), unit, integration (the probe guest and the CLI),
+linux (a stock Debian kernel, natively or in the test VM) and containers (the images, and runs
+in them); pytest's JUnit XML is kept under build/test-results (`PYVMM_TEST_RESULTS` names another
+directory under the tree) with summary.json beside it. `--quick` stops after the unit tests.
+
+`--container` runs the same suites inside the test image (docker/Dockerfile.test), with /dev/kvm
+and /dev/net/tun passed in and the work tree mounted at its own path, so the results land in the
+tree as they would on the host; the exit status is the suite's. Inside, the linux suite (QEMU's
+software emulation inside a container: too slow for this) and the containers suite (no engine
+inside) are reported as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "build" / "test-results"
+RESULTS_ENV = "PYVMM_TEST_RESULTS"
+RESULTS = ROOT / os.environ.get(RESULTS_ENV, "build/test-results")
+SUMMARY_FILE = "summary.json"
 LINT_PATHS = ["pyvmm", "tests", "bench"]
 LINUX_TESTS = "tests/integration/linux"
+CONTAINER_TESTS = "tests/integration/containers"
+IN_CONTAINER_SKIPS = {
+    "linux": "not run inside the container: the test VM (QEMU TCG) there is too slow; "
+    "run bin/build_test on the host",
+    "containers": "not run inside the container: no container engine inside it",
+}
 
 
 @dataclass
@@ -32,6 +48,11 @@ class SuiteResult:
     failed: int = 0
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    ran: bool = True  # False: the whole suite was skipped (the first note says why)
+
+
+def skipped_suite(name: str, reason: str) -> SuiteResult:
+    return SuiteResult(name, True, 0.0, notes=[reason], ran=False)
 
 
 def _run(cmd: Sequence[str]) -> bool:
@@ -96,12 +117,98 @@ def build_probe_guest() -> bool:
     return _run(["make", "-s", "-C", "guest"])
 
 
+def run_containers_suite() -> SuiteResult:
+    """The container integration tests, or a skipped suite saying what to install."""
+    from pyvmm.harness.containers import ContainerError, select_engine
+
+    try:
+        select_engine()
+    except ContainerError as e:
+        print(f"build_test: containers: {e}", flush=True)
+        return skipped_suite("containers", str(e))
+    return run_pytest("containers", CONTAINER_TESTS)
+
+
+def run_in_container(quick: bool) -> tuple[list[SuiteResult], int]:
+    """Build (or reuse) the test image and run this suite inside it; the inner suites' rows
+    come back through summary.json, the exit status is the inner run's."""
+    import platform
+
+    from pyvmm.harness.containers import (
+        KVM_DEVICE,
+        TEST_IMAGE,
+        TEST_TAG,
+        TUN_DEVICE,
+        ContainerError,
+        Engine,
+        NoEngineError,
+    )
+
+    results: list[SuiteResult] = []
+    start = time.monotonic()
+    summary = RESULTS / SUMMARY_FILE
+    try:
+        with Engine() as engine:
+            arch = platform.machine()
+            built = engine.build(TEST_IMAGE, arch)
+            size = engine.image_size(TEST_TAG) / 1e6
+            how = "built" if built else "cached"
+            results.append(
+                SuiteResult(
+                    "image",
+                    True,
+                    time.monotonic() - start,
+                    notes=[f"{TEST_TAG} {how}, {size:.0f} MB"],
+                )
+            )
+            devices = [KVM_DEVICE] + ([TUN_DEVICE] if os.path.exists(TUN_DEVICE) else [])
+            command = ["python", "-m", "pyvmm.harness.build_test", "--in-container"]
+            command += ["--quick"] if quick else []
+            summary.unlink(missing_ok=True)
+            print(f"+ [{TEST_TAG}] {' '.join(command)}", flush=True)
+            run = engine.run(
+                TEST_TAG,
+                command,
+                devices=devices,
+                cap_add=["NET_ADMIN"],
+                mounts={str(ROOT): str(ROOT)},
+                workdir=str(ROOT),
+                env={RESULTS_ENV: str(RESULTS.relative_to(ROOT)), "CI": os.environ.get("CI", "")},
+                echo=lambda line: print(f"  | {line}", flush=True),
+            )
+    except NoEngineError as e:
+        print(f"build_test: {e}", flush=True)
+        results.append(SuiteResult("container", False, time.monotonic() - start, notes=[str(e)]))
+        return results, 1
+    except ContainerError as e:
+        print(f"build_test: {e}", flush=True)
+        results.append(SuiteResult("container", False, time.monotonic() - start, notes=[str(e)]))
+        return results, 1
+    try:
+        inner = json.loads(summary.read_text())
+        results += [SuiteResult(**row) for row in inner["suites"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"no readable {summary.relative_to(ROOT)} from the container ({e})"
+        results.append(
+            SuiteResult("container", False, run.seconds, notes=[why, f"exit status {run.status}"])
+        )
+        return results, run.status or 1
+    return results, run.status
+
+
+def write_summary(results: list[SuiteResult], wall: float) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = [vars(r) for r in results]
+    (RESULTS / SUMMARY_FILE).write_text(json.dumps({"suites": rows, "wall": wall}, indent=1))
+
+
 def print_summary(results: list[SuiteResult], wall: float) -> None:
     print()
     print(f"{'suite':<12} {'result':<7} {'passed':>7} {'failed':>7} {'skipped':>8} {'time':>8}")
     for r in results:
+        result = ("ok" if r.ok else "FAILED") if r.ran else "skipped"
         print(
-            f"{r.name:<12} {'ok' if r.ok else 'FAILED':<7} {r.passed:>7} {r.failed:>7} "
+            f"{r.name:<12} {result:<7} {r.passed:>7} {r.failed:>7} "
             f"{r.skipped:>8} {r.seconds:>7.1f}s"
         )
         for note in r.notes:
@@ -116,25 +223,38 @@ def print_summary(results: list[SuiteResult], wall: float) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bin/build_test")
     parser.add_argument("--quick", action="store_true", help="lint, types and unit tests only")
+    parser.add_argument(
+        "--container", action="store_true", help="run the suite inside the test image"
+    )
+    parser.add_argument("--in-container", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     start = time.monotonic()
+    if args.container:
+        results, status = run_in_container(args.quick)
+        print_summary(results, time.monotonic() - start)
+        return status
     workers = min(os.cpu_count() or 1, 2)
     results = [run_lint(), run_type(), run_pytest("unit", "tests/unit", workers)]
     if not args.quick:
         t = time.monotonic()
         if build_probe_guest():
-            results.append(
-                run_pytest("integration", "tests/integration", extra=["--ignore", LINUX_TESTS])
-            )
+            ignore = ["--ignore", LINUX_TESTS, "--ignore", CONTAINER_TESTS]
+            results.append(run_pytest("integration", "tests/integration", extra=ignore))
         else:
             results.append(
                 SuiteResult(
                     "integration", False, time.monotonic() - t, notes=["guest build failed"]
                 )
             )
-        # One test VM (or one series of native boots) for the whole Linux suite: no xdist.
-        results.append(run_pytest("linux", LINUX_TESTS))
-    print_summary(results, time.monotonic() - start)
+        if args.in_container:
+            results += [skipped_suite(n, why) for n, why in IN_CONTAINER_SKIPS.items()]
+        else:
+            # One test VM (or one series of native boots) for the whole Linux suite: no xdist.
+            results.append(run_pytest("linux", LINUX_TESTS))
+            results.append(run_containers_suite())
+    wall = time.monotonic() - start
+    write_summary(results, wall)
+    print_summary(results, wall)
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -208,7 +208,9 @@ class LinuxHarness:
             spec_file = Path(d) / "specs.json"
             result_file = Path(d) / "results.json"
             spec_file.write_text(json.dumps([s.__dict__ for s in specs]))
-            timeout = sum(s.timeout for s in specs) + TESTVM_OVERHEAD_S
+            # Room for every boot plus one rerun of the longest (run_boots reruns a hung boot).
+            timeout = sum(s.timeout for s in specs) + max(s.timeout for s in specs)
+            timeout += TESTVM_OVERHEAD_S
             result = TestVm(self.kit).run(
                 [sys.executable, "-m", "pyvmm.harness.boots", str(spec_file), str(result_file)],
                 scratch=scratch,

@@ -13,6 +13,7 @@ import pytest
 
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.linux import LinuxHarness
+from tests.integration.linux.conftest import warn_if_rerun
 
 MEM_MIB = 2048
 TOKEN = "pyvmm.token=7f3a9c"
@@ -75,7 +76,10 @@ def boots() -> Iterator[dict[str, tuple[BootResult, float]]]:
 
 
 def _completed(result: BootResult) -> None:
-    assert not result.timed_out, f"{result.name} timed out; output:\n{result.output[-3000:]}"
+    warn_if_rerun(result)
+    assert not result.timed_out, (
+        f"{result.name} timed out; output:\n{result.output[-3000:]}\n{result.stderr[-6000:]}"
+    )
     assert result.returncode == 0, (
         f"{result.name}: pyvmm exited {result.returncode}: {result.stderr.strip()}\n"
         + result.output[-3000:]

@@ -21,6 +21,7 @@ import pytest
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.kit import make_ext4
 from pyvmm.harness.linux import LinuxHarness, RootImage
+from tests.integration.linux.conftest import warn_if_rerun
 
 MiB = 1 << 20
 MEM_MIB = 1024
@@ -130,7 +131,10 @@ def boots() -> Iterator[Boots]:
 
 
 def _completed(result: BootResult) -> None:
-    assert not result.timed_out, f"{result.name} timed out; output:\n{result.output[-3000:]}"
+    warn_if_rerun(result)
+    assert not result.timed_out, (
+        f"{result.name} timed out; output:\n{result.output[-3000:]}\n{result.stderr[-6000:]}"
+    )
     assert result.returncode == 0, (
         f"{result.name}: pyvmm exited {result.returncode}: {result.stderr.strip()}\n"
         + result.output[-3000:]
