@@ -11,6 +11,9 @@ APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev)
 # What the Linux guest kit and the test VM need: kmod (depmod) and e2fsprogs for the kit,
 # QEMU for the test VM on hosts whose KVM cannot boot a stock kernel.
 LINUX_APT_PACKAGES=(kmod e2fsprogs qemu-system-x86)
+# What the container suites and docker/build need: podman (with runc) when no Docker engine
+# answers, debootstrap for the local Debian base image. Not needed inside the test image.
+CONTAINER_APT_PACKAGES=(podman runc debootstrap)
 
 missing_apt_packages() {
     local pkg missing=()

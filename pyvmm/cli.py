@@ -159,7 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # `kill -USR2` prints every thread's stack on stderr: how to see where a hung VM is stuck.
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    # (The process's real stderr: tests may have swapped sys.stderr for something fd-less.)
+    if sys.__stderr__ is not None:
+        with contextlib.suppress(ValueError, OSError):
+            faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
