@@ -354,7 +354,7 @@ def test_initramfs_errors(warm: Path) -> None:
 # --- resolving with apt (faked) ------------------------------------------------------------------
 
 DEPENDS = f"linux-image-amd64\n  Depends: linux-image-{VERSION}\n"
-BUSYBOX_URIS = f"'http://deb.debian.org/pool/busybox-static.deb' {BUSYBOX_DEB} 928188 SHA256:ab\n"
+BUSYBOX_URIS = f"'http://mirror.example/pool/busybox-static.deb' {BUSYBOX_DEB} 928188 SHA256:ab\n"
 KERNEL_URIS = f"'http://deb.debian.org/pool/linux-image.deb' {KERNEL_DEB} 70550672 SHA256:cd\n"
 
 
