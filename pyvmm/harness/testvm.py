@@ -77,6 +77,8 @@ poweroff -f
 class TestVmError(Exception):
     """The test VM could not be booted, or did not finish its command."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 @dataclass(frozen=True)
 class TestVmResult:
@@ -96,6 +98,8 @@ def _die_with_parent() -> None:
 
 class TestVm:
     """Boots the kit's Debian kernel under QEMU TCG with KVM loaded inside."""
+
+    __test__ = False  # not a pytest test class, despite the name
 
     def __init__(
         self, kit: GuestKit, mem_mib: int = DEFAULT_MEM_MIB, cpus: int | None = None

@@ -45,6 +45,23 @@ class Run:
         return results
 
 
+def results_dir() -> Path:
+    """Where test artifacts go (bin/build_test copies this out of containers)."""
+    return ROOT / os.environ.get("PYVMM_TEST_RESULTS", "build/test-results")
+
+
+def save_serial_log(name: str, text: str) -> None:
+    """Keep a guest's serial output as build/test-results/serial/<name>.log."""
+    directory = results_dir() / "serial"
+    directory.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:150]
+    (directory / f"{safe}.log").write_text(text)
+
+
+def _current_test() -> str:
+    return os.environ.get("PYTEST_CURRENT_TEST", "pyvmm").split(" ")[0]
+
+
 def run_pyvmm(
     *args: str,
     timeout: float = 120,
@@ -62,6 +79,7 @@ def run_pyvmm(
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+    save_serial_log(_current_test(), proc.stdout)
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pyvmm.harness import containers as c
-from tests.integration.conftest import ROOT, kvm_usable
+from pyvmm.harness.linux import LinuxHarness, choose_placement
+from tests.integration.conftest import ROOT, kvm_usable, save_serial_log
 
 GUEST_DIR = "/guest"
 
@@ -70,6 +71,7 @@ def test_runtime_image_boots_the_probe_guest(
         "probe.cpus=2",
         f"{GUEST_DIR}/{probe_elf.name}",
     )
+    save_serial_log("container-probe", run.output)
     assert run.status == 0, run.output
     for test in ("serial", "cmos", "e820", "cpus"):
         assert f"PROBE {test} ok" in run.output, run.output
@@ -123,3 +125,21 @@ def test_build_test_quick_in_the_test_image(test_image: str) -> None:
         ), proc.stdout[-3000:]
     assert (ROOT / results / "unit.xml").exists()
     assert (ROOT / results / "summary.json").exists()
+
+
+@pytest.mark.skipif(
+    not choose_placement().native,
+    reason="this host's KVM cannot boot a stock kernel; tests/integration/linux boots it in the "
+    "test VM instead",
+)
+def test_runtime_image_boots_the_debian_kernel(engine: c.Engine, runtime_image: str) -> None:
+    files = LinuxHarness().guest_files()
+    mounts = {str(files.bzimage.parent): "/kernel", str(files.initramfs.parent): "/initramfs"}
+    argv = ["run", "-c", "2", "-p", "quiet", "-p", "pyvmm.check=uptime,cpus,dmesg"]
+    argv += ["-p", "pyvmm.cpus=2", "-i", f"/initramfs/{files.initramfs.name}"]
+    argv += [f"/kernel/{files.bzimage.name}"]
+    run = engine.run(runtime_image, argv, mounts=mounts, timeout=300)
+    save_serial_log("container-debian-kernel", run.output)
+    assert run.status == 0, run.output
+    for check in ("uptime", "cpus", "dmesg"):
+        assert f"GUEST {check} ok" in run.output, run.output
