@@ -24,17 +24,12 @@ from pyvmm.control.protocol import (
     StaleSocketError,
 )
 from pyvmm.control.server import ControlServer
-from tests.unit.control.test_server import FakeHandler
+from tests.unit.control.conftest import FakeHandler
 
 IO_TIMEOUT = 5.0
 SHORT_TIMEOUT = 0.3
 
 Behaviour = Callable[[socket.socket], object]
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "ctl.sock")
 
 
 @pytest.fixture
@@ -205,18 +200,6 @@ def test_reply_sent_before_reading_the_request_is_returned(
 
 
 # The CLI
-
-
-@pytest.fixture
-def handler() -> FakeHandler:
-    return FakeHandler()
-
-
-@pytest.fixture
-def server(path: str, handler: FakeHandler) -> Iterator[ControlServer]:
-    srv = ControlServer(path, handler)
-    yield srv
-    srv.close()
 
 
 @pytest.mark.parametrize("cmd", ["stop", "suspend", "resume"])
