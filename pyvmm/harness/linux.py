@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,10 @@ class LinuxHarness:
                 timeout=timeout,
                 cwd=ROOT,
             )
+            if result.lockup_retry is not None:
+                warnings.warn(
+                    f"boots reran in a second test VM: {result.lockup_retry}", stacklevel=2
+                )
             if result.returncode != 0 or not result_file.exists():
                 raise TestVmError(
                     f"the boots inside the test VM failed (status {result.returncode}): "

@@ -10,6 +10,8 @@ exit status and output.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import shlex
 import shutil
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvmm.harness.kit import GuestKit
+
+log = logging.getLogger(__name__)
 
 # What the test VM's init loads: virtio-pci and 9p for the shares, overlay to make the host's
 # tree writable (into a tmpfs), KVM for SVM guests, tun for network tests.
@@ -34,6 +38,9 @@ OUTPUT_FILE = "output"
 COMMAND_FILE = "command.sh"
 
 PR_SET_PDEATHSIG = 1
+# What the test VM's kernel prints when its (emulated) CPUs stop making progress.
+LOCKUP_MARKERS = ("watchdog: BUG: soft lockup", "detected stalls on CPUs")
+WATCH_INTERVAL_S = 2.0
 
 TESTVM_INIT = r"""#!/bin/busybox sh
 # Test VM init: load KVM and 9p, mount the host's tree read-only and the scratch directory
@@ -80,12 +87,18 @@ class TestVmError(Exception):
     __test__ = False  # not a pytest test class, despite the name
 
 
+class TestVmLockupError(TestVmError):
+    """The test VM's own kernel reported CPUs locked up: the emulator, not the command."""
+
+
 @dataclass(frozen=True)
 class TestVmResult:
     returncode: int
     output: str
     console: str
     seconds: float
+    # Set when a first test VM locked up and this result comes from a second one.
+    lockup_retry: str | None = None
 
 
 def _die_with_parent() -> None:
@@ -157,7 +170,26 @@ class TestVm:
         """Run `command` inside the test VM. `scratch` (a host directory) is shared writable at
         the same path; the rest of the host's tree is visible, its changes discarded. Raises
         TestVmError if the VM does not finish within `timeout` seconds or never runs the
-        command."""
+        command.
+
+        QEMU's emulation itself has been seen to lock up (the test VM's kernel reports soft
+        lockups on every CPU and nothing moves again). That is detected on the console and the
+        command is run once more in a fresh test VM; the result says so in `lockup_retry`."""
+        try:
+            return self._run_once(command, scratch, timeout, cwd, env)
+        except TestVmLockupError as e:
+            log.warning("%s; running the command again in a new test VM", e)
+            result = self._run_once(command, scratch, timeout, cwd, env)
+            return dataclasses.replace(result, lockup_retry=str(e))
+
+    def _run_once(
+        self,
+        command: list[str],
+        scratch: Path,
+        timeout: float,
+        cwd: Path | None,
+        env: dict[str, str] | None,
+    ) -> TestVmResult:
         scratch = scratch.resolve()
         initramfs = self.kit.build_initramfs("testvm", TESTVM_INIT, TESTVM_MODULES)
         workdir = Path(tempfile.mkdtemp(prefix=".testvm-", dir=scratch))
@@ -168,22 +200,19 @@ class TestVm:
             script.append("exec " + shlex.join(command))
             (workdir / COMMAND_FILE).write_text("\n".join(script) + "\n")
             console = workdir / "console.log"
+            qemu_log = workdir / "qemu.log"
             cmd = self.qemu_command(initramfs, scratch, workdir, console)
             start = time.monotonic()
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+            with open(qemu_log, "wb") as qemu_out:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                )
             try:
-                qemu_out, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise TestVmError(
-                    f"test VM did not finish within {timeout:.0f} s; console ends with: "
-                    + _tail(console)
-                ) from None
+                self._wait(proc, console, start, timeout)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -192,9 +221,10 @@ class TestVm:
             console_text = console.read_text(errors="replace") if console.exists() else ""
             status = workdir / STATUS_FILE
             if not status.exists():
+                said = qemu_log.read_text(errors="replace").strip()
                 raise TestVmError(
                     f"test VM ended (QEMU status {proc.returncode}) without running the command: "
-                    + (qemu_out.decode(errors="replace").strip() or _tail(console))
+                    + (said or _tail(console))
                 )
             return TestVmResult(
                 int(status.read_text().strip() or "255"),
@@ -204,6 +234,23 @@ class TestVm:
             )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen[bytes], console: Path, start: float, timeout: float) -> None:
+        """Until QEMU exits; raise on the timeout or when the test VM's kernel locks up."""
+        while proc.poll() is None:
+            if time.monotonic() - start > timeout:
+                raise TestVmError(
+                    f"test VM did not finish within {timeout:.0f} s; console ends with: "
+                    + _tail(console)
+                )
+            if console.exists():
+                text = console.read_text(errors="replace")
+                if any(marker in text for marker in LOCKUP_MARKERS):
+                    raise TestVmLockupError(
+                        "the test VM's kernel locked up (QEMU emulation): " + _tail(console, 2)
+                    )
+            time.sleep(WATCH_INTERVAL_S)
 
 
 def _tail(path: Path, lines: int = 5) -> str:

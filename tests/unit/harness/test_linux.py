@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,25 @@ def test_missing_qemu_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_guest_lines_are_parsed_wherever_they_sit_on_the_line() -> None:
     out = "noise\r\n[  1.0] x GUEST mem ok MemTotal 1 kB\nGUEST cpus FAIL expected 2\nGUEST done\n"
     assert parse_checks(out) == {"mem": ["ok", "MemTotal 1 kB"], "cpus": ["FAIL", "expected 2"]}
+
+
+def test_a_locked_up_test_vm_is_detected_on_its_console(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("testvm: ready\n[ 77.0] watchdog: BUG: soft lockup - CPU#0 stuck for 26s!\n")
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(testvm.TestVmLockupError, match="locked up"):
+            testvm.TestVm._wait(sleeper, console, time.monotonic(), timeout=20)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_quiet_test_vm_that_overruns_its_time_is_an_error(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(testvm.TestVmError, match="did not finish within 0 s"):
+            testvm.TestVm._wait(sleeper, tmp_path / "none.log", time.monotonic() - 1, timeout=0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
