@@ -160,10 +160,6 @@ class GuestMemory:
     def write_u64(self, addr: int, value: int) -> None:
         self.write_int(addr, 8, value)
 
-    def write_struct(self, addr: int, cdata: Any) -> None:
-        """Copy a cffi struct (pointer to it) into guest RAM at `addr`."""
-        self.write(addr, bytes(ffi.buffer(cdata)))
-
     def unpack(self, fmt: str, addr: int) -> tuple[Any, ...]:
         return struct.unpack_from(fmt, self.view(addr, struct.calcsize(fmt)))
 

@@ -373,12 +373,8 @@ class Vmm:
         return self._exit
 
     def _stop_vcpus(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.request_exit()
         while any(t.is_alive() for t in self._threads):
-            for t in self._threads:
-                if t.is_alive() and t.ident is not None:
-                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+            self._kick_vcpus()
             for t in self._threads:
                 t.join(0.05)
         self._threads.clear()

@@ -1,20 +1,20 @@
 """MSI-X: the capability, the vector table and the pending-bit array of one PCI function.
 
 Each vector has a GSI whose KVM route carries the address and data the guest programmed, and an
-eventfd registered as that GSI's irqfd: `notify(vector)` is one eventfd write and no exit. A
-masked vector (or a masked or disabled function) records the interrupt in the PBA instead and
-fires it when unmasked, as the specification requires.
+eventfd registered as that GSI's irqfd (an `EventFdIrq`, like every other interrupt line):
+`notify(vector)` is one eventfd write and no exit. A masked vector (or a masked or disabled
+function) records the interrupt in the PBA instead and fires it when unmasked, as the
+specification requires.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import os
 import struct
 import threading
 from collections.abc import Callable
 
+from pyvmm.devices.irq import EventFdIrq
 from pyvmm.devices.pci.config import CapabilityId, PciConfigSpace
 
 TABLE_ENTRY_SIZE = 16
@@ -72,20 +72,25 @@ class Msix:
         for v in range(num_vectors):
             struct.pack_into("<I", self._table, v * TABLE_ENTRY_SIZE + 12, VECTOR_MASKED)
         self._pending = [False] * num_vectors
-        self.gsis = [allocate_gsi() for _ in range(num_vectors)]
-        self.eventfds = [
-            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_vectors)
-        ]
-        for gsi, fd in zip(self.gsis, self.eventfds, strict=True):
-            register_irqfd(fd, gsi)
+        self.vectors = [EventFdIrq(allocate_gsi()) for _ in range(num_vectors)]
+        for vector in self.vectors:
+            register_irqfd(vector.fd, vector.gsi)
         body = struct.pack("<HII", num_vectors - 1, table_offset | bar, pba_offset | bar)
         writable = struct.pack("<HII", MessageControl.ENABLE | MessageControl.FUNCTION_MASK, 0, 0)
         self.cap_offset = config.add_capability(CapabilityId.MSIX, body, writable)
 
+    @property
+    def gsis(self) -> list[int]:
+        return [v.gsi for v in self.vectors]
+
+    @property
+    def eventfds(self) -> list[int]:
+        return [v.fd for v in self.vectors]
+
     def close(self) -> None:
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
+        for vector in self.vectors:
+            vector.close()
+        self.vectors = []
 
     def _control(self) -> MessageControl:
         return MessageControl(self._config.get(self.cap_offset + 2, 2))
@@ -112,8 +117,7 @@ class Msix:
                 self._pending[vector] = True
 
     def _fire(self, vector: int) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_write(self.eventfds[vector], 1)
+        self.vectors[vector].trigger()
 
     def control_written(self) -> None:
         """Call after a config write that may have touched the message control."""
