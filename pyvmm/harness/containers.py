@@ -37,11 +37,11 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pyvmm.harness.kit import cache_root
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = ROOT / "docker"
 VERSIONS_FILE = DOCKER_DIR / "versions"
-CACHE_ENV = "PYVMM_CACHE"
-DEFAULT_CACHE_DIR = "~/.cache/pyvmm"
 STATE_SUBDIR = "containers"
 CONF_FILE = "containers.conf"
 PODMAN_SOCKET = "podman.sock"
@@ -191,8 +191,7 @@ def containers_conf(
 
 
 def state_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    return Path(env.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser() / STATE_SUBDIR
+    return cache_root(env) / STATE_SUBDIR
 
 
 # --- the Debian mirror -------------------------------------------------------------------------

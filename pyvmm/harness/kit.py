@@ -32,7 +32,7 @@ import stat
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -134,6 +134,13 @@ class Kernel:
 
 
 # --- tools -------------------------------------------------------------------------------------
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """The harness's cache: $PYVMM_CACHE, else ~/.cache/pyvmm (the kit, the test VM's scratch
+    directories and the container engine's state all live under it)."""
+    env = os.environ if env is None else env
+    return Path(env.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 def find_tool(name: str) -> str:
@@ -445,9 +452,7 @@ class GuestKit:
     """Builds and caches the kernel, busybox and initramfs images for Linux guests."""
 
     def __init__(self, cache_dir: Path | None = None, progress: Progress | None = None) -> None:
-        if cache_dir is None:
-            cache_dir = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
-        self.cache_dir = cache_dir
+        self.cache_dir = cache_root() if cache_dir is None else cache_dir
         self._progress = progress
         self._refresh = os.environ.get(REFRESH_ENV, "") == "1"
         self._resolved: set[str] = set()  # packages re-resolved by this kit (refresh)
