@@ -243,13 +243,23 @@ def run_boots(specs: list[BootSpec]) -> list[BootResult]:
     a secondary vCPU (an RCU stall in the guest) that did not come back on a rerun."""
     results = []
     for spec in specs:
-        result = run_boot(spec)
+        result = _run_reporting(spec)
         if result.timed_out:
             hung = f"console: ...{result.output[-1500:]}\nstderr: ...{result.stderr[-6000:]}"
-            result = run_boot(spec)
+            result = _run_reporting(spec)
             result.hung_attempt = hung
         results.append(result)
     return results
+
+
+def _run_reporting(spec: BootSpec) -> BootResult:
+    """run_boot, saying on stderr when each boot starts and ends: inside the test VM that is
+    the evidence the host shows if the test VM stops."""
+    print(f"boots: {spec.name} started", file=sys.stderr, flush=True)
+    result = run_boot(spec)
+    how = "timed out" if result.timed_out else f"status {result.returncode}"
+    print(f"boots: {spec.name} {how} after {result.wall_s:.1f} s", file=sys.stderr, flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

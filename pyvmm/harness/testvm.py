@@ -41,14 +41,22 @@ PR_SET_PDEATHSIG = 1
 # What the test VM's kernel prints when its (emulated) CPUs stop making progress.
 LOCKUP_MARKERS = ("watchdog: BUG: soft lockup", "detected stalls on CPUs")
 WATCH_INTERVAL_S = 2.0
+# The test VM's init writes its uptime to a second serial port every few seconds. When that
+# stops, the emulation has stopped (seen once in CI: no console message, no progress, for
+# 18 minutes); it is treated like a lockup and the command runs again in a new test VM.
+HEARTBEAT_INTERVAL_S = 5
+HEARTBEAT_STALL_S = 90.0
+LOCKUP_ATTEMPTS = 3
 
-TESTVM_INIT = r"""#!/bin/busybox sh
+TESTVM_INIT_TEMPLATE = r"""#!/bin/busybox sh
 # Test VM init: load KVM and 9p, mount the host's tree read-only and the scratch directory
 # read-write, run the command in a chroot of the host's tree, record its status, power off.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# The heartbeat the host watches to tell a stopped emulator from a slow command.
+( while :; do cut -d' ' -f1 /proc/uptime; sleep {heartbeat}; done > /dev/ttyS1 2>&1 ) &
 for m in $(cat /lib/modules/load-order); do
     insmod "/lib/modules/$m" || echo "testvm: insmod $m failed"
 done
@@ -79,6 +87,16 @@ sync
 umount "/host$scratch"
 poweroff -f
 """
+TESTVM_INIT = TESTVM_INIT_TEMPLATE.replace("{heartbeat}", str(HEARTBEAT_INTERVAL_S))
+
+
+@dataclass(frozen=True)
+class WatchedFiles:
+    """What the host watches while the test VM runs."""
+
+    console: Path  # the test VM's kernel console (first serial port)
+    heartbeat: Path  # the init's uptime ticks (second serial port)
+    output: Path  # the command's stdout and stderr
 
 
 class TestVmError(Exception):
@@ -124,11 +142,11 @@ class TestVm:
         self.cpus = cpus or min(os.cpu_count() or 1, 4)
 
     def qemu_command(
-        self, initramfs: Path, scratch: Path, workdir: Path, console: Path
+        self, initramfs: Path, scratch: Path, workdir: Path, watched: WatchedFiles
     ) -> list[str]:
         kernel = self.kit.kernel()
         append = (
-            f"console=ttyS0 quiet loglevel=3 panic=-1 pyvmm.scratch={scratch} pyvmm.work={workdir}"
+            f"console=ttyS0 quiet loglevel=4 panic=-1 pyvmm.scratch={scratch} pyvmm.work={workdir}"
         )
         return [
             QEMU,
@@ -145,7 +163,9 @@ class TestVm:
             "none",
             "-no-reboot",
             "-serial",
-            f"file:{console}",
+            f"file:{watched.console}",
+            "-serial",
+            f"file:{watched.heartbeat}",
             "-kernel",
             str(kernel.bzimage),
             "-initrd",
@@ -173,14 +193,24 @@ class TestVm:
         command.
 
         QEMU's emulation itself has been seen to lock up (the test VM's kernel reports soft
-        lockups on every CPU and nothing moves again). That is detected on the console and the
-        command is run once more in a fresh test VM; the result says so in `lockup_retry`."""
-        try:
-            return self._run_once(command, scratch, timeout, cwd, env)
-        except TestVmLockupError as e:
-            log.warning("%s; running the command again in a new test VM", e)
-            result = self._run_once(command, scratch, timeout, cwd, env)
-            return dataclasses.replace(result, lockup_retry=str(e))
+        lockups, or its heartbeat stops and nothing moves again). That is detected and the
+        command is run again in a fresh test VM, up to LOCKUP_ATTEMPTS times in all; the result
+        says so in `lockup_retry`."""
+        lockups: list[str] = []
+        while True:
+            try:
+                result = self._run_once(command, scratch, timeout, cwd, env)
+            except TestVmLockupError as e:
+                lockups.append(str(e))
+                if len(lockups) == LOCKUP_ATTEMPTS:
+                    raise TestVmLockupError(
+                        f"the test VM locked up {len(lockups)} times: " + " / ".join(lockups)
+                    ) from e
+                log.warning("%s; running the command again in a new test VM", e)
+                continue
+            if lockups:
+                result = dataclasses.replace(result, lockup_retry=" / ".join(lockups))
+            return result
 
     def _run_once(
         self,
@@ -199,9 +229,12 @@ class TestVm:
                 script.append(f"export {key}={shlex.quote(value)}")
             script.append("exec " + shlex.join(command))
             (workdir / COMMAND_FILE).write_text("\n".join(script) + "\n")
-            console = workdir / "console.log"
+            watched = WatchedFiles(
+                workdir / "console.log", workdir / "heartbeat.log", workdir / OUTPUT_FILE
+            )
+            console = watched.console
             qemu_log = workdir / "qemu.log"
-            cmd = self.qemu_command(initramfs, scratch, workdir, console)
+            cmd = self.qemu_command(initramfs, scratch, workdir, watched)
             start = time.monotonic()
             with open(qemu_log, "wb") as qemu_out:
                 proc = subprocess.Popen(
@@ -212,7 +245,7 @@ class TestVm:
                     preexec_fn=_die_with_parent,
                 )
             try:
-                self._wait(proc, console, start, timeout)
+                self._wait(proc, watched, start, timeout)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -236,25 +269,47 @@ class TestVm:
             shutil.rmtree(workdir, ignore_errors=True)
 
     @staticmethod
-    def _wait(proc: subprocess.Popen[bytes], console: Path, start: float, timeout: float) -> None:
-        """Until QEMU exits; raise on the timeout or when the test VM's kernel locks up."""
+    def _wait(
+        proc: subprocess.Popen[bytes],
+        watched: WatchedFiles,
+        start: float,
+        timeout: float,
+        stall_s: float = HEARTBEAT_STALL_S,
+    ) -> None:
+        """Until QEMU exits; raise on the timeout, or when the test VM's kernel reports a lockup
+        or its heartbeat stops for `stall_s` seconds."""
+        beats = -1
+        last_beat = start
         while proc.poll() is None:
-            if time.monotonic() - start > timeout:
+            now = time.monotonic()
+            if now - start > timeout:
                 raise TestVmError(
                     f"test VM did not finish within {timeout:.0f} s; console ends with: "
-                    + _tail(console)
+                    + _tail(watched.console)
+                    + "; the command's output ends with: "
+                    + _tail(watched.output)
                 )
-            if console.exists():
-                text = console.read_text(errors="replace")
+            if watched.console.exists():
+                text = watched.console.read_text(errors="replace")
                 if any(marker in text for marker in LOCKUP_MARKERS):
                     raise TestVmLockupError(
-                        "the test VM's kernel locked up (QEMU emulation): " + _tail(console, 2)
+                        "the test VM's kernel locked up (QEMU emulation): "
+                        + _tail(watched.console, 2)
                     )
+            size = watched.heartbeat.stat().st_size if watched.heartbeat.exists() else 0
+            if size != beats:
+                beats, last_beat = size, now
+            elif now - last_beat > stall_s:
+                raise TestVmLockupError(
+                    f"the test VM stopped (no heartbeat for {now - last_beat:.0f} s; last uptime "
+                    f"{_tail(watched.heartbeat, 1)} s); the command's output ends with: "
+                    + _tail(watched.output)
+                )
             time.sleep(WATCH_INTERVAL_S)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
     if not path.exists():
-        return "(no console output)"
+        return "(no output)"
     text = path.read_text(errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:]) or "(no console output)"
+    return " | ".join(text[-lines:]) or "(no output)"

@@ -66,23 +66,48 @@ def test_guest_lines_are_parsed_wherever_they_sit_on_the_line() -> None:
     assert parse_checks(out) == {"mem": ["ok", "MemTotal 1 kB"], "cpus": ["FAIL", "expected 2"]}
 
 
+def _watched(tmp_path: Path) -> testvm.WatchedFiles:
+    return testvm.WatchedFiles(
+        tmp_path / "console.log", tmp_path / "heartbeat.log", tmp_path / "output"
+    )
+
+
+def _wait_on_sleeper(
+    watched: testvm.WatchedFiles, start: float, timeout: float, **kw: float
+) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        testvm.TestVm._wait(sleeper, watched, start, timeout, **kw)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_locked_up_test_vm_is_detected_on_its_console(tmp_path: Path) -> None:
-    console = tmp_path / "console.log"
-    console.write_text("testvm: ready\n[ 77.0] watchdog: BUG: soft lockup - CPU#0 stuck for 26s!\n")
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        with pytest.raises(testvm.TestVmLockupError, match="locked up"):
-            testvm.TestVm._wait(sleeper, console, time.monotonic(), timeout=20)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    watched = _watched(tmp_path)
+    watched.console.write_text(
+        "testvm: ready\n[ 77.0] watchdog: BUG: soft lockup - CPU#0 stuck for 26s!\n"
+    )
+    with pytest.raises(testvm.TestVmLockupError, match="locked up"):
+        _wait_on_sleeper(watched, time.monotonic(), timeout=20)
 
 
-def test_a_quiet_test_vm_that_overruns_its_time_is_an_error(tmp_path: Path) -> None:
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        with pytest.raises(testvm.TestVmError, match="did not finish within 0 s"):
-            testvm.TestVm._wait(sleeper, tmp_path / "none.log", time.monotonic() - 1, timeout=0)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+def test_a_test_vm_whose_heartbeat_stops_is_a_lockup(tmp_path: Path) -> None:
+    watched = _watched(tmp_path)
+    watched.heartbeat.write_text("3.01\n8.02\n")
+    watched.output.write_text("boots: bzimage-initrd-2cpu started\n")
+    with pytest.raises(
+        testvm.TestVmLockupError, match=r"no heartbeat .* last uptime 8.02 s.*bzimage-initrd"
+    ):
+        _wait_on_sleeper(watched, time.monotonic(), timeout=20, stall_s=1.0)
+
+
+def test_a_quiet_test_vm_that_overruns_its_time_says_what_the_command_printed(
+    tmp_path: Path,
+) -> None:
+    watched = _watched(tmp_path)
+    watched.output.write_text("boots: vmlinux-initrd-1cpu started\n")
+    with pytest.raises(
+        testvm.TestVmError, match=r"did not finish within 0 s.*output ends with: boots: vmlinux"
+    ):
+        _wait_on_sleeper(watched, time.monotonic() - 1, timeout=0)
