@@ -1,7 +1,7 @@
-"""Run the benchmarks and print their results as JSON (`python -m bench [--runs N]`)."""
+"""`python -m bench`: see bench/cli.py."""
 
 import sys
 
-from bench.run import main
+from bench.cli import main
 
 sys.exit(main())

@@ -8,6 +8,7 @@ device writes is the data the guest sees, with no copies.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import mmap
@@ -19,6 +20,28 @@ from typing import Any
 from pyvmm.kvm.abi import ffi
 
 PAGE_SIZE = 4096
+
+
+SHMEM_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def _advise_huge_pages(mapping: mmap.mmap) -> None:
+    """Ask for transparent huge pages, as QEMU does for guest RAM: one fault per 2 MiB instead
+    of per 4 KiB, and fewer TLB misses. For a memfd the kernel honours this only when the host's
+    shmem_enabled setting is `advise` (or always/within_size); otherwise it is a no-op."""
+    with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+
+
+def shmem_huge_pages() -> str:
+    """The host's setting for huge pages in shared memory (`never` when it has none)."""
+    try:
+        with open(SHMEM_THP_SETTING) as f:
+            text = f.read()
+    except OSError:
+        return "never"
+    chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else "never"
 
 
 class GuestMemoryError(Exception):
@@ -78,6 +101,7 @@ class GuestMemory:
                     mmap.PROT_READ | mmap.PROT_WRITE,
                     offset=offset,
                 )
+                _advise_huge_pages(mapping)
                 self.regions.append(MemoryRegion(addr, size, offset, mapping))
                 offset += size
         except BaseException:

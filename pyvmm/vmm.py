@@ -51,7 +51,7 @@ from pyvmm.kvm import (
 from pyvmm.kvm.abi import Cap
 from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import KernelImage, build_cmdline, load_initrd, load_kernel, write_cmdline
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.terminal import StdinPump
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class Vmm:
         cfg = self.config
         self.vm = Vm(self.kvm)
         self.mem = GuestMemory(ram_ranges(cfg.mem_bytes))
+        log.debug("guest RAM: huge pages in shared memory are %r on this host", shmem_huge_pages())
         for slot, region in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
 

@@ -55,6 +55,9 @@ TESTVM_INIT_TEMPLATE = r"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# Huge pages for shared memory where a program asks for them (madvise), as pyvmm does for guest
+# RAM: the setting we recommend for KVM hosts. Debian's default is never.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 # The heartbeat the host watches to tell a stopped emulator from a slow command.
 ( while :; do cut -d' ' -f1 /proc/uptime; sleep {heartbeat}; done > /dev/ttyS1 2>&1 ) &
 for m in $(cat /lib/modules/load-order); do

@@ -5,11 +5,13 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pyvmm import memory
 from pyvmm.memory import GuestMemory, GuestMemoryError
 
 MiB = 1 << 20
@@ -90,3 +92,33 @@ def test_overlapping_or_unaligned_ranges_are_refused() -> None:
         GuestMemory([(0, 2 * MiB), (MiB, MiB)])
     with pytest.raises(ValueError, match="page-aligned"):
         GuestMemory([(0x10, MiB)])
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of this process's mapping that starts at `addr` (from /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and ":" not in line.split()[0]:
+            inside = int(line.split("-")[0], 16) == addr
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping at {addr:#x}")
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages"
+)
+def test_guest_ram_asks_for_huge_pages(mem: GuestMemory) -> None:
+    for region in mem.regions:
+        assert "hg" in _vm_flags(region.host_addr)
+
+
+def test_the_shmem_huge_page_setting_is_read_from_its_brackets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    setting = tmp_path / "shmem_enabled"
+    setting.write_text("always within_size [advise] never deny force\n")
+    monkeypatch.setattr(memory, "SHMEM_THP_SETTING", str(setting))
+    assert memory.shmem_huge_pages() == "advise"
+    monkeypatch.setattr(memory, "SHMEM_THP_SETTING", str(tmp_path / "absent"))
+    assert memory.shmem_huge_pages() == "never"

@@ -1,0 +1,148 @@
+"""`python -m bench` (or `bin/bench`): every benchmark on pyvmm and on QEMU, side by side.
+
+Prints a table of medians with the pyvmm/QEMU ratio and the QEMU command lines used, and writes
+the results as JSON (`--json`, default build/bench/latest.json, and one line appended to
+build/bench/history.jsonl for tracking over time). Without QEMU the pyvmm numbers are still
+measured, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import native, nested
+from bench.measure import Row, table
+from bench.vmms import PROBE, QEMU_MACHINE, ROOT, qemu_argv, qemu_available, qemu_version
+
+GROUPS = ("startup", "exit", "blk", "linux")
+MiB = 1 << 20
+
+
+def kvm_flavour() -> str:
+    """Which KVM this host has: PVM (no VMX/SVM in the CPU flags, the kvm_pvm module) or the
+    hardware-assisted kind."""
+    try:
+        modules = Path("/proc/modules").read_text()
+    except OSError:
+        modules = ""
+    flags = next(
+        (
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        "",
+    ).split()
+    if "kvm_pvm" in modules:
+        return "PVM (kvm_pvm)"
+    if "vmx" in flags:
+        return "KVM on Intel VT-x"
+    if "svm" in flags:
+        return "KVM on AMD-V"
+    return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "kvm": kvm_flavour(),
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=5, help="runs per VMM (median kept)")
+    parser.add_argument(
+        "--only",
+        default=",".join(GROUPS),
+        help=f"comma-separated benchmarks to run, of: {','.join(GROUPS)}",
+    )
+    parser.add_argument("--exits", type=int, default=100_000, help="port writes per exit run")
+    parser.add_argument("--image-mib", type=int, default=1024, help="virtio-blk image size")
+    parser.add_argument("--rand-mib", type=int, default=64, help="bytes read at random")
+    parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "latest.json")
+    args = parser.parse_args(argv)
+    only = [g.strip() for g in args.only.split(",") if g.strip()]
+    unknown = [g for g in only if g not in GROUPS]
+    if unknown:
+        parser.error(f"--only: unknown benchmark {unknown[0]!r} (choose from {', '.join(GROUPS)})")
+    if args.runs < 1:
+        parser.error("--runs: must be at least 1")
+
+    no_qemu = qemu_available()
+    qemu = no_qemu is None
+    notes: list[str] = [no_qemu] if no_qemu else []
+    subprocess.run(["make", "-s", "-C", str(ROOT / "guest")], check=True)
+    commands: dict[str, str] = {}
+    if qemu:
+        commands["qemu"] = qemu_version()
+        commands["qemu startup"] = shlex.join(qemu_argv(PROBE, ["probe=cmdline"]))
+        commands["qemu exit"] = shlex.join(
+            qemu_argv(PROBE, ["probe=outloop", f"probe.count={args.exits}"])
+        )
+        commands["qemu blk"] = shlex.join(
+            qemu_argv(
+                PROBE,
+                ["probe=blkbench", "probe.bench=seq", f"probe.bytes={args.image_mib * MiB}"],
+                disk=Path("IMAGE"),
+            )
+        )
+
+    benches: dict[str, Callable[[], list[Row]]] = {
+        "startup": lambda: native.startup(args.runs, qemu),
+        "exit": lambda: native.exits(args.runs, args.exits, qemu),
+        "blk": lambda: native.blk(args.runs, args.image_mib * MiB, args.rand_mib * MiB, qemu),
+    }
+    rows: list[Row] = []
+    for group in only:
+        if group == "linux":
+            if not qemu:
+                notes.append("linux: skipped, it needs QEMU (the peer, and the test VM)")
+                continue
+            linux_rows, linux_commands = nested.run(args.runs)
+            rows += linux_rows
+            commands.update(linux_commands)
+            continue
+        print(f"bench: {group} ...", file=sys.stderr, flush=True)
+        rows += benches[group]()
+
+    report = {
+        "machine": machine(),
+        "qemu_machine": QEMU_MACHINE if qemu else None,
+        "runs": args.runs,
+        "rows": [r.to_json() for r in rows],
+        "commands": commands,
+        "notes": notes,
+    }
+    print(table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    for name, command in commands.items():
+        print(f"{name}: {command}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    with open(args.json.parent / "history.jsonl", "a") as history:
+        history.write(json.dumps(report) + "\n")
+    return 0

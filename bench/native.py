@@ -1,0 +1,186 @@
+"""Benchmarks on this host's own KVM with the probe guest: start-up and memory, the cost of an
+exit, and virtio-blk throughput. Each runs the same probe binary under pyvmm and under QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.measure import PYVMM, QEMU, Row, interleave
+from bench.vmms import PROBE, ROOT, pyvmm_argv, qemu_argv
+
+ArgvFor = Callable[..., list[str]]
+GiB = 1 << 30
+SEQ_BLOCK = 64 << 10
+RAND_BLOCK = 4 << 10
+
+
+@dataclass(frozen=True)
+class Run:
+    wall_s: float
+    cpu_s: float  # the VMM process's user + system time
+    first_byte_s: float | None
+    peak_rss_mib: float
+    # When each line of the guest's serial output arrived, seconds after the start.
+    lines: list[tuple[float, str]]
+
+
+def run_vmm(argv: list[str]) -> Run:
+    """Run a VMM to its exit, timing its output line by line; a failure raises."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)
+    first_byte = time.perf_counter() - start if first else None
+    lines: list[tuple[float, str]] = []
+    pending = first
+    for raw in proc.stdout:
+        lines.append((time.perf_counter() - start, (pending + raw).decode(errors="replace")))
+        pending = b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    failed = [text.strip() for _, text in lines if " FAIL " in text]
+    if code != 0 or failed:
+        raise RuntimeError(
+            f"{argv[0]} ... exited {code}: {failed or lines[-3:]}\n  {' '.join(argv)}"
+        )
+    return Run(wall, usage.ru_utime + usage.ru_stime, first_byte, usage.ru_maxrss / 1024, lines)
+
+
+def _jobs(
+    make: Callable[[ArgvFor], Callable[[], dict[str, float]]], qemu: bool
+) -> dict[str, Callable[[], dict[str, float]]]:
+    jobs = {PYVMM: make(pyvmm_argv)}
+    if qemu:
+        jobs[QEMU] = make(qemu_argv)
+    return jobs
+
+
+def _fill(
+    rows: list[Row], results: dict[str, dict[str, list[float]]], keys: list[str]
+) -> list[Row]:
+    for row, key in zip(rows, keys, strict=True):
+        for vmm, values in results.items():
+            row.record(vmm, values[key])
+    return rows
+
+
+def startup(runs: int, qemu: bool) -> list[Row]:
+    """Process start to the probe's first serial byte and to the process's exit, and the VMM's
+    peak RSS (guest RAM the probe touched included: the same on both)."""
+
+    def make(argv_for: ArgvFor) -> Callable[[], dict[str, float]]:
+        def job() -> dict[str, float]:
+            run = run_vmm(argv_for(PROBE, ["probe=cmdline"]))
+            assert run.first_byte_s is not None
+            return {
+                "first": run.first_byte_s * 1e3,
+                "exit": run.wall_s * 1e3,
+                "rss": run.peak_rss_mib,
+            }
+
+        return job
+
+    rows = [
+        Row("startup", "to first serial byte", "ms", False),
+        Row("startup", "to process exit", "ms", False),
+        Row("startup", "peak RSS", "MiB", False),
+    ]
+    return _fill(rows, interleave(runs, _jobs(make, qemu)), ["first", "exit", "rss"])
+
+
+def exits(runs: int, count: int, qemu: bool) -> list[Row]:
+    """The probe's `outloop`: `count` writes to port 0x80 from CPL3, each a VM exit handled by
+    the VMM; a run with 0 writes is subtracted. Wall time and VMM CPU time per exit."""
+
+    def make(argv_for: ArgvFor) -> Callable[[], dict[str, float]]:
+        def job() -> dict[str, float]:
+            base = run_vmm(argv_for(PROBE, ["probe=outloop", "probe.count=0"]))
+            loop = run_vmm(argv_for(PROBE, ["probe=outloop", f"probe.count={count}"]))
+            return {
+                "wall": (loop.wall_s - base.wall_s) / count * 1e6,
+                "cpu": (loop.cpu_s - base.cpu_s) / count * 1e6,
+            }
+
+        return job
+
+    rows = [
+        Row("exit", "port write round trip", "us", False),
+        Row("exit", "VMM CPU per exit", "us", False),
+    ]
+    return _fill(rows, interleave(runs, _jobs(make, qemu)), ["wall", "cpu"])
+
+
+def _between(run: Run, start: str, end: str) -> float:
+    """Seconds between the serial lines starting with `start` and with `end`."""
+    begin = next(t for t, text in run.lines if text.startswith(start))
+    finish = next(t for t, text in run.lines if text.startswith(end))
+    return finish - begin
+
+
+def host_preadv(image: Path, seq_bytes: int, rand_reqs: int) -> tuple[float, float]:
+    """(sequential 64 KiB MB/s, random 4 KiB IOPS) of one host thread's os.preadv on the file."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        view = memoryview(bytearray(SEQ_BLOCK))
+        start = time.perf_counter()
+        for off in range(0, seq_bytes, SEQ_BLOCK):
+            os.preadv(fd, [view], off)
+        seq = seq_bytes / (time.perf_counter() - start) / 1e6
+        small = memoryview(bytearray(RAND_BLOCK))
+        rng = random.Random(1)
+        blocks = os.fstat(fd).st_size // RAND_BLOCK
+        start = time.perf_counter()
+        for _ in range(rand_reqs):
+            os.preadv(fd, [small], rng.randrange(blocks) * RAND_BLOCK)
+        iops = rand_reqs / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+    return seq, iops
+
+
+def blk(runs: int, image_bytes: int, rand_bytes: int, qemu: bool) -> list[Row]:
+    """The probe's `blkbench` on a raw image held in the page cache: sequential 64 KiB reads (8
+    in flight) over the whole image, random 4 KiB reads at queue depth 1 and 32. Timed between
+    its `start` and `ok` lines. The host column: one thread's os.preadv on the same file."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("PYVMM_BENCH_DIR", "/var/tmp")) as d:
+        image = Path(d) / "bench.img"
+        with open(image, "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(image_bytes >> 20):
+                f.write(chunk)
+        host_seq, host_iops = host_preadv(image, image_bytes, 20000)  # and fills the cache
+
+        def make(argv_for: ArgvFor) -> Callable[[], dict[str, float]]:
+            def job() -> dict[str, float]:
+                out: dict[str, float] = {}
+                for mode, nbytes, block in (
+                    ("seq", image_bytes, SEQ_BLOCK),
+                    ("rand1", rand_bytes, RAND_BLOCK),
+                    ("rand32", rand_bytes, RAND_BLOCK),
+                ):
+                    params = ["probe=blkbench", f"probe.bench={mode}", f"probe.bytes={nbytes}"]
+                    run = run_vmm(argv_for(PROBE, params, disk=image))
+                    seconds = _between(run, "PROBE blkbench start", "PROBE blkbench ok")
+                    out[mode] = (
+                        nbytes / seconds / 1e6 if mode == "seq" else nbytes / block / seconds
+                    )
+                return out
+
+            return job
+
+        results = interleave(runs, _jobs(make, qemu))
+    rows = [
+        Row("blk", "sequential 64 KiB read", "MB/s", True, host=host_seq),
+        Row("blk", "random 4 KiB read, QD1", "IOPS", True, host=host_iops),
+        Row("blk", "random 4 KiB read, QD32", "IOPS", True, host=host_iops),
+    ]
+    return _fill(rows, results, ["seq", "rand1", "rand32"])
