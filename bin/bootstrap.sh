@@ -69,4 +69,7 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" >&2
         touch "$stamp"
     fi
+    # The C declarations, prebuilt so that start-up does not parse them (pyvmm/cdecl.py);
+    # rewritten only when a declaration changed.
+    "$VENV/bin/python" -m pyvmm.cdecl 2>/dev/null
 }

@@ -27,7 +27,12 @@ from pyvmm.devices.bus import Bus
 from pyvmm.devices.cmos import Cmos
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.irq import EventFdIrq
-from pyvmm.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, PciRoot
+from pyvmm.devices.pci.root import (
+    CONFIG_ADDRESS_LEN,
+    CONFIG_ADDRESS_PORT,
+    CONFIG_PORTS_LEN,
+    PciRoot,
+)
 from pyvmm.devices.serial import Serial
 from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
@@ -49,12 +54,18 @@ from pyvmm.kvm import (
     Vm,
 )
 from pyvmm.kvm.abi import Cap
+from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import KernelImage, build_cmdline, load_initrd, load_kernel, write_cmdline
 from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.terminal import StdinPump
 
 log = logging.getLogger(__name__)
+
+
+def _no_ring() -> tuple[int, int]:
+    return 0, 0
+
 
 SERIAL_PORT = 0x3F8
 SERIAL_IRQ = 4
@@ -201,6 +212,20 @@ class Vmm:
             regs.setup_lint(vcpu)
         # The other vCPUs wait in the in-kernel LAPIC for the guest's INIT/SIPI.
         regs.setup_boot_vcpu(self.vcpus[0], self.kernel.entry, self.zero_page)
+        self.coalesced = self._coalesce_pci_config_address()
+
+    def _coalesce_pci_config_address(self) -> CoalescedRing | None:
+        """Let the kernel record writes to the PCI configuration address (0xcf8) instead of
+        exiting: each is followed by an access to 0xcfc that exits anyway, and the ring is
+        replayed before any exit is handled. A byte write to 0xcf9 (reset control) is in the
+        same zone and so takes effect at the next exit, not at once."""
+        page = self.kvm.check_extension(Cap.KVM_CAP_COALESCED_MMIO)
+        if not page or not self.kvm.check_extension(Cap.KVM_CAP_COALESCED_PIO):
+            return None
+        self.vm.register_coalesced_zone(CONFIG_ADDRESS_PORT, CONFIG_ADDRESS_LEN, pio=True)
+        ring = self.vcpus[0].coalesced_ring(page)
+        ring.add_zone(CONFIG_ADDRESS_PORT, CONFIG_ADDRESS_LEN, pio=True)
+        return ring
 
     def _build_pci(self) -> None:
         """PCI bus 0 with a virtio device per disk, then virtio-rng."""
@@ -300,13 +325,18 @@ class Vmm:
         self.request_exit(VmExit(0, "guest reset"))
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
-        io_bus, mmio_bus = self.io_bus, self.mmio_bus
+        io_bus, mmio_bus, ring = self.io_bus, self.mmio_bus, self.coalesced
+        ring_indexes = ring.indexes if ring is not None else _no_ring
         try:
             while not self._exit_event.is_set():
                 if self._pause_requested:
                     self._park()
                     continue
                 ex = vcpu.run()
+                first, last = ring_indexes()
+                if first != last:
+                    assert ring is not None
+                    ring.drain(io_bus.write, mmio_bus.write)
                 if type(ex) is IoExit:
                     if ex.count == 1:
                         if ex.is_write:
@@ -392,6 +422,10 @@ class Vmm:
             device.close()
         for line in getattr(self, "_intx_lines", []):
             line.close()
+        ring = getattr(self, "coalesced", None)
+        if ring is not None:
+            ring.close()
+            self.coalesced = None
         for vcpu in getattr(self, "vcpus", []):
             vcpu.close()
         if hasattr(self, "vm"):

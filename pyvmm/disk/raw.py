@@ -15,10 +15,9 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-import cffi
+from pyvmm.cdecl import declare
 
-_ffi = cffi.FFI()
-_ffi.cdef("int fallocate(int fd, int mode, int64_t offset, int64_t len);")
+_ffi: Any = declare("fallocate", "int fallocate(int fd, int mode, int64_t offset, int64_t len);")
 _libc: Any = _ffi.dlopen(None)
 
 SECTOR_SIZE = 512

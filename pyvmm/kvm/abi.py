@@ -12,11 +12,10 @@ import enum
 import struct
 from typing import Any
 
-import cffi
+from pyvmm.cdecl import declare
 
-ffi = cffi.FFI()
-
-ffi.cdef(
+ffi: Any = declare(
+    "kvm",
     """
     struct kvm_regs {
         uint64_t rax, rbx, rcx, rdx;
@@ -144,6 +143,31 @@ ffi.cdef(
         uint8_t  pad[36];
     };
 
+    struct kvm_coalesced_mmio_zone {
+        uint64_t addr;
+        uint32_t size;
+        union {
+            uint32_t pad;
+            uint32_t pio;
+        };
+    };
+
+    struct kvm_coalesced_mmio {
+        uint64_t phys_addr;
+        uint32_t len;
+        union {
+            uint32_t pad;
+            uint32_t pio;
+        };
+        uint8_t  data[8];
+    };
+
+    struct kvm_coalesced_mmio_ring {
+        uint32_t first;
+        uint32_t last;
+        struct kvm_coalesced_mmio coalesced_mmio[];
+    };
+
     struct kvm_irqfd {
         uint32_t fd;
         uint32_t gsi;
@@ -223,7 +247,7 @@ ffi.cdef(
     };
 
     int ioctl(int fd, unsigned long request, ...);
-    """
+    """,
 )
 
 libc: Any = ffi.dlopen(None)
@@ -294,6 +318,8 @@ class Ioctl(enum.IntEnum):
     KVM_IRQFD = _iow(0x76, "struct kvm_irqfd")
     KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
     KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
+    KVM_REGISTER_COALESCED_MMIO = _iow(0x67, "struct kvm_coalesced_mmio_zone")
+    KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, "struct kvm_coalesced_mmio_zone")
     KVM_RUN = _io(0x80)
     KVM_GET_REGS = _ior(0x81, "struct kvm_regs")
     KVM_SET_REGS = _iow(0x82, "struct kvm_regs")
@@ -329,6 +355,9 @@ class Cap(enum.IntEnum):
     KVM_CAP_MAX_VCPUS = 66
     KVM_CAP_TSC_DEADLINE_TIMER = 72
     KVM_CAP_IMMEDIATE_EXIT = 136
+    # Returns the page offset of the coalesced-write ring in a vCPU's mmap.
+    KVM_CAP_COALESCED_MMIO = 15
+    KVM_CAP_COALESCED_PIO = 162
 
 
 class ExitReason(enum.IntEnum):

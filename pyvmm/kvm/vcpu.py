@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyvmm.kvm.abi import KVM_EXIT_IO_OUT, ExitReason, Ioctl, ffi, libc, struct_for
+from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.cpuid import CpuidEntry, to_kvm_cpuid2
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.ioctl import ioctl
@@ -92,6 +93,11 @@ class Vcpu:
         self._mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_view = memoryview(self._mmap)
         self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._mmap))
+
+    def coalesced_ring(self, page_offset: int) -> CoalescedRing:
+        """The VM's coalesced-write ring, at `page_offset` pages into this vCPU's mapping (what
+        KVM_CAP_COALESCED_MMIO returns). Close it before the vCPU."""
+        return CoalescedRing(self._mmap, page_offset)
 
     def close(self) -> None:
         if self.fd >= 0:

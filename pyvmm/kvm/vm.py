@@ -97,6 +97,15 @@ class Vm:
     ) -> None:
         self._ioeventfd(eventfd, addr, length, datamatch, pio, KVM_IOEVENTFD_FLAG_DEASSIGN)
 
+    def register_coalesced_zone(self, addr: int, size: int, pio: bool) -> None:
+        """Guest writes inside the zone are recorded in the coalesced ring, not exited on
+        (see pyvmm/kvm/coalesced.py)."""
+        zone: Any = ffi.new("struct kvm_coalesced_mmio_zone *")
+        zone.addr = addr
+        zone.size = size
+        zone.pio = int(pio)
+        ioctl(self.fd, Ioctl.KVM_REGISTER_COALESCED_MMIO, zone)
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = ioctl(self.fd, Ioctl.KVM_CREATE_VCPU, vcpu_id)
         return Vcpu(vcpu_id, fd, self._vcpu_mmap_size)

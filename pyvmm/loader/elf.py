@@ -13,11 +13,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from elftools.common.exceptions import ELFError
-from elftools.common.utils import struct_parse
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
-
 from pyvmm.arch.x86_64.layout import HIGH_MEMORY_START
 from pyvmm.loader import (
     KernelImage,
@@ -52,9 +47,14 @@ ELF_CMDLINE_MAX = 2047
 # A vmlinux has no setup header to say otherwise; the caller caps the initrd to low RAM anyway.
 ELF_INITRD_ADDR_MAX = 0xFFFF_FFFF
 
-# What pyelftools raises on malformed input: its own errors, its construct library's, and a few
-# plain ones from decoding garbage.
-_PARSE_ERRORS = (ELFError, ConstructError, struct.error, ValueError, EOFError, KeyError, IndexError)
+
+def _parse_errors() -> tuple[type[Exception], ...]:
+    """What pyelftools raises on malformed input: its own errors, its construct library's, and
+    a few plain ones from decoding garbage."""
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+
+    return (ELFError, ConstructError, struct.error, ValueError, EOFError, KeyError, IndexError)
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,18 @@ def _parse(fd: int, label: str) -> tuple[list[_Segment], int]:
 
 
 def _parse_stream(stream: io.BufferedReader, label: str) -> tuple[list[_Segment], int]:
+    # pyelftools is imported here, not at the top: it adds ~20 ms to every start-up otherwise,
+    # and most boots load a bzImage.
+    from elftools.common.utils import struct_parse
+    from elftools.elf.elffile import ELFFile
+
+    parse_errors = _parse_errors()
     try:
         elf: Any = ELFFile(stream)
         elfclass = elf.elfclass
         little_endian = elf.little_endian
         header = elf.header
-    except _PARSE_ERRORS as exc:
+    except parse_errors as exc:
         raise ElfHeaderError(f"{label}: unreadable ELF header ({_one_line(exc)})") from exc
     if elfclass != ELFCLASS64:
         raise ElfClassError(f"{label}: 32-bit ELF; pyvmm boots 64-bit x86_64 kernels")
@@ -161,7 +167,7 @@ def _parse_stream(stream: io.BufferedReader, label: str) -> tuple[list[_Segment]
                 segments.append(
                     _Segment(i, ph["p_paddr"], ph["p_offset"], ph["p_filesz"], ph["p_memsz"])
                 )
-    except _PARSE_ERRORS as exc:
+    except parse_errors as exc:
         raise ElfHeaderError(f"{label}: unreadable ELF program headers ({_one_line(exc)})") from exc
     return segments, int(header["e_entry"])
 

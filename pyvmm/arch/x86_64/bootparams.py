@@ -6,10 +6,12 @@ size. `tests/unit/arch/x86_64/test_bootparams.py` checks sizes and offsets again
 
 from __future__ import annotations
 
-import cffi
+from typing import Any
 
-ffi = cffi.FFI()
-ffi.cdef(
+from pyvmm.cdecl import declare
+
+ffi: Any = declare(
+    "bootparams",
     """
     struct setup_header {
         uint8_t  setup_sects;

@@ -10,13 +10,12 @@ import enum
 from collections.abc import Sequence
 from typing import Any
 
-import cffi
-
 from pyvmm.arch.x86_64.layout import APIC_START, EBDA_START, IOAPIC_START, LOW_RAM_END
+from pyvmm.cdecl import declare
 from pyvmm.memory import GuestMemory
 
-ffi = cffi.FFI()
-ffi.cdef(
+ffi: Any = declare(
+    "mptable",
     """
     struct mpf_intel {
         char     signature[4];
@@ -248,10 +247,11 @@ def write_mptable(
 
 def max_cpus() -> int:
     """The most CPUs whose MP table still fits in the EBDA."""
-    fixed = sum(
+    fixed: int = sum(
         ffi.sizeof(t) for t in ("struct mpf_intel", "struct mpc_table", "struct mpc_ioapic")
     )
     fixed += 2 * ffi.sizeof("struct mpc_bus")
     fixed += (ISA_IRQS + MAX_PCI_IRQS) * ffi.sizeof("struct mpc_intsrc")
     fixed += 2 * ffi.sizeof("struct mpc_lintsrc")
-    return (LOW_RAM_END - EBDA_START - fixed) // ffi.sizeof("struct mpc_cpu")
+    cpu_entry: int = ffi.sizeof("struct mpc_cpu")
+    return (LOW_RAM_END - EBDA_START - fixed) // cpu_entry

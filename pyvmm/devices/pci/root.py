@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_PORTS_LEN = 8
+CONFIG_ADDRESS_LEN = 4  # the address register, 0xcf8-0xcfb
 NUM_SLOTS = 32
 ENABLE_BIT = 1 << 31
 RESET_CONTROL_OFFSET = 1  # 0xCF9

@@ -13,16 +13,15 @@ import logging
 import struct
 from typing import Any
 
-import cffi
-
+from pyvmm.cdecl import declare
 from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
 from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue
 from pyvmm.disk.raw import SECTOR_SIZE, RawDisk
 
 log = logging.getLogger(__name__)
 
-ffi = cffi.FFI()
-ffi.cdef(
+ffi: Any = declare(
+    "virtio_blk",
     """
     struct virtio_blk_config {
         uint64_t capacity;

@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import cffi
-
+from pyvmm.cdecl import declare
 from pyvmm.devices.irq import IrqLine
 from pyvmm.devices.pci.config import CapabilityId, InterruptPin, PciConfigSpace, PciId
 from pyvmm.devices.pci.device import PciDevice
@@ -32,8 +31,8 @@ from pyvmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
-ffi = cffi.FFI()
-ffi.cdef(
+ffi: Any = declare(
+    "virtio_pci",
     """
     struct virtio_pci_common_cfg {
         uint32_t device_feature_select;
@@ -67,7 +66,7 @@ ffi.cdef(
         uint32_t offset;
         uint32_t length;
     };
-    """
+    """,
 )
 
 VIRTIO_VENDOR_ID = 0x1AF4

@@ -30,6 +30,9 @@ STRUCTS = [
     "kvm_irq_level",
     "kvm_ioeventfd",
     "kvm_irqfd",
+    "kvm_coalesced_mmio_zone",
+    "kvm_coalesced_mmio",
+    "kvm_coalesced_mmio_ring",
     "kvm_run",
 ]
 # Members of kvm_run's anonymous union and what follows it.
