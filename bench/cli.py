@@ -98,17 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, str] = {}
     if qemu:
         commands["qemu"] = qemu_version()
-        commands["qemu startup"] = shlex.join(qemu_argv(PROBE, ["probe=cmdline"]))
-        commands["qemu exit"] = shlex.join(
-            qemu_argv(PROBE, ["probe=outloop", f"probe.count={args.exits}"])
-        )
-        commands["qemu blk"] = shlex.join(
-            qemu_argv(
-                PROBE,
-                ["probe=blkbench", "probe.bench=seq", f"probe.bytes={args.image_mib * MiB}"],
-                disk=Path("IMAGE"),
-            )
-        )
+        image_mib = args.image_mib * MiB
+        probe_runs = {
+            "startup": ["probe=cmdline"],
+            "exit": ["probe=outloop", f"probe.count={args.exits}"],
+            "blk": ["probe=blkbench", "probe.bench=seq", f"probe.bytes={image_mib}"],
+        }
+        for group, params in probe_runs.items():
+            if group in only:
+                disk = Path("IMAGE") if group == "blk" else None
+                commands[f"qemu {group}"] = shlex.join(qemu_argv(PROBE, params, disk=disk))
 
     benches: dict[str, Callable[[], list[Row]]] = {
         "startup": lambda: native.startup(args.runs, qemu),

@@ -1,0 +1,52 @@
+"""bin/bench runs both VMMs and records what it measured (numbers are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_startup_and_exit_rows_for_both_vmms(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = bench("--runs", "1", "--only", "startup,exit", "--exits", "2000", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["group"], r["name"]): r for r in report["rows"]}
+    assert set(rows) == {
+        ("startup", "to first serial byte"),
+        ("startup", "to process exit"),
+        ("startup", "peak RSS"),
+        ("exit", "port write round trip"),
+        ("exit", "VMM CPU per exit"),
+    }
+    assert all(r["pyvmm"] > 0 for r in rows.values())
+    assert "| startup: to first serial byte |" in proc.stdout
+    history = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert json.loads(history[-1])["rows"] == report["rows"]
+    if shutil.which("qemu-system-x86_64"):
+        assert all(r["qemu"] > 0 and r["ratio"] > 0 for r in rows.values())
+        assert "qemu startup: qemu-system-x86_64 -enable-kvm" in proc.stdout
+    else:
+        assert any("pyvmm-only" in note for note in report["notes"])
+
+
+def test_an_unknown_benchmark_is_one_line_naming_it() -> None:
+    proc = bench("--only", "startup,warp")
+    assert proc.returncode == 2
+    assert "--only: unknown benchmark 'warp'" in proc.stderr.strip().splitlines()[-1]
