@@ -205,7 +205,8 @@ void virtq_kick(struct virtq *vq);
 bool virtq_has_used(struct virtq *vq);
 /* Take one used entry: its token and length; frees the chain. false if none. */
 bool virtq_poll(struct virtq *vq, void **token, uint32_t *len);
-/* The ring indices as text (for failure messages): avail, kicked, used, consumed, events. */
+/* The ring indices as text (for failure messages): avail, kicked, used, consumed, events.
+ * It reads the device status, an MMIO exit: compute it only once something has failed. */
 const char *virtq_state(struct virtq *vq);
 /* virtq_poll, waiting at most timeout_ms. */
 bool virtq_wait(struct virtq *vq, void **token, uint32_t *len, uint64_t timeout_ms);

@@ -54,7 +54,7 @@ static bool finish_one(struct vblk_req *r, uint32_t data_len, const char *what)
 	struct vblk_req *done = vblk_complete(&blk, VBLK_REQ_TIMEOUT_MS);
 
 	if (!report(done, "%s: no completion within %u ms %s", what, VBLK_REQ_TIMEOUT_MS,
-		    virtq_state(&blk.vq)))
+		    done ? "" : virtq_state(&blk.vq)))
 		return false;
 	if (!report(done == r, "%s: the device completed another request", what))
 		return false;
@@ -159,7 +159,7 @@ static bool in_flight(uint32_t type, uint64_t first, unsigned sectors, uint8_t *
 		struct vblk_req *r = vblk_complete(&blk, VBLK_REQ_TIMEOUT_MS);
 
 		if (!report(r, "%s: %u of %u requests completed within %u ms %s", what, done,
-			    IN_FLIGHT, VBLK_REQ_TIMEOUT_MS, virtq_state(&blk.vq)))
+			    IN_FLIGHT, VBLK_REQ_TIMEOUT_MS, r ? "" : virtq_state(&blk.vq)))
 			return false;
 		if (!report(r->status == VIRTIO_BLK_S_OK, "%s: request %ld status %u", what,
 			    r - reqs, r->status))

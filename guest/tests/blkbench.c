@@ -99,7 +99,7 @@ void test_blkbench(void)
 		struct vblk_req *r = vblk_complete(&blk, VBLK_REQ_TIMEOUT_MS);
 
 		if (!report(r, "request %lu of %lu: no completion within %u ms %s", completed,
-			    requests, VBLK_REQ_TIMEOUT_MS, virtq_state(&blk.vq)))
+			    requests, VBLK_REQ_TIMEOUT_MS, r ? "" : virtq_state(&blk.vq)))
 			goto out;
 		if (!report(r->status == VIRTIO_BLK_S_OK, "request %lu: status %u", completed,
 			    r->status))
