@@ -109,6 +109,10 @@ class GuestMemory:
             raise
         self.size = total
         self._views = [memoryview(r.mapping) for r in self.regions]
+        # (start, end, view) per region: what view() scans on every device access.
+        self._spans = [
+            (r.guest_addr, r.end, v) for r, v in zip(self.regions, self._views, strict=True)
+        ]
 
     def close(self) -> None:
         for v in self._views:
@@ -141,8 +145,12 @@ class GuestMemory:
 
     def view(self, addr: int, length: int) -> memoryview:
         """A writable memoryview of guest RAM [addr, addr+length), for in-place I/O."""
-        i, off = self._locate(addr, length)
-        return self._views[i][off : off + length]
+        if addr >= 0 and length >= 0:
+            end = addr + length
+            for start, stop, view in self._spans:
+                if start <= addr and end <= stop:
+                    return view[addr - start : end - start]
+        raise GuestMemoryError(addr, length)
 
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))

@@ -115,14 +115,15 @@ def _all(
     op: Callable[[int, list[memoryview], int], int], fd: int, buffers: list[memoryview], offset: int
 ) -> int:
     """preadv/pwritev until every buffer is done or the file ends (short transfers resume)."""
-    total = 0
     pending = [b for b in buffers if len(b)]
+    want = sum(len(b) for b in pending)
+    total = 0
     while pending:
         n = op(fd, pending, offset + total)
-        if n == 0:
-            break
         total += n
-        while pending and n >= len(pending[0]):
+        if n == 0 or total == want:  # the end of the file, or (usually at once) all of it
+            break
+        while n >= len(pending[0]):  # drop the buffers done; resume inside the next
             n -= len(pending[0])
             pending.pop(0)
         if n:

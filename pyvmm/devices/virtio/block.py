@@ -164,12 +164,22 @@ class Block(VirtioDevice):
         if chain.writable_len < 1 or chain.readable_len < HEADER.size:
             log.info("%s: request %d without header or status byte", self.name, chain.head)
             return 0
-        header, data_out = split(chain.readable, HEADER.size)
-        data_in, status_view = split(chain.writable, chain.writable_len - 1)
-        rtype, _, sector = HEADER.unpack(b"".join(bytes(h) for h in header))
+        readable, writable = chain.readable, chain.writable
+        # Drivers put the header and the status byte in descriptors of their own (Linux does);
+        # take those directly, and split the buffers only for other layouts.
+        if len(readable[0]) == HEADER.size:
+            rtype, _, sector = HEADER.unpack(readable[0])
+            data_out = readable[1:]
+        else:
+            header, data_out = split(readable, HEADER.size)
+            rtype, _, sector = HEADER.unpack(b"".join(bytes(h) for h in header))
+        if len(writable[-1]) == 1:
+            data_in, status_view = writable[:-1], writable[-1:]
+        else:
+            data_in, status_view = split(writable, chain.writable_len - 1)
         written = 0
         try:
-            written = self._execute(rtype, sector, data_out, data_in)
+            written = self._execute(rtype, sector, data_out, data_in, chain.writable_len - 1)
             status = Status.OK
         except RequestError as e:
             log.debug("%s: request %d: %s", self.name, chain.head, e)
@@ -189,13 +199,19 @@ class Block(VirtioDevice):
         return offset
 
     def _execute(
-        self, rtype: int, sector: int, data_out: list[memoryview], data_in: list[memoryview]
+        self,
+        rtype: int,
+        sector: int,
+        data_out: list[memoryview],
+        data_in: list[memoryview],
+        in_len: int,
     ) -> int:
+        """Do the request; the bytes written to `data_in` (`in_len` bytes long)."""
         writes = (RequestType.OUT, RequestType.DISCARD, RequestType.WRITE_ZEROES)
         if rtype in writes and not self.disk.writable:
             raise RequestError(Status.IOERR, "write to a read-only disk")
         if rtype == RequestType.IN:
-            length = total(data_in)
+            length = in_len
             offset = self._range(sector, length)
             if self.disk.read_into(offset, data_in) != length:
                 raise RequestError(Status.IOERR, "short read")

@@ -188,19 +188,14 @@ class DescriptorOutsideRam(InvalidChain):
 
 @dataclass(slots=True)
 class DescriptorChain:
-    """One available chain: its head index and its buffers as views of guest RAM, in order."""
+    """One available chain: its head index and its buffers as views of guest RAM, in order,
+    with their total lengths."""
 
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
-
-    @property
-    def readable_len(self) -> int:
-        return sum(v.nbytes for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(v.nbytes for v in self.writable)
+    readable_len: int = 0
+    writable_len: int = 0
 
 
 class SplitQueue:
@@ -323,6 +318,7 @@ class SplitQueue:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         total = 0
+        readable_len = 0
         index = head
         while True:
             if budget == 0:
@@ -359,8 +355,9 @@ class SplitQueue:
                     raise ReadableAfterWritable(head)
                 else:
                     readable.append(view)
+                    readable_len += length
             if not flags & _NEXT:
-                return DescriptorChain(head, readable, writable)
+                return DescriptorChain(head, readable, writable, readable_len, total - readable_len)
             if nxt >= limit:
                 raise DescriptorOutOfRange(head, nxt, limit)
             index = nxt
