@@ -35,9 +35,7 @@ QEMU = "qemu-system-x86_64"
 # QEMU's most capable emulated CPU (it has SVM with nested paging), reporting an AMD Zen 2
 # family and model. Left at QEMU's default (AMD family 15, the K8 of 2003), Linux guests take
 # the AGP-era path that scans all 256 PCI buses for a GART twice at boot: 16,384 config-space
-# exits that no guest on a real KVM host makes. Not family 23 (its guests log an SRSO WARNING)
-# nor 21: there the emulated CPU reports an empty cache leaf 0x80000005, which pyvmm passes on
-# and Linux divides by on family 15h before it has an IDT (QEMU synthesizes that leaf).
+# exits that no guest on a real KVM host makes. Not family 23: its guests log an SRSO WARNING.
 TESTVM_CPU = "max,family=22,model=48"
 DEFAULT_MEM_MIB = 4096
 STATUS_FILE = "status"

@@ -20,6 +20,14 @@ ECX_HYPERVISOR = 1 << 31
 EDX_HTT = 1 << 28
 CLFLUSH_LINE_QWORDS = 8
 
+# AMD's L1 cache and TLB leaf. KVM passes the host's; an emulated host (QEMU's TCG) can leave it
+# all zeros, and Linux divides by its L1 instruction-cache associativity on AMD family 15h, a
+# divide error before the guest has an IDT. An empty leaf is filled with a plain description,
+# as QEMU fills it from its own cache model: 2M/4M TLBs 4-way with 32 entries, 4K TLBs fully
+# associative with 64, L1d 32 KiB 8-way and L1i 64 KiB 4-way, both with 64-byte lines.
+LEAF_AMD_L1_CACHE = 0x8000_0005
+AMD_L1_CACHE_DEFAULT = (0x0420_0420, 0xFF40_FF40, 0x2008_0140, 0x4004_0140)
+
 # Leaf 0xB / 0x1F level types (ECX[15:8])
 LEVEL_TYPE_INVALID = 0
 LEVEL_TYPE_SMT = 1
@@ -66,6 +74,8 @@ def vcpu_cpuid(
                 e.eax, e.ebx, e.ecx = core_bits, num_cpus, (LEVEL_TYPE_CORE << 8) | 1
             else:
                 e.eax, e.ebx, e.ecx = 0, 0, (LEVEL_TYPE_INVALID << 8) | e.index
+        elif e.function == LEAF_AMD_L1_CACHE and not (e.eax or e.ebx or e.ecx or e.edx):
+            e.eax, e.ebx, e.ecx, e.edx = AMD_L1_CACHE_DEFAULT
         result.append(e)
     return result
 

@@ -66,3 +66,17 @@ def test_no_xcr0_without_xsave() -> None:
     leaf_d = CpuidEntry(0xD, 0, 1, 0x207, 0x240, 0xA88, 0)
     assert xsave_features([no_xsave, leaf_d]) is None
     assert xsave_features([CpuidEntry(0x1, 0, 0, 0, 0, 1 << 26, 0)]) is None
+
+
+def test_an_empty_amd_l1_cache_leaf_gets_a_cache_a_guest_can_divide_by() -> None:
+    empty = [*SUPPORTED, CpuidEntry(0x80000005, 0, 0, 0, 0, 0, 0)]
+    e = _leaf(vcpu_cpuid(empty, 0, 1, tsc_deadline=False), 0x80000005)
+    # ECX/EDX: L1d/L1i size KiB [31:24], associativity [23:16], line size [7:0].
+    for reg in (e.ecx, e.edx):
+        assert reg >> 24 and (reg >> 16) & 0xFF and reg & 0xFF == 64
+
+
+def test_a_host_amd_l1_cache_leaf_passes_unchanged() -> None:
+    host = CpuidEntry(0x80000005, 0, 0, 0xFF40FF18, 0xFF40FF30, 0x20080140, 0x40040140)
+    e = _leaf(vcpu_cpuid([*SUPPORTED, host], 0, 1, tsc_deadline=False), 0x80000005)
+    assert (e.eax, e.ebx, e.ecx, e.edx) == (host.eax, host.ebx, host.ecx, host.edx)
