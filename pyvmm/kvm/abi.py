@@ -256,9 +256,10 @@ _STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def struct_for(ctype: str, *fields: str) -> struct.Struct:
-    """A `struct.Struct` that unpacks the given unsigned integer fields of `ctype` in one call,
-    starting at the first field's offset. Offsets and sizes come from the cffi declaration, so
-    hot paths can decode kernel structs from a buffer without hand-written offsets."""
+    """A `struct.Struct` that unpacks the given unsigned integer fields (and byte arrays, as
+    bytes) of `ctype` in one call, starting at the first field's offset. Offsets and sizes come
+    from the cffi declaration, so hot paths can decode kernel structs from a buffer without
+    hand-written offsets."""
     first = ffi.offsetof(ctype, *fields[0].split("."))
     fmt = "<"
     pos = first
@@ -270,8 +271,10 @@ def struct_for(ctype: str, *fields: str) -> struct.Struct:
         field_type = ffi.typeof(ctype)
         for name in path:
             field_type = dict(field_type.fields)[name].type
-        fmt += "x" * (offset - pos) + _STRUCT_CODES[ffi.sizeof(field_type.cname)]
-        pos = offset + ffi.sizeof(field_type.cname)
+        size = ffi.sizeof(field_type.cname)
+        is_bytes = field_type.kind == "array" and field_type.item.cname == "uint8_t"
+        fmt += "x" * (offset - pos) + (f"{size}s" if is_bytes else _STRUCT_CODES[size])
+        pos = offset + size
     return struct.Struct(fmt)
 
 
@@ -319,7 +322,6 @@ class Ioctl(enum.IntEnum):
     KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
     KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
     KVM_REGISTER_COALESCED_MMIO = _iow(0x67, "struct kvm_coalesced_mmio_zone")
-    KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, "struct kvm_coalesced_mmio_zone")
     KVM_RUN = _io(0x80)
     KVM_GET_REGS = _ior(0x81, "struct kvm_regs")
     KVM_SET_REGS = _iow(0x82, "struct kvm_regs")

@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import functools
 import mmap
-import struct
 import threading
 from collections.abc import Callable
 
-from pyvmm.kvm.abi import ffi
+from pyvmm.kvm.abi import ffi, struct_for
 
 PAGE_SIZE = mmap.PAGESIZE
 _RING_HEADER = ffi.sizeof("struct kvm_coalesced_mmio_ring")
 _ENTRY_SIZE = ffi.sizeof("struct kvm_coalesced_mmio")
 RING_ENTRIES = (PAGE_SIZE - _RING_HEADER) // _ENTRY_SIZE
-_INDEXES = struct.Struct("=II")  # first, last
 _FIRST = ffi.offsetof("struct kvm_coalesced_mmio_ring", "first")
-_LAST = ffi.offsetof("struct kvm_coalesced_mmio_ring", "last")
-_FIRST_FIELD = struct.Struct("=I")
-_ENTRY = struct.Struct("=QII8s")  # phys_addr, len, pio, data
-assert _ENTRY.size == _ENTRY_SIZE and _LAST == _FIRST + 4
+_INDEXES = struct_for("struct kvm_coalesced_mmio_ring", "first", "last")
+_FIRST_FIELD = struct_for("struct kvm_coalesced_mmio_ring", "first")
+_ENTRY = struct_for("struct kvm_coalesced_mmio", "phys_addr", "len", "pio", "data")
 
 WriteHandler = Callable[[int, bytes], object]
 

@@ -90,3 +90,11 @@ def test_struct_for_decodes_fields_where_cffi_puts_them() -> None:
     offset = ffi.offsetof("struct kvm_run", "io", "direction")
     assert io.unpack_from(ffi.buffer(run), offset) == (1, 2, 0x3F8, 3, 0x1000)
     assert struct_for("struct kvm_irqfd", "fd", "flags").format == "<IxxxxI"
+
+
+def test_struct_for_gives_byte_arrays_as_bytes() -> None:
+    entry = ffi.new("struct kvm_coalesced_mmio *")
+    entry.phys_addr, entry.len, entry.pio = 0xCF8, 4, 1
+    ffi.memmove(entry.data, b"\x04\x08\x00\x80", 4)
+    layout = struct_for("struct kvm_coalesced_mmio", "phys_addr", "len", "pio", "data")
+    assert layout.unpack_from(ffi.buffer(entry)) == (0xCF8, 4, 1, b"\x04\x08\x00\x80" + bytes(4))
