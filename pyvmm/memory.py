@@ -128,17 +128,9 @@ class GuestMemory:
         """One past the highest guest RAM address."""
         return self.regions[-1].end
 
-    def _locate(self, addr: int, length: int) -> tuple[int, int]:
-        if addr < 0 or length < 0:
-            raise GuestMemoryError(addr, length)
-        for i, r in enumerate(self.regions):
-            if r.guest_addr <= addr and addr + length <= r.end:
-                return i, addr - r.guest_addr
-        raise GuestMemoryError(addr, length)
-
     def is_ram(self, addr: int, length: int = 1) -> bool:
         try:
-            self._locate(addr, length)
+            self.view(addr, length).release()
         except GuestMemoryError:
             return False
         return True
@@ -159,8 +151,7 @@ class GuestMemory:
         self.view(addr, len(data))[:] = data
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
-        i, off = self._locate(addr, length)
-        self.regions[i].mapping[off : off + length] = bytes([byte]) * length
+        self.view(addr, length)[:] = bytes([byte]) * length
 
     def read_int(self, addr: int, size: int) -> int:
         return int.from_bytes(self.view(addr, size), "little")
