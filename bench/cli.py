@@ -23,6 +23,7 @@ from typing import Any
 from bench import native, nested
 from bench.measure import Row, table
 from bench.vmms import PROBE, QEMU_MACHINE, ROOT, qemu_argv, qemu_available, qemu_version
+from pyvmm.harness.linux import cpuinfo
 
 GROUPS = ("startup", "exit", "blk", "linux")
 MiB = 1 << 20
@@ -31,14 +32,7 @@ MiB = 1 << 20
 def kvm_flavour() -> str:
     """Which KVM this host has: PVM (kvm_pvm: no VMX/SVM needed, so no stock kernel natively)
     or the hardware-assisted kind."""
-    flags = next(
-        (
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ),
-        "",
-    ).split()
+    flags = cpuinfo("flags").split()
     if Path("/sys/module/kvm_pvm").exists():
         return "PVM (kvm_pvm)"
     if "vmx" in flags:
@@ -49,14 +43,7 @@ def kvm_flavour() -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
+    cpu = cpuinfo("model name") or "unknown"
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cores": os.cpu_count(),

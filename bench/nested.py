@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from bench.measure import PYVMM, QEMU, Row
+from bench.vmms import qemu_disk_args
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.linux import LinuxHarness
 
@@ -36,12 +37,7 @@ def _qemu(bzimage: str, initramfs: str, append: str, disk: str | None = None) ->
         "-no-reboot", "-kernel", bzimage, "-initrd", initramfs,
         "-append", f"console=ttyS0 reboot=k panic=1 quiet {append}",
     ]  # fmt: skip
-    if disk is not None:
-        argv += [
-            "-drive", f"file={disk},format=raw,if=none,id=disk0,cache=writeback,aio=threads",
-            "-device", "virtio-blk-pci,drive=disk0,disable-legacy=on",
-        ]  # fmt: skip
-    return argv
+    return argv + qemu_disk_args(disk) if disk is not None else argv
 
 
 def _with_image(image: str, argv: list[str]) -> list[str]:

@@ -55,10 +55,13 @@ def qemu_argv(
         "-m", str(mem_mib), "-nodefaults", "-display", "none", "-serial", "stdio",
         "-no-reboot", "-kernel", str(kernel), "-append", " ".join(params),
     ]  # fmt: skip
-    if disk is not None:
-        # The same caching as pyvmm: buffered I/O through the host's page cache.
-        argv += [
-            "-drive", f"file={disk},format=raw,if=none,id=disk0,cache=writeback,aio=threads",
-            "-device", "virtio-blk-pci,drive=disk0,disable-legacy=on",
-        ]  # fmt: skip
-    return argv
+    return argv + qemu_disk_args(disk) if disk is not None else argv
+
+
+def qemu_disk_args(disk: Path | str) -> list[str]:
+    """A raw virtio-blk disk for QEMU, cached as pyvmm's are: buffered I/O through the host's
+    page cache."""
+    return [
+        "-drive", f"file={disk},format=raw,if=none,id=disk0,cache=writeback,aio=threads",
+        "-device", "virtio-blk-pci,drive=disk0,disable-legacy=on",
+    ]  # fmt: skip

@@ -53,15 +53,21 @@ class Placement:
         return f"Linux guests run {where}: {self.reason}"
 
 
-def _cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("" when there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(cpuinfo("flags").split())
 
 
 def choose_placement(kvm_path: str = "/dev/kvm") -> Placement:
