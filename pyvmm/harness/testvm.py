@@ -32,10 +32,11 @@ TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun
 HOSTROOT_TAG = "hostroot"
 SCRATCH_TAG = "scratch"
 QEMU = "qemu-system-x86_64"
-# QEMU's most capable emulated CPU (it has SVM with nested paging), reporting an AMD Zen 2
-# family and model. Left at QEMU's default (AMD family 15, the K8 of 2003), Linux guests take
-# the AGP-era path that scans all 256 PCI buses for a GART twice at boot: 16,384 config-space
-# exits that no guest on a real KVM host makes. Not family 23: its guests log an SRSO WARNING.
+# QEMU's most capable emulated CPU (it has SVM with nested paging), reporting the family and
+# model of a 2014 AMD part (family 16h, Puma). Left at QEMU's default (AMD family 15, the K8 of
+# 2003), Linux guests take the AGP-era path that scans all 256 PCI buses for a GART twice at
+# boot: 16,384 config-space exits that no guest on a real KVM host makes. Not family 23: its
+# guests log an SRSO WARNING.
 TESTVM_CPU = "max,family=22,model=48"
 DEFAULT_MEM_MIB = 4096
 STATUS_FILE = "status"
