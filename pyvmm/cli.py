@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
 from pyvmm.control import COMMANDS, ControlError, send_command
@@ -21,6 +21,9 @@ from pyvmm.disk.raw import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
+
+if TYPE_CHECKING:
+    from pyvmm.vmm import Vmm
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -131,26 +134,54 @@ def cmd_control(args: argparse.Namespace) -> int:
     return EXIT_FAILURE
 
 
+# Signals that end `pyvmm run` in an orderly way: vCPUs stopped, terminal restored, socket
+# removed, status 128 + signal. SIGHUP (the terminal went away) and SIGQUIT (Ctrl-\\ in a
+# terminal not in raw mode) would otherwise kill the process with none of that done.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class StoppedBySignal(BaseException):
+    """A stop signal arrived before the VM was built; unwinds the building (which cleans up)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.code = 128 + signum
+
+
+class _StopOnSignal:
+    """The handler for STOP_SIGNALS: once the VM exists it asks it to exit (the main loop then
+    stops it), before that it unwinds whatever is being built."""
+
+    def __init__(self) -> None:
+        self.vmm: Vmm | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        from pyvmm.vmm import VmExit
+
+        if self.vmm is None:
+            raise StoppedBySignal(signum)
+        self.vmm.request_exit(VmExit(128 + signum, f"stopped by {signal.Signals(signum).name}"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.terminal import raw_terminal
-    from pyvmm.vmm import VmExit, Vmm
+    from pyvmm.vmm import Vmm
 
+    on_signal = _StopOnSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     config = config_from_args(args)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
     console_out = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
-    vmm = Vmm(config, console_out=console_out, console_in_fd=stdin_fd)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        vmm.request_exit(VmExit(128 + signum, f"stopped by {name}"))
-
+    vmm: Vmm | None = None
     try:
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        vmm = Vmm(config, console_out=console_out, console_in_fd=stdin_fd)
+        on_signal.vmm = vmm
         with raw_terminal(stdin_fd) if stdin_fd is not None else contextlib.nullcontext():
             result = vmm.run()
     finally:
-        vmm.close()
+        if vmm is not None:
+            vmm.close()
     sys.stdout.flush()
     if result.code != 0:
         print(f"pyvmm: {result.reason}", file=sys.stderr)
@@ -177,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except StoppedBySignal as e:
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("pyvmm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pyvmm.arch.x86_64.mptable import max_cpus
 from pyvmm.control.protocol import socket_is_live
+from pyvmm.files import FileKindError, check_kind
 
 DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1
@@ -78,7 +79,7 @@ class VmConfig:
         if roots and not self.disks[0].root:
             raise ConfigError(f"{roots[0].flag} {roots[0].path}: the root disk must come first")
         for disk in self.disks:
-            _check_readable_file(disk.path, disk.flag)
+            _check_readable_file(disk.path, disk.flag, block_device_ok=True)
             if disk.writable and not os.access(disk.path, os.W_OK):
                 raise ConfigError(f"{disk.flag} {disk.path}: not writable")
         if self.socket is not None:  # last: it may remove a stale socket file
@@ -86,11 +87,17 @@ class VmConfig:
         return self
 
 
-def _check_readable_file(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise ConfigError(f"{what} {path}: no such file")
-    if os.path.isdir(path):
-        raise ConfigError(f"{what} {path}: is a directory")
+def _check_readable_file(path: str, what: str, block_device_ok: bool = False) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+    try:
+        check_kind(mode, block_device_ok)
+    except FileKindError as e:
+        raise ConfigError(f"{what} {path}: {e}") from None
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{what} {path}: permission denied")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import logging
 import mmap
 import os
 import struct
@@ -20,6 +21,11 @@ from typing import Any
 from pyvmm.kvm.abi import ffi
 
 PAGE_SIZE = 4096
+# The most bytes fill() and zero() write at once: their host buffer never grows with the range.
+FILL_CHUNK = 1 << 20
+_ZEROES = bytes(FILL_CHUNK)
+
+log = logging.getLogger(__name__)
 
 
 SHMEM_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
@@ -115,12 +121,25 @@ class GuestMemory:
         ]
 
     def close(self) -> None:
+        """Give up this object's use of guest RAM; idempotent, never raises.
+
+        Views handed out earlier may outlive this call (a worker that was abandoned, a chain
+        not yet dropped): a mapping that still has views is not unmapped here but unmaps itself
+        when the last of them goes. So no view ever points at unmapped memory, and nothing
+        depends on when the garbage collector runs."""
+        self._spans = []
         for v in self._views:
             v.release()
+        self._views = []
         for r in self.regions:
-            r.mapping.close()
+            try:
+                r.mapping.close()
+            except BufferError:
+                log.debug(
+                    "guest RAM at %#x: still viewed; unmapped once the views go", r.guest_addr
+                )
         if self.memfd >= 0:
-            os.close(self.memfd)
+            os.close(self.memfd)  # the mappings keep the memory itself alive
             self.memfd = -1
 
     @property
@@ -151,7 +170,40 @@ class GuestMemory:
         self.view(addr, len(data))[:] = data
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
-        self.view(addr, length)[:] = bytes([byte]) * length
+        """Set [addr, addr+length) to `byte`, a bounded chunk at a time."""
+        if byte == 0:
+            self.zero(addr, length)
+            return
+        view = self.view(addr, length)
+        pattern = bytes([byte]) * min(length, FILL_CHUNK)
+        for at in range(0, length, FILL_CHUNK):
+            part = view[at : at + FILL_CHUNK]
+            part[:] = pattern[: len(part)]
+
+    def zero(self, addr: int, length: int) -> None:
+        """Zero [addr, addr+length) with no host buffer of that size: the whole pages go back
+        to the memfd (MADV_REMOVE: they read as zero in every process that maps them and cost
+        nothing until touched again); the partial pages at either end are cleared in place."""
+        view = self.view(addr, length)
+        if length == 0:
+            return
+        region = next(r for r in self.regions if r.guest_addr <= addr < r.end)
+        offset = addr - region.guest_addr
+        pages_start = -(-offset // PAGE_SIZE) * PAGE_SIZE - offset  # both relative to `addr`
+        pages_end = (offset + length) // PAGE_SIZE * PAGE_SIZE - offset
+        if pages_end > pages_start:
+            try:
+                region.mapping.madvise(
+                    mmap.MADV_REMOVE, offset + pages_start, pages_end - pages_start
+                )
+            except OSError:  # memory that cannot give pages back: clear it all by hand
+                pages_start = pages_end = length
+        else:
+            pages_start = pages_end = length
+        for start, end in ((0, pages_start), (pages_end, length)):
+            for at in range(start, end, FILL_CHUNK):
+                part = view[at : min(end, at + FILL_CHUNK)]
+                part[:] = _ZEROES[: len(part)]
 
     def read_int(self, addr: int, size: int) -> int:
         return int.from_bytes(self.view(addr, size), "little")

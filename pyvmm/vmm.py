@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -58,6 +59,7 @@ from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import KernelImage, build_cmdline, load_initrd, load_kernel, write_cmdline
 from pyvmm.memory import GuestMemory, shmem_huge_pages
+from pyvmm.ratelimit import flush_all as flush_guest_logs
 from pyvmm.terminal import StdinPump
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,9 @@ PCI_INTX_FIRST_GSI = 16
 PCI_INTX_GSIS = 8
 
 KICK_SIGNAL = signal.SIGUSR1
+# How long suspend waits for vCPUs and device workers to park, and exit for vCPUs to stop.
 PAUSE_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
 # KVM_SYSTEM_EVENT_* types
 SYSTEM_EVENT_SHUTDOWN = 1
 SYSTEM_EVENT_RESET = 2
@@ -94,6 +98,11 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 acpi=off"
 
 # What a read from an address no device claims returns (a floating bus).
 _ALL_ONES = b"\xff" * 8
+
+
+class SuspendError(Exception):
+    """Not every vCPU and device worker parked in time; the message names the ones that did
+    not."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,8 @@ class Vmm:
         self._threads: list[threading.Thread] = []
         self._run_state = threading.Condition()
         self._pause_requested = False
-        self._parked = 0
+        self._parked: set[threading.Thread] = set()  # vCPU threads waiting in _park
+        self._abandoned_vcpus: set[int] = set()
         self.control: ControlServer | None = None
         self.kvm = Kvm(config.kvm_path)
         try:
@@ -282,22 +292,28 @@ class Vmm:
             self._run_state.notify_all()
 
     def pause(self) -> None:
-        """Park every vCPU outside KVM_RUN and stop the device workers; return when done."""
+        """Park every vCPU outside KVM_RUN and every device worker; return once all are parked.
+        Raises SuspendError naming what did not park in time (the VM then goes on running)."""
         with self._run_state:
             if self._pause_requested:
                 return
             self._pause_requested = True
         self._kick_vcpus()
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
         with self._run_state:
             self._run_state.wait_for(
-                lambda: (
-                    self._parked >= sum(t.is_alive() for t in self._threads)
-                    or self._exit_event.is_set()
-                ),
-                timeout=PAUSE_TIMEOUT_S,
+                lambda: not self._unparked() or self._exit_event.is_set(), timeout=PAUSE_TIMEOUT_S
             )
+            late = [f"vCPU {vcpu.id}" for vcpu in self._unparked()]
         for device in self.virtio_devices:
-            device.pause()
+            if not device.pause(max(0.0, deadline - time.monotonic())):
+                late.append(f"virtio {device.name}")
+        if late and not self._exit_event.is_set():
+            self.resume()
+            raise SuspendError(
+                f"suspend failed: {', '.join(late)} did not park within {PAUSE_TIMEOUT_S:g} s; "
+                "the VM goes on running"
+            )
 
     def resume(self) -> None:
         for device in self.virtio_devices:
@@ -306,12 +322,21 @@ class Vmm:
             self._pause_requested = False
             self._run_state.notify_all()
 
+    def _unparked(self) -> list[Vcpu]:
+        """The vCPUs whose threads run and are not parked (call with _run_state held)."""
+        return [
+            vcpu
+            for vcpu, t in zip(self.vcpus, self._threads, strict=False)
+            if t.is_alive() and t not in self._parked
+        ]
+
     def _park(self) -> None:
+        me = threading.current_thread()
         with self._run_state:
-            self._parked += 1
+            self._parked.add(me)
             self._run_state.notify_all()
             self._run_state.wait_for(lambda: not self._pause_requested or self._exit_event.is_set())
-            self._parked -= 1
+            self._parked.discard(me)
 
     def _kick_vcpus(self) -> None:
         """Bring every vCPU out of KVM_RUN (now, or as soon as it next enters)."""
@@ -394,7 +419,9 @@ class Vmm:
         if self.stdin_pump is not None:
             self.stdin_pump.start()
         for vcpu in self.vcpus:
-            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.id}")
+            t = threading.Thread(
+                target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
+            )
             self._threads.append(t)
             t.start()
         while not self._exit_event.wait(0.5):
@@ -404,13 +431,21 @@ class Vmm:
         return self._exit
 
     def _stop_vcpus(self) -> None:
-        while any(t.is_alive() for t in self._threads):
+        """Bring every vCPU thread to an end, within STOP_TIMEOUT_S; one that does not end is
+        reported and abandoned (a daemon thread, whose vCPU is never closed under it)."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while any(t.is_alive() for t in self._threads) and time.monotonic() < deadline:
             self._kick_vcpus()
             for t in self._threads:
                 t.join(0.05)
+        for vcpu, t in zip(self.vcpus, self._threads, strict=True):
+            if t.is_alive():
+                log.warning("vCPU %d did not stop within %g s; abandoned", vcpu.id, STOP_TIMEOUT_S)
+                self._abandoned_vcpus.add(vcpu.id)
         self._threads.clear()
 
     def close(self) -> None:
+        """Release everything the VM holds; each wait on the way is bounded."""
         control = getattr(self, "control", None)
         if control is not None:
             control.close()
@@ -427,7 +462,8 @@ class Vmm:
             ring.close()
             self.coalesced = None
         for vcpu in getattr(self, "vcpus", []):
-            vcpu.close()
+            if vcpu.id not in self._abandoned_vcpus:  # its thread may still be in KVM_RUN
+                vcpu.close()
         if hasattr(self, "vm"):
             self.vm.close()
         if hasattr(self, "mem"):
@@ -435,3 +471,4 @@ class Vmm:
         if hasattr(self, "serial_irq"):
             self.serial_irq.close()
         self.kvm.close()
+        flush_guest_logs()

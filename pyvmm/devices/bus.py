@@ -3,14 +3,22 @@
 A device sees offsets relative to the base it was inserted at, as in crosvm and Firecracker.
 Each device is called under its own lock, so device code never runs concurrently with itself
 even when several vCPU threads (or a device's input thread) reach it at once.
+
+A device whose handler raises does not end the vCPU that reached it: the failure is logged
+(rate-limited: the guest chooses the accesses) and the access completes, a read as all-ones.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from pyvmm.ratelimit import GuestLog
+
+log = logging.getLogger(__name__)
 
 
 class BusDevice(Protocol):
@@ -32,6 +40,21 @@ class _Entry:
     name: str = field(compare=False)
     device: BusDevice = field(compare=False)
     lock: threading.Lock = field(compare=False, default_factory=threading.Lock)
+    guest_log: GuestLog = field(compare=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.guest_log = GuestLog(log, self.name, burst=1)
+
+    def failed(self, access: str, addr: int, exc: Exception) -> None:
+        log.debug("%s: %s at %#x failed", self.name, access, addr, exc_info=exc)
+        self.guest_log.error(
+            "device error",
+            "%s at %#x failed (%s: %s); it completes as a floating bus would",
+            access,
+            addr,
+            type(exc).__name__,
+            exc,
+        )
 
 
 class Bus:
@@ -82,8 +105,12 @@ class Bus:
         e = self._find(addr, len(data))
         if e is None:
             return False
-        with e.lock:
-            e.device.read(addr - e.base, data)
+        try:
+            with e.lock:
+                e.device.read(addr - e.base, data)
+        except Exception as exc:
+            e.failed("read", addr, exc)
+            data[:] = b"\xff" * len(data)
         return True
 
     def write(self, addr: int, data: bytes | memoryview) -> bool:
@@ -91,6 +118,9 @@ class Bus:
         e = self._find(addr, len(data))
         if e is None:
             return False
-        with e.lock:
-            e.device.write(addr - e.base, data)
+        try:
+            with e.lock:
+                e.device.write(addr - e.base, data)
+        except Exception as exc:
+            e.failed("write", addr, exc)
         return True

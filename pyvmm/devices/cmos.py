@@ -14,7 +14,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from pyvmm.ratelimit import GuestLog
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +68,17 @@ class Reg(enum.IntEnum):
     MEMORY_ABOVE_4G_HIGH = 0x5D
 
 
-CLOCK_REGISTERS = frozenset(
-    {
-        Reg.SECONDS,
-        Reg.MINUTES,
-        Reg.HOURS,
-        Reg.WEEKDAY,
-        Reg.DAY_OF_MONTH,
-        Reg.MONTH,
-        Reg.YEAR,
-        Reg.CENTURY,
-    }
-)
+# Clock registers: the _Clock field each holds and that field's range.
+CLOCK_FIELDS: dict[int, tuple[str, int, int]] = {
+    Reg.SECONDS: ("second", 0, 59),
+    Reg.MINUTES: ("minute", 0, 59),
+    Reg.HOURS: ("hour", 0, 23),
+    Reg.WEEKDAY: ("weekday", 1, 7),
+    Reg.DAY_OF_MONTH: ("day", 1, 31),
+    Reg.MONTH: ("month", 1, 12),
+    Reg.YEAR: ("year", 0, 99),
+    Reg.CENTURY: ("century", 0, 99),
+}
 
 
 class RegA(enum.IntFlag):
@@ -190,7 +191,9 @@ class Cmos:
         self._nmi_disabled = False
         self._nvram = bytearray(NVRAM_SIZE)
         self._offset = 0.0  # guest time minus host time, in seconds
-        self._frozen: _Clock | None = None  # the clock while register B's SET bit is on
+        # The clock registers' bytes while register B's SET bit is on (the clock is stopped).
+        self._frozen: dict[int, int] | None = None
+        self._guest_log = GuestLog(logger, "cmos")
         self._reg_a = REG_A_DEFAULT
         self._reg_b: RegB = REG_B_DEFAULT
         self._last_flags_read = math.floor(self._guest_time())
@@ -242,15 +245,18 @@ class Cmos:
         return self._now() + self._offset
 
     def _clock(self) -> _Clock:
-        if self._frozen is not None:
-            return self._frozen
         return _Clock.at(self._guest_time())
 
     def _encode(self, value: int) -> int:
         return value if RegB.BINARY in self._reg_b else _to_bcd(value)
 
-    def _decode(self, value: int) -> int:
-        return value if RegB.BINARY in self._reg_b else _from_bcd(value)
+    def _decode(self, value: int) -> int | None:
+        """A register byte as a number, or None for a BCD byte with a digit above 9."""
+        if RegB.BINARY in self._reg_b:
+            return value
+        if value & 0x0F > 9 or value >> 4 > 9:
+            return None
+        return _from_bcd(value)
 
     def _encode_hour(self, hour: int) -> int:
         if RegB.HOUR_24 in self._reg_b:
@@ -258,30 +264,32 @@ class Cmos:
         pm = HOUR_PM if hour >= 12 else 0
         return self._encode(hour % 12 or 12) | pm
 
-    def _decode_hour(self, value: int) -> int:
+    def _decode_hour(self, value: int) -> int | None:
         if RegB.HOUR_24 in self._reg_b:
             return self._decode(value)
-        hour = self._decode(value & ~HOUR_PM) % 12
-        return hour + 12 if value & HOUR_PM else hour
+        hour = self._decode(value & ~HOUR_PM)
+        if hour is None or not 1 <= hour <= 12:
+            return None
+        return hour % 12 + (12 if value & HOUR_PM else 0)
+
+    def _encode_field(self, index: int, clock: _Clock) -> int:
+        """The byte clock register `index` holds for `clock` in the current data mode."""
+        if index == Reg.HOURS:
+            return self._encode_hour(clock.hour)
+        return self._encode(getattr(clock, CLOCK_FIELDS[index][0]))
+
+    def _decode_field(self, index: int, value: int) -> int | None:
+        """Clock register `index`'s byte as a field value; None if no date has it."""
+        number = self._decode_hour(value) if index == Reg.HOURS else self._decode(value)
+        _, low, high = CLOCK_FIELDS[index]
+        return number if number is not None and low <= number <= high else None
 
     def _read_register(self, index: int) -> int:
+        if index in CLOCK_FIELDS:
+            if self._frozen is not None:
+                return self._frozen[index]
+            return self._encode_field(index, self._clock())
         match index:
-            case Reg.SECONDS:
-                return self._encode(self._clock().second)
-            case Reg.MINUTES:
-                return self._encode(self._clock().minute)
-            case Reg.HOURS:
-                return self._encode_hour(self._clock().hour)
-            case Reg.WEEKDAY:
-                return self._encode(self._clock().weekday)
-            case Reg.DAY_OF_MONTH:
-                return self._encode(self._clock().day)
-            case Reg.MONTH:
-                return self._encode(self._clock().month)
-            case Reg.YEAR:
-                return self._encode(self._clock().year)
-            case Reg.CENTURY:
-                return self._encode(self._clock().century)
             case Reg.A:
                 return self._reg_a | (RegA.UIP if self._update_in_progress() else 0)
             case Reg.B:
@@ -301,7 +309,7 @@ class Cmos:
                 self._write_reg_b(value)
             case Reg.C | Reg.D:
                 pass  # read-only
-            case _ if index in CLOCK_REGISTERS:
+            case _ if index in CLOCK_FIELDS:
                 self._write_clock(index, value)
             case _:
                 self._nvram[index] = value
@@ -327,46 +335,43 @@ class Cmos:
     def _write_reg_b(self, value: int) -> None:
         new = RegB(value)
         if RegB.SET in new:
-            new = RegB(
-                new & ~RegB.UIE
-            )  # as on the MC146818, SET clears the update interrupt enable
+            new = RegB(new & ~RegB.UIE)  # as on the MC146818, SET clears the update interrupt
             if self._frozen is None:
-                self._frozen = self._clock()
+                clock = self._clock()
+                self._frozen = {i: self._encode_field(i, clock) for i in CLOCK_FIELDS}
+            self._reg_b = new
         elif self._frozen is not None:
             frozen, self._frozen = self._frozen, None
-            self._set_time(frozen, 0.0)
-        self._reg_b = new
+            self._reg_b = new
+            fields = {i: self._decode_field(i, byte) for i, byte in frozen.items()}
+            self._set_time(fields, 0.0)
+        else:
+            self._reg_b = new
 
     def _write_clock(self, index: int, value: int) -> None:
-        clock = self._clock()
-        match index:
-            case Reg.SECONDS:
-                clock = replace(clock, second=self._decode(value))
-            case Reg.MINUTES:
-                clock = replace(clock, minute=self._decode(value))
-            case Reg.HOURS:
-                clock = replace(clock, hour=self._decode_hour(value))
-            case Reg.WEEKDAY:
-                clock = replace(clock, weekday=self._decode(value))
-            case Reg.DAY_OF_MONTH:
-                clock = replace(clock, day=self._decode(value))
-            case Reg.MONTH:
-                clock = replace(clock, month=self._decode(value))
-            case Reg.YEAR:
-                clock = replace(clock, year=self._decode(value))
-            case Reg.CENTURY:
-                clock = replace(clock, century=self._decode(value))
         if self._frozen is not None:
-            self._frozen = clock  # takes effect when SET is cleared
-        else:
-            t = self._guest_time()
-            self._set_time(clock, t - math.floor(t))
+            self._frozen[index] = value  # the register holds the byte; used when SET is cleared
+            return
+        t = self._guest_time()
+        clock = self._clock()
+        fields: dict[int, int | None] = {
+            i: getattr(clock, name) for i, (name, _, _) in CLOCK_FIELDS.items()
+        }
+        fields[index] = self._decode_field(index, value)
+        self._set_time(fields, t - math.floor(t))
 
-    def _set_time(self, clock: _Clock, fraction: float) -> None:
-        """Make the guest's clock read `clock` (plus `fraction` of a second) from now on."""
+    def _set_time(self, fields: dict[int, int | None], fraction: float) -> None:
+        """Make the guest's clock read `fields` (by register; plus `fraction` of a second) from
+        now on, unless they make no date: then the clock stays as it was."""
+        values: dict[str, int] = {}
         try:
-            target = clock.timestamp() + fraction
-        except (ValueError, OverflowError):
-            logger.warning("cmos: guest set an impossible date %s; clock unchanged", clock)
+            for index, value in fields.items():
+                name = CLOCK_FIELDS[index][0]
+                if value is None:
+                    raise ValueError(f"register {index:#04x} holds no valid {name}")
+                values[name] = value
+            target = _Clock(**values).timestamp() + fraction
+        except (ValueError, OverflowError) as e:
+            self._guest_log.warning("impossible date", "guest set an impossible date (%s)", e)
             return
         self._offset = target - self._now()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
 from pyvmm.cdecl import declare
+from pyvmm.files import FileKindError, open_file
 
 _ffi: Any = declare("fallocate", "int fallocate(int fd, int mode, int64_t offset, int64_t len);")
 _libc: Any = _ffi.dlopen(None)
@@ -36,29 +36,32 @@ class RawDisk:
     def __init__(self, path: str, writable: bool, flag: str = "--disk") -> None:
         self.path = path
         self.writable = writable
+        where = f"{flag} {path}"
         try:
-            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            self.fd = open_file(path, writable=writable, block_device_ok=True)
         except FileNotFoundError:
-            raise DiskError(f"{flag} {path}: no such file") from None
+            raise DiskError(f"{where}: no such file") from None
         except PermissionError:
             what = "not writable" if writable else "not readable"
-            raise DiskError(f"{flag} {path}: {what} (permission denied)") from None
-        except IsADirectoryError:
-            raise DiskError(f"{flag} {path}: is a directory") from None
+            raise DiskError(f"{where}: {what} (permission denied)") from None
+        except FileKindError as e:
+            raise DiskError(f"{where}: {e}") from None
         except OSError as e:
-            raise DiskError(f"{flag} {path}: {e.strerror}") from None
+            raise DiskError(f"{where}: cannot open: {e.strerror or e}") from None
         try:
-            st = os.fstat(self.fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise DiskError(f"{flag} {path}: not a regular file or block device")
             try:
                 fcntl.flock(self.fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise DiskError(
-                    f"{flag} {path}: in use by another VM (locked"
-                    f"{'' if writable else ' for writing'})"
+                    f"{where}: in use by another VM (locked{'' if writable else ' for writing'})"
                 ) from None
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            except OSError as e:
+                raise DiskError(f"{where}: cannot lock: {e.strerror or e}") from None
+            try:
+                # Not st_size: a block device has none; lseek gives both kinds' real size.
+                self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            except OSError as e:
+                raise DiskError(f"{where}: cannot find its size: {e.strerror or e}") from None
         except BaseException:
             os.close(self.fd)
             raise

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from dataclasses import dataclass
 
 from pyvmm.arch.x86_64.layout import FIRST_ADDR_PAST_32BITS, PCI_HOLE_START, MiB
+from pyvmm.files import FileKindError, open_file
 from pyvmm.loader.errors import (
     CmdlineError,
     InitrdError,
@@ -78,21 +78,14 @@ def load_kernel(mem: GuestMemory, path: str) -> KernelImage:
 
 
 def open_image(path: str, label: str, error: type[Exception]) -> int:
-    """Open a regular file read-only; OS errors become `error` with a message naming `label`."""
+    """Open a regular file read-only, never blocking (a FIFO is refused, not waited on); OS
+    errors and other kinds of file become `error` with a message naming `label`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return open_file(path)
     except OSError as exc:
         raise error(f"{label}: {describe_os_error(exc)}") from exc
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        os.close(fd)
-        raise error(f"{label}: {describe_os_error(exc)}") from exc
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "a special file"
-        raise error(f"{label}: expected a regular file, found {kind}")
-    return fd
+    except FileKindError as exc:
+        raise error(f"{label}: {exc}") from exc
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -42,6 +42,8 @@ ELFCLASS64 = 64
 EM_X86_64 = "EM_X86_64"
 LOADABLE_TYPES = ("ET_EXEC", "ET_DYN")
 PT_LOAD = "PT_LOAD"
+# e_phnum's escape value: the program header count is in section header 0's sh_info.
+PN_XNUM = 0xFFFF
 # x86_64 Linux: COMMAND_LINE_SIZE is 2048 including the terminating NUL.
 ELF_CMDLINE_MAX = 2047
 # A vmlinux has no setup header to say otherwise; the caller caps the initrd to low RAM anyway.
@@ -108,7 +110,7 @@ def load_elf(mem: GuestMemory, fd: int, path: str) -> KernelImage:
                 f"{seg.offset + seg.filesz:#x}, the file ended at {seg.offset + got:#x}"
             )
         if seg.memsz > seg.filesz:
-            mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
+            mem.zero(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
     return KernelImage(
         entry=entry,
         load_start=ordered[0].paddr,
@@ -158,11 +160,11 @@ def _parse_stream(stream: io.BufferedReader, label: str) -> tuple[list[_Segment]
             f"{label}: ELF type {e_type}; expected an executable ({' or '.join(LOADABLE_TYPES)})"
         )
     segments: list[_Segment] = []
-    phentsize = header["e_phentsize"]
     try:
-        for i in range(elf.num_segments()):
+        phoff, count = _program_header_table(elf, stream, label)
+        for i in range(count):
             # The raw program header: pyelftools' Segment objects would also parse notes etc.
-            ph = struct_parse(elf.structs.Elf_Phdr, stream, header["e_phoff"] + i * phentsize)
+            ph = struct_parse(elf.structs.Elf_Phdr, stream, phoff + i * header["e_phentsize"])
             if ph["p_type"] == PT_LOAD and ph["p_memsz"] > 0:
                 segments.append(
                     _Segment(i, ph["p_paddr"], ph["p_offset"], ph["p_filesz"], ph["p_memsz"])
@@ -170,6 +172,43 @@ def _parse_stream(stream: io.BufferedReader, label: str) -> tuple[list[_Segment]
     except parse_errors as exc:
         raise ElfHeaderError(f"{label}: unreadable ELF program headers ({_one_line(exc)})") from exc
     return segments, int(header["e_entry"])
+
+
+def _program_header_table(elf: Any, stream: io.BufferedReader, label: str) -> tuple[int, int]:
+    """(e_phoff, number of entries) of a program header table the file really holds.
+
+    Every header field that sizes work is checked against the file first, so no loop or
+    allocation can grow with a number the file does not back with bytes."""
+    from elftools.common.utils import struct_parse
+
+    header = elf.header
+    size = elf.stream_len
+    phdr_size = elf.structs.Elf_Phdr.sizeof()
+    count = header["e_phnum"]
+    if count == PN_XNUM:
+        # More entries than e_phnum can hold: the count is section header 0's sh_info.
+        shoff = header["e_shoff"]
+        if shoff == 0 or shoff + elf.structs.Elf_Shdr.sizeof() > size:
+            raise ElfHeaderError(
+                f"{label}: e_phnum is PN_XNUM ({PN_XNUM:#x}) but section header 0, which holds "
+                f"the real count, is not in the file (e_shoff {shoff:#x}, file size {size:#x})"
+            )
+        count = struct_parse(elf.structs.Elf_Shdr, stream, shoff)["sh_info"]
+    if count == 0:
+        return 0, 0
+    phentsize = header["e_phentsize"]
+    if phentsize != phdr_size:
+        raise ElfHeaderError(
+            f"{label}: e_phentsize {phentsize}; a 64-bit program header is {phdr_size} bytes"
+        )
+    phoff = header["e_phoff"]
+    end = phoff + count * phdr_size
+    if end > size:
+        raise KernelTruncatedError(
+            f"{label}: truncated ELF: the program header table ({count} entries at e_phoff "
+            f"{phoff:#x}) needs file bytes up to {end:#x}, the file has {size:#x}"
+        )
+    return phoff, count
 
 
 def _one_line(exc: Exception) -> str:

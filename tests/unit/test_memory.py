@@ -122,3 +122,57 @@ def test_the_shmem_huge_page_setting_is_read_from_its_brackets(
     assert memory.shmem_huge_pages() == "advise"
     monkeypatch.setattr(memory, "SHMEM_THP_SETTING", str(tmp_path / "absent"))
     assert memory.shmem_huge_pages() == "never"
+
+
+@pytest.mark.parametrize(
+    ("addr", "length"),
+    [
+        (0x1003, 5),  # inside one page
+        (0x1003, 0x3000),  # partial page, whole pages, partial page
+        (0x2000, 0x2000),  # whole pages only
+        (HIGH + 0xFFF, 2),  # across a page boundary in the second region
+        (0, 2 * MiB),  # a whole region
+    ],
+)
+def test_zero_clears_exactly_the_range(addr: int, length: int) -> None:
+    m = GuestMemory([(0, 2 * MiB), (HIGH, MiB)])
+    try:
+        for r in m.regions:
+            r.mapping[:] = b"\xab" * r.size
+        m.zero(addr, length)
+        assert m.read(addr, length) == bytes(length)
+        region = next(r for r in m.regions if r.guest_addr <= addr < r.end)
+        if addr > region.guest_addr:
+            assert m.read_u8(addr - 1) == 0xAB
+        if addr + length < region.end:
+            assert m.read_u8(addr + length) == 0xAB
+        # Another process mapping the memfd sees the zeroes too.
+        offset = region.file_offset + addr - region.guest_addr
+        with mmap.mmap(m.memfd, region.file_offset + region.size, mmap.MAP_SHARED) as other:
+            assert other[offset : offset + length] == bytes(length)
+    finally:
+        m.close()
+
+
+def test_fill_and_zero_check_the_range(mem: GuestMemory) -> None:
+    with pytest.raises(GuestMemoryError):
+        mem.zero(2 * MiB - 1, 2)
+    with pytest.raises(GuestMemoryError):
+        mem.fill(HIGH, MiB + 1, 0x55)
+    mem.fill(HIGH + 3, 5000, 0x55)
+    assert mem.read(HIGH + 3, 5000) == b"\x55" * 5000
+
+
+def test_close_with_views_still_alive_neither_raises_nor_unmaps_them() -> None:
+    """A view that outlives close() (a queue not yet released, garbage not yet collected) keeps
+    its memory mapped; close() must not depend on when it goes."""
+    m = GuestMemory([(0, 2 * MiB), (HIGH, MiB)])
+    view = m.view(0x1000, 16).cast("B")
+    chained = [m.view(HIGH, 8)]
+    m.close()
+    m.close()  # idempotent
+    view[0] = 7  # still mapped: no crash
+    assert view[0] == 7 and len(chained[0]) == 8
+    with pytest.raises(GuestMemoryError):
+        m.view(0x1000, 1)
+    assert m.memfd == -1

@@ -156,13 +156,15 @@ class Block(VirtioDevice):
         data[:] = chunk + b"\x00" * (len(data) - len(chunk))
 
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        for chain in available_chains(queue, self.name):
+        for chain in available_chains(queue, self.guest_log):
             queue.add_used(chain.head, self._handle(chain))
 
     def _handle(self, chain: DescriptorChain) -> int:
         """Do one request; the number of bytes written to the chain."""
         if chain.writable_len < 1 or chain.readable_len < HEADER.size:
-            log.info("%s: request %d without header or status byte", self.name, chain.head)
+            self.guest_log.info(
+                "bad request", "request %d without header or status byte", chain.head
+            )
             return 0
         readable, writable = chain.readable, chain.writable
         # Drivers put the header and the status byte in descriptors of their own (Linux does);
@@ -185,7 +187,7 @@ class Block(VirtioDevice):
             log.debug("%s: request %d: %s", self.name, chain.head, e)
             status = e.status
         except OSError as e:
-            log.warning("%s: %s: %s", self.name, self.disk.path, e.strerror)
+            self.guest_log.warning("I/O error", "%s: %s", self.disk.path, e.strerror or e)
             status = Status.IOERR
         status_view[0][0] = status
         return written + 1
@@ -234,11 +236,14 @@ class Block(VirtioDevice):
                 n += take
             return n
         if rtype in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
+            # Sized from the descriptor lengths first: only a valid request's few hundred bytes
+            # are ever copied, however much guest RAM the chain names.
+            length = total(data_out)
+            if not length or length % DISCARD_SEGMENT.size:
+                raise RequestError(Status.IOERR, f"malformed discard segments ({length} bytes)")
+            if length // DISCARD_SEGMENT.size > MAX_DISCARD_SEGMENTS:
+                raise RequestError(Status.IOERR, f"{length // DISCARD_SEGMENT.size} segments")
             segments = b"".join(bytes(v) for v in data_out)
-            if not segments or len(segments) % DISCARD_SEGMENT.size:
-                raise RequestError(Status.IOERR, "malformed discard segments")
-            if len(segments) // DISCARD_SEGMENT.size > MAX_DISCARD_SEGMENTS:
-                raise RequestError(Status.IOERR, "too many discard segments")
             allowed_flags = WRITE_ZEROES_UNMAP if rtype == RequestType.WRITE_ZEROES else 0
             for start, count, flags in DISCARD_SEGMENT.iter_unpack(segments):
                 if flags & ~allowed_flags:

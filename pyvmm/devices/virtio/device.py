@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 import logging
 from collections.abc import Iterator
 
 from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
 from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit import GuestLog
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,11 @@ class VirtioDevice(abc.ABC):
     device_type: DeviceType
     name: str
 
+    @functools.cached_property
+    def guest_log(self) -> GuestLog:
+        """Where the device reports what the guest did wrong (rate-limited)."""
+        return GuestLog(log, f"virtio {self.name}")
+
     @property
     @abc.abstractmethod
     def queue_max_sizes(self) -> list[int]:
@@ -85,17 +92,19 @@ class VirtioDevice(abc.ABC):
         """Release host resources (files) when the VM ends."""
 
 
-def available_chains(queue: SplitQueue, device: str) -> Iterator[DescriptorChain]:
-    """Every chain the driver made available. An invalid chain was consumed, so it is given
-    back empty; a bad head index leaves nothing to give back, so only a reset can bring the
-    driver and the device back in step (DeviceError)."""
-    while True:
+def available_chains(queue: SplitQueue, guest_log: GuestLog) -> Iterator[DescriptorChain]:
+    """The chains the driver made available, up to `queue.budget` of them (the worker's bound
+    on one round). An invalid chain was consumed, so it is given back empty; a bad head index
+    leaves nothing to give back, so only a reset can bring the driver and the device back in
+    step (DeviceError)."""
+    while queue.budget > 0:
+        queue.budget -= 1
         try:
             chain = queue.pop()
         except InvalidChain as e:
             if e.head is None:
                 raise DeviceError(f"{e}: nothing to return to the driver") from e
-            log.info("%s: bad descriptor chain %d: %s", device, e.head, e)
+            guest_log.info("bad chain", "bad descriptor chain %d: %s", e.head, e)
             queue.add_used(e.head, 0)
             continue
         if chain is None:

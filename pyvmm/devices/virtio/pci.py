@@ -25,9 +25,10 @@ from pyvmm.devices.pci.config import CapabilityId, InterruptPin, PciConfigSpace,
 from pyvmm.devices.pci.device import PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
 from pyvmm.devices.virtio.device import DeviceStatus, Feature, VirtioDevice
-from pyvmm.devices.virtio.queue import QueueError, SplitQueue
-from pyvmm.devices.virtio.worker import QueueWorker
+from pyvmm.devices.virtio.queue import QueueError, SplitQueue, check_rings_apart
+from pyvmm.devices.virtio.worker import PAUSE_TIMEOUT_S, QueueWorker
 from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit import GuestLog
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,8 @@ class VirtioPciDevice(PciDevice):
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
         self._notify_base: int | None = None
         self._worker: QueueWorker | None = None
+        self._abandoned = False  # a worker that never stopped may still use the device
+        self.guest_log = GuestLog(log, f"virtio {device.name}")
         self._reset_state()
 
     def _add_virtio_cap(
@@ -405,7 +408,9 @@ class VirtioPciDevice(PciDevice):
         if DeviceStatus.FEATURES_OK in new and DeviceStatus.FEATURES_OK not in self.status:
             unoffered = self.driver_features & ~self.offered_features
             if unoffered or not self.driver_features & Feature.VERSION_1:
-                log.info("%s: refusing driver features %#x", self.name, self.driver_features)
+                self.guest_log.info(
+                    "features", "refusing driver features %#x", self.driver_features
+                )
                 new &= ~DeviceStatus.FEATURES_OK
         if DeviceStatus.DRIVER_OK in new and DeviceStatus.DRIVER_OK not in self.status:
             if DeviceStatus.FEATURES_OK not in new:
@@ -417,6 +422,12 @@ class VirtioPciDevice(PciDevice):
         self.status = new
 
     def _activate(self) -> None:
+        if self._abandoned:
+            self.guest_log.warning(
+                "activation", "not activated: the worker of an earlier activation never stopped"
+            )
+            self._needs_reset()
+            return
         event_idx = bool(self.driver_features & Feature.RING_EVENT_IDX)
         active: dict[int, tuple[SplitQueue, int]] = {}
         try:
@@ -425,10 +436,18 @@ class VirtioPciDevice(PciDevice):
                     continue
                 if q.size > q.max_size:
                     raise QueueError(f"queue {index}: size {q.size} above {q.max_size}")
-                queue = SplitQueue(self.mem, q.size, q.desc, q.avail, q.used, event_idx)
+                try:
+                    queue = SplitQueue(self.mem, q.size, q.desc, q.avail, q.used, event_idx)
+                except QueueError as e:
+                    raise QueueError(f"queue {index}: {e}") from e
                 active[index] = (queue, self.notify_fds[index])
+            check_rings_apart(
+                [area.renamed(f"queue {i} ") for i, (q, _) in active.items() for area in q.areas]
+            )
         except QueueError as e:
-            log.warning("%s: cannot activate: %s", self.name, e)
+            self.guest_log.warning("activation", "cannot activate: %s", e)
+            for queue, _ in active.values():
+                queue.release()
             self._needs_reset()
             return
         self.device.activate(self.mem, self.driver_features)
@@ -447,11 +466,22 @@ class VirtioPciDevice(PciDevice):
             self._config_interrupt()
 
     def _reset(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.stop()
-        self.device.reset()
+        self._stop_worker()
+        if not self._abandoned:
+            self.device.reset()
         self._reset_state()
+
+    def _stop_worker(self) -> None:
+        """Stop the worker (bounded); its queues let go of guest memory once it has ended. A
+        worker that does not stop keeps its device: the device is never activated again."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        if not worker.stop():
+            self._abandoned = True
+            return
+        for queue, _ in worker.queues.values():
+            queue.release()
 
     # Interrupts.
     def _queue_interrupt(self, index: int) -> None:
@@ -469,9 +499,9 @@ class VirtioPciDevice(PciDevice):
             self._intx.trigger()
 
     # VMM control.
-    def pause(self) -> None:
-        if self._worker is not None:
-            self._worker.pause()
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
+        """Park the device's worker; False if it did not park within `timeout` seconds."""
+        return self._worker is None or self._worker.pause(timeout)
 
     def resume(self) -> None:
         if self._worker is not None:
@@ -479,8 +509,10 @@ class VirtioPciDevice(PciDevice):
 
     def close(self) -> None:
         self._reset()
-        self.device.close()
         self.msix.close()
+        if self._abandoned:
+            return  # the stuck worker may still use the device's files and the notify fds
+        self.device.close()
         for fd in self.notify_fds:
             os.close(fd)
         self.notify_fds = []

@@ -46,6 +46,7 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
 MAX_QUEUE_SIZE = 32768
+UNLIMITED = sys.maxsize
 # The spec forbids chains of 2^32 bytes or more; the used length (u32) must fit too.
 MAX_CHAIN_BYTES = (1 << 32) - 1
 MAX_USED_LEN = (1 << 32) - 1
@@ -104,6 +105,43 @@ class RingOutsideRam(QueueConfigError):
         self.area = area
         self.addr = addr
         self.length = length
+
+
+class RingsOverlap(QueueConfigError):
+    """A used ring shares bytes with another ring area: the device's own writes to it would
+    change what it reads (a used-ring flag that flips avail.idx, say), for ever."""
+
+    def __init__(self, used: str, other: str) -> None:
+        super().__init__(f"{used} overlaps {other}")
+        self.used = used
+        self.other = other
+
+
+@dataclass(frozen=True)
+class RingArea:
+    """One ring area of a queue in guest-physical memory: [start, end)."""
+
+    name: str
+    start: int
+    end: int
+    device_writes: bool = False  # the used ring; the device only reads the other two
+
+    def overlaps(self, other: RingArea) -> bool:
+        return self.start < other.end and other.start < self.end
+
+    def renamed(self, prefix: str) -> RingArea:
+        return RingArea(f"{prefix}{self.name}", self.start, self.end, self.device_writes)
+
+
+def check_rings_apart(areas: list[RingArea]) -> None:
+    """Raise RingsOverlap if an area the device writes overlaps any other area (areas the
+    driver alone writes may overlap one another: the device only reads them)."""
+    for written in areas:
+        if not written.device_writes:
+            continue
+        for other in areas:
+            if other is not written and written.overlaps(other):
+                raise RingsOverlap(written.name, other.name)
 
 
 class BadAvailIndex(QueueError):
@@ -165,11 +203,11 @@ class IndirectWithNext(InvalidChain):
 
 
 class IndirectTableInvalid(InvalidChain):
-    def __init__(self, head: int, length: int) -> None:
+    def __init__(self, head: int, length: int, limit: int) -> None:
         super().__init__(
             head,
             f"indirect table length {length} is not a non-zero multiple of {DESC_SIZE} "
-            f"of at most {MAX_QUEUE_SIZE} entries",
+            f"of at most {limit} entries (the queue size)",
         )
         self.length = length
 
@@ -219,21 +257,19 @@ class SplitQueue:
         self._mem = mem
         self._size = size
         self._event_idx = event_idx
-        desc = self._area(mem, "descriptor table", desc_table, DESC_SIZE * size, DESC_ALIGN)
-        avail = self._area(
-            mem,
-            "available ring",
-            avail_ring,
-            RING_HEADER_SIZE + 2 * size + EVENT_FIELD_SIZE,
-            AVAIL_ALIGN,
-        )
-        used = self._area(
-            mem,
-            "used ring",
-            used_ring,
-            RING_HEADER_SIZE + USED_ELEM_SIZE * size + EVENT_FIELD_SIZE,
-            USED_ALIGN,
-        )
+        desc_len = DESC_SIZE * size
+        avail_len = RING_HEADER_SIZE + 2 * size + EVENT_FIELD_SIZE
+        used_len = RING_HEADER_SIZE + USED_ELEM_SIZE * size + EVENT_FIELD_SIZE
+        self.areas = [
+            RingArea("descriptor table", desc_table, desc_table + desc_len),
+            RingArea("available ring", avail_ring, avail_ring + avail_len),
+            RingArea("used ring", used_ring, used_ring + used_len, device_writes=True),
+        ]
+        """Where the rings lie, for checks across queues (`check_rings_apart`)."""
+        check_rings_apart(self.areas)
+        desc = self._area(mem, "descriptor table", desc_table, desc_len, DESC_ALIGN)
+        avail = self._area(mem, "available ring", avail_ring, avail_len, AVAIL_ALIGN)
+        used = self._area(mem, "used ring", used_ring, used_len, USED_ALIGN)
         self.desc_table = desc_table
         self.avail_ring = avail_ring
         self.used_ring = used_ring
@@ -251,6 +287,9 @@ class SplitQueue:
         self._next_used = next_used & IDX_MASK
         self._unsignalled = 0  # used elements published since the last needs_interrupt
         self._signalled_used = self._next_used
+        self.budget = UNLIMITED
+        """How many more chains `available_chains` may hand out before the device must return
+        from the queue: the worker's bound on one round (0 makes the device return at once)."""
 
     @staticmethod
     def _area(mem: GuestMemory, name: str, addr: int, length: int, align: int) -> memoryview:
@@ -331,8 +370,10 @@ class SplitQueue:
                 if flags & _NEXT:
                     raise IndirectWithNext(head)
                 entries, rest = divmod(length, DESC_SIZE)
-                if rest or not 0 < entries <= MAX_QUEUE_SIZE:
-                    raise IndirectTableInvalid(head, length)
+                # No chain may be longer than the queue size (virtio 1.2, 2.7.5.3.1), indirect
+                # tables included: that bounds the work of walking any one chain.
+                if rest or not 0 < entries <= self._size:
+                    raise IndirectTableInvalid(head, length, self._size)
                 try:
                     table = mem.view(addr, length)
                 except GuestMemoryError as e:

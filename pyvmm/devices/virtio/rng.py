@@ -28,7 +28,7 @@ class Rng(VirtioDevice):
         data[:] = b"\x00" * len(data)
 
     def process_queue(self, index: int, queue: SplitQueue) -> None:
-        for chain in available_chains(queue, self.name):
+        for chain in available_chains(queue, self.guest_log):
             written = 0
             for view in chain.writable:
                 want = min(len(view), MAX_REQUEST - written)

@@ -2,10 +2,15 @@
 
 It waits on each queue's ioeventfd (signalled by KVM when the guest writes the queue's notify
 address, without a VM exit to userspace) and on its own control eventfd (stop, pause). Per
-notification it lets the device drain the queue and raises the queue's interrupt if the driver
-wants one. It knows nothing of the VMM: only fds, guest memory and the device, so the same loop
-can later run in a jailed child process. A device that fails stops its queues and logs why; the
-VM goes on.
+notification it lets the device take at most one queue's worth of chains, raises the queue's
+interrupt if the driver wants one, and looks at its control flags before the next round: a guest
+that keeps a queue busy for ever (its used ring over its own avail ring, say) cannot keep the
+worker from stopping or parking. It knows nothing of the VMM: only fds, guest memory and the
+device, so the same loop can later run in a jailed child process. A device that fails stops its
+queues and logs why; the VM goes on.
+
+Every wait on a worker is bounded: `stop` and `pause` give up after a timeout and say so, and a
+worker that never stops is abandoned (a daemon thread) so that the VM can still exit.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from pyvmm.devices.virtio.device import DeviceError, VirtioDevice
 from pyvmm.devices.virtio.queue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
+
+# How long stop() and pause() wait for the worker by default.
+STOP_TIMEOUT_S = 5.0
+PAUSE_TIMEOUT_S = 5.0
 
 
 class QueueWorker:
@@ -40,36 +49,59 @@ class QueueWorker:
         self._on_failure = on_failure
         self._control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
-        self._paused = threading.Event()
         self._pause_requested = False
+        self._paused = threading.Event()
         self._resume = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"virtio-{device.name}", daemon=True)
+
+    @property
+    def name(self) -> str:
+        return f"virtio {self.device.name}"
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop processing and wait for the thread (in-flight requests finish first)."""
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        """Stop processing (a request in progress finishes first) and wait up to `timeout`
+        seconds for the thread. False if it did not end: it is then abandoned, with a warning,
+        and must not be given the device again."""
         self._stopping = True
+        self._yield_now()
         self._resume.set()
-        os.eventfd_write(self._control, 1)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
-        os.close(self._control)
+        if threading.current_thread() is self._thread:
+            return True
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: the worker did not stop within %g s; abandoned", self.name, timeout)
+            return False  # its control fd stays open: the thread may still poll it
+        if self._control >= 0:
+            os.close(self._control)
+            self._control = -1
+        return True
 
-    def pause(self) -> None:
-        """Return once the worker has finished its current batch and waits."""
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
+        """Park the worker between requests; True once it waits, False if it did not park
+        within `timeout` seconds (it then parks when it can, until `resume`)."""
         if not self._thread.is_alive():
-            return
+            return True
         self._resume.clear()
         self._pause_requested = True
-        os.eventfd_write(self._control, 1)
-        self._paused.wait()
+        self._yield_now()
+        return self._paused.wait(timeout)
 
     def resume(self) -> None:
         self._pause_requested = False
         self._paused.clear()
         self._resume.set()
+
+    def _yield_now(self) -> None:
+        """Make the device return from the queue it is draining after its current request, and
+        wake the thread if it waits for notifications."""
+        for queue, _ in self.queues.values():
+            queue.budget = 0
+        if self._control >= 0:
+            os.eventfd_write(self._control, 1)
 
     def _run(self) -> None:
         poller = select.poll()
@@ -81,16 +113,17 @@ class QueueWorker:
         pending = set(self.queues)
         try:
             while not self._stopping:
-                for index in sorted(pending):
-                    self._process(index)
-                pending.clear()
-                for fd, _ in poller.poll():
+                if self._pause_requested:
+                    self._park()
+                    pending.update(self.queues)
+                    continue
+                more = {index for index in sorted(pending) if self._process(index)}
+                # With work left, only look for control and new notifications (no wait).
+                ready = poller.poll(0 if more else None)
+                pending = more
+                for fd, _ in ready:
                     if fd == self._control:
                         os.eventfd_read(self._control)
-                        if self._pause_requested:
-                            self._paused.set()
-                            self._resume.wait()
-                            pending.update(self.queues)
                         continue
                     try:
                         os.eventfd_read(fd)
@@ -98,23 +131,29 @@ class QueueWorker:
                         continue
                     pending.add(by_fd[fd])
         except (DeviceError, QueueError) as e:
-            log.warning("virtio %s: %s; the device needs a reset", self.device.name, e)
+            log.warning("%s: %s; the device needs a reset", self.name, e)
             self._on_failure(str(e))
         except Exception as e:
-            log.exception("virtio %s: worker failed", self.device.name)
+            log.exception("%s: worker failed", self.name)
             self._on_failure(f"worker failed: {e}")
         finally:
             self._paused.set()
 
-    def _process(self, index: int) -> None:
-        """Drain the queue with guest notifications off, then turn them back on and look once
-        more, so a chain the driver adds in between is never left without a kick."""
+    def _park(self) -> None:
+        self._paused.set()
+        self._resume.wait()
+        self._paused.clear()
+
+    def _process(self, index: int) -> bool:
+        """One round on a queue: at most a queue's worth of chains, taken with guest
+        notifications off; then notifications back on, and the interrupt if one is due.
+        Whether chains are still waiting (looked at after notifications are on, so a chain the
+        driver adds in between is never left without a kick)."""
         queue, _ = self.queues[index]
-        while True:
-            queue.disable_notification()
-            self.device.process_queue(index, queue)
-            queue.enable_notification()
-            if not queue.has_pending():
-                break
+        queue.budget = queue.size
+        queue.disable_notification()
+        self.device.process_queue(index, queue)
+        queue.enable_notification()
         if queue.needs_interrupt():
             self._interrupt(index)
+        return queue.has_pending() and not self._stopping

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pyvmm import ratelimit
 from pyvmm.devices.bus import Bus, BusOverlapError
 
 
@@ -56,3 +57,31 @@ def test_adjacent_ranges_are_fine() -> None:
     bus.insert(Recorder(), 0x400, 8, "b")
     bus.insert(Recorder(), 0x3F0, 8, "c")
     assert bus.device_at(0x3F7) is not bus.device_at(0x3F8)
+
+
+class Broken:
+    """A device model with a bug: every access raises."""
+
+    def read(self, offset: int, data: memoryview) -> None:
+        data[0] = 0x105  # what the CMOS model once tried: not a byte
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise KeyError(offset)
+
+
+def test_a_device_that_raises_completes_the_access_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = Bus("io")
+    bus.insert(Broken(), 0x70, 2, "cmos")
+    with caplog.at_level("ERROR"):
+        for _ in range(100):
+            buf = bytearray(b"\x00\x00")
+            assert bus.read(0x70, memoryview(buf))
+            assert buf == b"\xff\xff"  # as a floating bus reads
+            assert bus.write(0x71, b"\x01")
+        ratelimit.flush_all()
+    messages = [r.getMessage() for r in caplog.records if r.name == "pyvmm.devices.bus"]
+    assert messages[0].startswith("cmos: read at 0x70 failed (ValueError:")
+    assert len(messages) <= 3  # the first of each kind, then one count
+    assert "199 more device error messages were not logged" in messages[-1]

@@ -6,6 +6,7 @@ import calendar
 
 import pytest
 
+from pyvmm import ratelimit
 from pyvmm.devices.cmos import (
     REG_A_DEFAULT,
     Cmos,
@@ -229,3 +230,56 @@ def test_wide_read(cmos: Cmos) -> None:
     buf = bytearray(4)
     cmos.read(Port.DATA, memoryview(buf))
     assert bytes(buf) == b"\x80\xff\xff\xff"
+
+
+def test_a_bcd_register_holds_the_byte_written_while_set(cmos: Cmos) -> None:
+    """0xff in BCD mode decoded to 165 seconds and came back as 0x105, which no register
+    holds: the read ended the vCPU. The register holds the byte; the clock ignores it."""
+    wr(cmos, Reg.B, RegB.SET | RegB.HOUR_24)
+    wr(cmos, Reg.SECONDS, 0xFF)
+    assert rd(cmos, Reg.SECONDS) == 0xFF
+    wr(cmos, Reg.B, RegB.HOUR_24)
+    assert rd(cmos, Reg.SECONDS) == 0x56  # no date has second 0xff: the clock did not change
+    assert rd(cmos, Reg.MINUTES) == 0x45
+
+
+@pytest.mark.parametrize(
+    ("index", "value"),
+    [(Reg.SECONDS, 0xFF), (Reg.SECONDS, 0x60), (Reg.MONTH, 0x13), (Reg.HOURS, 0x1A)],
+)
+def test_impossible_values_without_set_leave_the_clock(
+    cmos: Cmos, clock: Clock, index: int, value: int
+) -> None:
+    before = time_fields(cmos)
+    wr(cmos, index, value)
+    assert time_fields(cmos) == before
+    assert all(0 <= f <= 0x99 for f in time_fields(cmos))
+
+
+def test_twelve_hour_bcd_hours_outside_1_to_12_are_refused(cmos: Cmos) -> None:
+    wr(cmos, Reg.B, 0)  # BCD, 12-hour
+    wr(cmos, Reg.HOURS, 0x80 | 0x13)
+    assert rd(cmos, Reg.HOURS) == 0x80 | 0x01  # still 1 PM
+
+
+def test_every_byte_in_every_register_reads_back_as_a_byte(cmos: Cmos) -> None:
+    for mode in (RegB.HOUR_24, RegB.BINARY, 0):
+        for index in (*range(0x0A), Reg.CENTURY):
+            for set_bit in (RegB.SET, 0):
+                wr(cmos, Reg.B, mode | set_bit)
+                for value in (0x00, 0x0F, 0x9A, 0xFF):
+                    wr(cmos, index, value)
+                    assert 0 <= rd(cmos, index) <= 0xFF
+
+
+def test_a_flood_of_impossible_dates_is_logged_a_few_times(
+    cmos: Cmos, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"):
+        for _ in range(10_000):
+            wr(cmos, Reg.MONTH, 0x13)
+        ratelimit.flush_all()
+    lines = [r.getMessage() for r in caplog.records]
+    assert 2 <= len(lines) <= 10
+    assert "impossible date" in lines[0]
+    assert any("more impossible date messages were not logged" in line for line in lines)

@@ -19,6 +19,8 @@ MiB = 1 << 20
 
 ELF64_HEADER = struct.Struct("<4sBBBBB7xHHIQQQIHHHHHH")
 ELF64_PHDR = struct.Struct("<IIQQQQQQ")
+ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")
+PN_XNUM = 0xFFFF
 ELF32_HEADER = struct.Struct("<4sBBBBB7xHHIIIIIHHHHHH")
 ELFCLASS32 = 1
 ELFCLASS64 = 2
@@ -51,8 +53,14 @@ def make_elf(
     machine: int = EM_X86_64,
     e_type: int = ET_EXEC,
     data_encoding: int = ELFDATA2LSB,
+    phnum: int | None = None,
+    phentsize: int = ELF64_PHDR.size,
+    section0_info: int | None = None,
 ) -> bytes:
-    """An ELF64 executable with one program header per segment and data after the headers."""
+    """An ELF64 executable with one program header per segment and data after the headers.
+
+    `phnum` and `phentsize` override the header fields; `section0_info` appends a section
+    header table of one entry whose sh_info is that number (where PN_XNUM sends a loader)."""
     phoff = ELF64_HEADER.size
     data_off = phoff + ELF64_PHDR.size * len(segments)
     phdrs = b""
@@ -66,11 +74,16 @@ def make_elf(
     if entry is None:
         entry = segments[0].paddr if segments else 0
     ident = (b"\x7fELF", ELFCLASS64, data_encoding, 1, 0, 0)
+    shoff = shnum = 0
+    sections = b""
+    if section0_info is not None:
+        shoff, shnum = data_off + len(body), 1
+        sections = ELF64_SHDR.pack(0, 0, 0, 0, 0, 0, 0, section0_info, 0, 0)
     header = ELF64_HEADER.pack(
-        *ident, e_type, machine, 1, entry, phoff, 0, 0, ELF64_HEADER.size, ELF64_PHDR.size,
-        len(segments), 0, 0, 0,
+        *ident, e_type, machine, 1, entry, phoff, shoff, 0, ELF64_HEADER.size, phentsize,
+        len(segments) if phnum is None else phnum, ELF64_SHDR.size, shnum, 0,
     )  # fmt: skip
-    return header + phdrs + body
+    return header + phdrs + body + sections
 
 
 def make_elf32() -> bytes:

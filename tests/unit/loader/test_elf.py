@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from tests.unit.loader.images import (
     EM_AARCH64,
     ET_DYN,
     ET_REL,
+    PN_XNUM,
     PT_NOTE,
     MiB,
     Seg,
@@ -107,10 +109,16 @@ def test_rejects_segment_past_end_of_file(mem: GuestMemory, tmp_path: Path) -> N
         load_kernel(mem, path)
 
 
-@pytest.mark.parametrize("keep", [4, 20, 63, 64 + 10])
+@pytest.mark.parametrize("keep", [4, 20, 63])
 def test_rejects_cut_headers(mem: GuestMemory, tmp_path: Path, keep: int) -> None:
     path = write_image(tmp_path, make_elf([Seg(0x100000, TEXT)])[:keep])
     with pytest.raises(ElfHeaderError, match="unreadable ELF"):
+        load_kernel(mem, path)
+
+
+def test_rejects_cut_program_headers(mem: GuestMemory, tmp_path: Path) -> None:
+    path = write_image(tmp_path, make_elf([Seg(0x100000, TEXT)])[: 64 + 10])
+    with pytest.raises(KernelTruncatedError, match=r"table \(1 entries at e_phoff 0x40\) needs"):
         load_kernel(mem, path)
 
 
@@ -170,3 +178,63 @@ def test_too_large_names_what_the_whole_kernel_needs(mem: GuestMemory, tmp_path:
         "PT_LOAD segment 1 [0x5000000, 0x6400000) needs RAM up to 100 MiB but -m/--mem gives "
         "64 MiB; raise -m"
     )
+
+
+def test_program_header_count_from_section_0(mem: GuestMemory, tmp_path: Path) -> None:
+    image = make_elf([Seg(0x100000, TEXT), Seg(0x200000, DATA)], phnum=PN_XNUM, section0_info=2)
+    load_kernel(mem, write_image(tmp_path, image))
+    assert mem.read(0x200000, len(DATA)) == DATA
+
+
+@pytest.mark.parametrize(
+    ("phentsize", "count", "error", "message"),
+    [
+        # A zero entry size made every entry the same header, re-parsed billions of times.
+        (0, 0xFFFF_FFFF, ElfHeaderError, "e_phentsize 0; a 64-bit program header is 56 bytes"),
+        (56, 0xFFFF_FFFF, KernelTruncatedError, "table \\(4294967295 entries at e_phoff"),
+        (57, 2, ElfHeaderError, "e_phentsize 57"),
+    ],
+)
+def test_program_header_table_must_be_in_the_file(
+    mem: GuestMemory,
+    tmp_path: Path,
+    phentsize: int,
+    count: int,
+    error: type[Exception],
+    message: str,
+) -> None:
+    segments = [Seg(0x100000, TEXT), Seg(0x200000, DATA)]
+    image = make_elf(segments, phnum=PN_XNUM, phentsize=phentsize, section0_info=count)
+    with pytest.raises(error, match=message):
+        load_kernel(mem, write_image(tmp_path, image))
+
+
+def test_pn_xnum_without_section_headers_is_refused(mem: GuestMemory, tmp_path: Path) -> None:
+    image = make_elf([Seg(0x100000, TEXT)], phnum=PN_XNUM)
+    with pytest.raises(ElfHeaderError, match="section header 0, which holds the real count"):
+        load_kernel(mem, write_image(tmp_path, image))
+
+
+def test_more_program_headers_than_the_file_holds(mem: GuestMemory, tmp_path: Path) -> None:
+    image = make_elf([Seg(0x100000, TEXT)], phnum=0xFFFE)
+    with pytest.raises(KernelTruncatedError, match="65534 entries"):
+        load_kernel(mem, write_image(tmp_path, image))
+
+
+def test_a_huge_bss_costs_no_host_memory(tmp_path: Path) -> None:
+    """BSS is zeroed without a host buffer of its size (it was joined in a bytes object)."""
+    big = GuestMemory(ram_ranges(2 * GiB))
+    try:
+        big.write(0x100000 + len(TEXT), b"\xff" * 4096)  # BSS bytes that must come back zero
+        image = make_elf([Seg(0x100000, TEXT, memsz=1900 * MiB)])
+        tracemalloc.start()
+        try:
+            load_kernel(big, write_image(tmp_path, image))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * MiB  # host memory allocated while loading: not the BSS's 1.9 GB
+        assert big.read(0x100000 + len(TEXT), 4096) == bytes(4096)
+        assert big.read(0x100000 + 1900 * MiB - 8, 8) == bytes(8)
+    finally:
+        big.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,16 @@ def test_missing_file_names_flag(mem: GuestMemory, tmp_path: Path) -> None:
 
 
 def test_directory(mem: GuestMemory, tmp_path: Path) -> None:
-    with pytest.raises(InitrdFileError, match=r"-i/--initrd\): expected a regular file"):
+    with pytest.raises(InitrdFileError, match=r"-i/--initrd\): is a directory; expected a"):
         load_initrd(mem, str(tmp_path), KERNEL, LOW_RAM_END)
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_is_refused_without_waiting_for_a_writer(mem: GuestMemory, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InitrdFileError, match=r"-i/--initrd\): is a FIFO \(named pipe\)"):
+        load_initrd(mem, str(fifo), KERNEL, LOW_RAM_END)
 
 
 def test_empty(mem: GuestMemory, tmp_path: Path) -> None:

@@ -24,8 +24,17 @@ def test_missing_file(mem: GuestMemory, tmp_path: Path) -> None:
 
 
 def test_directory(mem: GuestMemory, tmp_path: Path) -> None:
-    with pytest.raises(KernelFileError, match="expected a regular file, found a directory"):
+    with pytest.raises(KernelFileError, match=r"is a directory; expected a regular file$"):
         load_kernel(mem, str(tmp_path))
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_is_refused_without_waiting_for_a_writer(mem: GuestMemory, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(KernelFileError) as e:
+        load_kernel(mem, str(fifo))
+    assert str(e.value) == f"kernel {fifo}: is a FIFO (named pipe); expected a regular file"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,6 +414,30 @@ def test_bad_discard_and_write_zeroes_requests_fail(
     assert run(dev, driver) == [(req.head, 1)]
     assert driver.status(req) == IOERR
     assert path.read_bytes() == original
+
+
+@pytest.mark.parametrize("rtype", [RequestType.DISCARD, RequestType.WRITE_ZEROES])
+def test_huge_segment_data_is_refused_before_it_is_read(
+    big_image: tuple[Path, Block], driver: Driver, rtype: int
+) -> None:
+    """A segment list of 14 descriptors all over the same 1 MiB of RAM: the device must refuse
+    it from the descriptor lengths, not join 14 MiB of guest memory first (4 GiB chains of
+    this shape grew pyvmm by gigabytes)."""
+    _, dev = big_image
+    header = driver.alloc_buf(16)
+    driver.mem.write(header, struct.pack("<IIQ", rtype, 0, 0))
+    status = driver.alloc_buf(1)
+    bufs = [(header, 16, False), *[(0, MiB, False)] * (SIZE - 2), (status, 1, True)]
+    req = Request(driver.chain(bufs), [], status)
+    driver.publish(req.head)
+    tracemalloc.start()
+    try:
+        assert run(dev, driver) == [(req.head, 1)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert driver.status(req) == IOERR
+    assert peak < MiB  # host memory allocated while handling it: nowhere near the 14 MiB named
 
 
 def test_discard_with_the_unmap_flag_is_unsupported(

@@ -30,8 +30,10 @@ from pyvmm.devices.virtio.queue import (
     QueueError,
     ReadableAfterWritable,
     RingOutsideRam,
+    RingsOverlap,
     SplitQueue,
     VirtqFlags,
+    check_rings_apart,
 )
 from pyvmm.memory import GuestMemory
 
@@ -252,13 +254,24 @@ def test_direct_descriptors_then_one_indirect_make_one_chain(mem: GuestMemory) -
     assert (chain.head, [len(v) for v in chain.readable], chain.writable) == (1, [3, 2], [])
 
 
-def test_indirect_table_may_exceed_the_queue_size(mem: GuestMemory) -> None:
-    d = Driver(mem, size=2)
+def test_indirect_table_up_to_the_queue_size(mem: GuestMemory) -> None:
+    d = Driver(mem, size=8)
     q = d.queue()
     head = d.indirect(DATA + 0x1000, [(DATA + i, 1, i >= 4) for i in range(8)])
     d.publish(head)
     chain = pop_one(q)
     assert (len(chain.readable), len(chain.writable)) == (4, 4)
+
+
+def test_indirect_table_longer_than_the_queue_size_is_refused(mem: GuestMemory) -> None:
+    """No chain may be longer than the queue size, indirect ones included (virtio 1.2,
+    2.7.5.3.1): without that bound one chain could make the device walk 32768 descriptors."""
+    d = Driver(mem, size=8)
+    q = d.queue()
+    head = d.indirect(DATA + 0x1000, [(DATA + i, 1, False) for i in range(9)])
+    d.publish(head)
+    with pytest.raises(IndirectTableInvalid, match="at most 8 entries"):
+        q.pop()
 
 
 def test_zero_length_descriptors_are_dropped_unchecked(mem: GuestMemory) -> None:
@@ -384,9 +397,41 @@ def test_bad_queue_size(mem: GuestMemory, size: int) -> None:
         SplitQueue(mem, size, DESC, AVAIL, USED, False)
 
 
+@pytest.mark.parametrize(
+    ("desc", "avail", "used", "other"),
+    [
+        (DESC, AVAIL, AVAIL + 4, "available ring"),  # the used flags over avail.idx
+        (DESC, AVAIL, AVAIL - 0x40, "available ring"),  # its tail over the avail ring
+        (DESC, AVAIL, DESC + 0x40, "descriptor table"),
+    ],
+)
+def test_a_used_ring_over_another_ring_is_refused(
+    mem: GuestMemory, desc: int, avail: int, used: int, other: str
+) -> None:
+    """The device's own used-ring writes would change what it reads: with the used flags over
+    avail.idx, each notification toggle made a new chain appear, for ever."""
+    with pytest.raises(RingsOverlap, match=f"used ring overlaps {other}"):
+        SplitQueue(mem, 16, desc, avail, used, False)
+
+
+def test_driver_areas_may_overlap_each_other(mem: GuestMemory) -> None:
+    SplitQueue(mem, 16, DESC, DESC + 0x80, USED, False).release()
+
+
+def test_rings_of_two_queues_are_checked_together(mem: GuestMemory) -> None:
+    q0 = SplitQueue(mem, 16, DESC, AVAIL, USED, False)
+    q1 = SplitQueue(mem, 16, DESC + 0x1000, AVAIL + 0x1000, AVAIL, False)  # over q0's avail
+    with pytest.raises(RingsOverlap, match="queue 1 used ring overlaps queue 0 available ring"):
+        check_rings_apart(
+            [a.renamed(f"queue {i} ") for i, q in enumerate((q0, q1)) for a in q.areas]
+        )
+    q0.release()
+    q1.release()
+
+
 def test_size_one_and_the_maximum_are_fine(mem: GuestMemory) -> None:
     SplitQueue(mem, 1, DESC, AVAIL, USED, True).release()
-    big = SplitQueue(mem, MAX_QUEUE_SIZE, 0x80000, 0x40000, 0x10000, True)
+    big = SplitQueue(mem, MAX_QUEUE_SIZE, 0x80000, 0x60000, 0x10000, True)
     big.release()
 
 
@@ -524,12 +569,13 @@ def readable_after_writable_across_indirect(d: Driver) -> tuple[int, type[Invali
 
 
 def chain_over_4_gib(d: Driver) -> tuple[int, type[InvalidChain]]:
-    # 4096 real 1 MiB views add up to 2^32 bytes, one more than a chain may hold.
+    # A real 1 MiB buffer, then a 4 GiB - 1 one: together one byte more than a chain may hold.
+    # The sizes are added up before any view is made, so the second needs no RAM behind it.
     table = DATA + 0x1000
-    n = 4096
-    entries = b"".join(struct.pack("<QIHH", 0, MiB, WRITE | NEXT, i + 1) for i in range(n))
-    d.mem.write(table, entries + struct.pack("<QIHH", DATA, 1, WRITE, 0))
-    d.desc(0, table, 16 * (n + 1), INDIRECT)
+    entries = struct.pack("<QIHH", 0, MiB, WRITE | NEXT, 1)
+    entries += struct.pack("<QIHH", 1 << 40, (1 << 32) - 1, WRITE, 0)
+    d.mem.write(table, entries)
+    d.desc(0, table, len(entries), INDIRECT)
     return 0, ChainTooLarge
 
 
