@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
+from pyvmm import __version__
 from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
 from pyvmm.control import COMMANDS, ControlError, send_command
 from pyvmm.control.protocol import one_line
@@ -55,7 +56,9 @@ def _disk(path: str, writable: bool, root: bool) -> DiskConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvmm", description="A KVM virtual machine monitor.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("version", help="show the version", description="Show pyvmm's version.")
     run = sub.add_parser("run", help="boot a guest kernel", description="Boot KERNEL in a VM.")
     run.add_argument("kernel", metavar="KERNEL", help="an ELF vmlinux or a bzImage")
     run.add_argument(
@@ -112,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    return f"pyvmm {__version__}"
+
+
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     return VmConfig(
         kernel=args.kernel,
@@ -156,20 +163,20 @@ class _StopOnSignal:
         self.vmm: Vmm | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        from pyvmm.vmm import VmExit
-
         if self.vmm is None:
             raise StoppedBySignal(signum)
+        from pyvmm.vmm import VmExit  # imported by now: self.vmm is a Vmm
+
         self.vmm.request_exit(VmExit(128 + signum, f"stopped by {signal.Signals(signum).name}"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pyvmm.terminal import raw_terminal
-    from pyvmm.vmm import Vmm
-
     on_signal = _StopOnSignal()
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
+    from pyvmm.terminal import raw_terminal
+    from pyvmm.vmm import Vmm
+
     config = config_from_args(args)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
     console_out = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
@@ -203,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "version":
+            print(version_line())
+            return 0
         if args.command in COMMANDS:
             return cmd_control(args)
     except USER_ERRORS as e:

@@ -78,10 +78,18 @@ class VmConfig:
             raise ConfigError(f"{roots[1].flag} {roots[1].path}: only one root disk is possible")
         if roots and not self.disks[0].root:
             raise ConfigError(f"{roots[0].flag} {roots[0].path}: the root disk must come first")
+        seen: dict[tuple[int, int], DiskConfig] = {}
         for disk in self.disks:
             _check_readable_file(disk.path, disk.flag, block_device_ok=True)
             if disk.writable and not os.access(disk.path, os.W_OK):
                 raise ConfigError(f"{disk.flag} {disk.path}: not writable")
+            st = os.stat(disk.path)
+            first = seen.setdefault((st.st_dev, st.st_ino), disk)
+            if first is not disk and (disk.writable or first.writable):
+                raise ConfigError(
+                    f"{disk.flag} {disk.path}: the same image is given twice (also as "
+                    f"{first.flag} {first.path}); a writable image can be only one disk"
+                )
         if self.socket is not None:  # last: it may remove a stale socket file
             return dataclasses.replace(self, socket=check_socket_path(self.socket, os.getpid()))
         return self

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from pyvmm.arch.x86_64.layout import FIRST_ADDR_PAST_32BITS, PCI_HOLE_START, MiB
+from pyvmm.config import MAX_MEM_MIB
 from pyvmm.files import FileKindError, open_file
 from pyvmm.loader.errors import (
     CmdlineError,
@@ -142,6 +143,15 @@ def format_mib(n: int) -> str:
     return f"{-(-n // MiB)} MiB"
 
 
+def format_size(n: int) -> str:
+    """`n` bytes in the largest unit that leaves at least 1 of it: "512 bytes", "9.8 KiB",
+    "64 MiB", "1.5 GiB" (one decimal unless whole)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n // size} {unit}" if n % size == 0 else f"{n / size:.1f} {unit}"
+    return f"{n} byte{'' if n == 1 else 's'}"
+
+
 def ram_needed_for(end: int) -> int:
     """The smallest -m (in bytes) whose RAM layout covers guest-physical addresses below `end`."""
     if end <= PCI_HOLE_START:
@@ -158,8 +168,14 @@ def check_kernel_ram(mem: GuestMemory, start: int, end: int, label: str, what: s
             f"{label}: {what} [{start:#x}, {end:#x}) reaches into the PCI hole "
             f"[{PCI_HOLE_START:#x}, {FIRST_ADDR_PAST_32BITS:#x}), which is never RAM"
         )
+    needed = ram_needed_for(end)
+    if needed > MAX_MEM_MIB * MiB:
+        raise KernelTooLargeError(
+            f"{label}: {what} [{start:#x}, {end:#x}) needs RAM up to {format_mib(needed)}, more "
+            f"than the largest -m/--mem ({MAX_MEM_MIB} MiB)"
+        )
     raise KernelTooLargeError(
-        f"{label}: {what} [{start:#x}, {end:#x}) needs RAM up to {format_mib(ram_needed_for(end))}"
+        f"{label}: {what} [{start:#x}, {end:#x}) needs RAM up to {format_mib(needed)}"
         f" but -m/--mem gives {mem.size // MiB} MiB; raise -m"
     )
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from pyvmm.arch.x86_64.layout import HIGH_MEMORY_START, MiB
-from pyvmm.loader import KernelImage, file_size, open_image, read_into_guest
+from pyvmm.arch.x86_64.layout import HIGH_MEMORY_START, PCI_HOLE_START, MiB
+from pyvmm.loader import KernelImage, file_size, format_size, open_image, read_into_guest
 from pyvmm.loader.errors import (
     InitrdEmptyError,
     InitrdFileError,
@@ -17,11 +17,6 @@ from pyvmm.memory import PAGE_SIZE, GuestMemory
 
 def _align_down(value: int, align: int) -> int:
     return value - value % align
-
-
-def _mib(n: int) -> str:
-    """`n` bytes in MiB, with one decimal when not a whole number."""
-    return f"{n // MiB} MiB" if n % MiB == 0 else f"{n / MiB:.1f} MiB"
 
 
 def place_initrd(size: int, kernel: KernelImage, low_ram_end: int) -> int | None:
@@ -47,12 +42,18 @@ def _too_large_message(
     addr_limit = kernel.initrd_addr_max + 1
     if addr_limit < low_ram_end:
         return (
-            f"initrd {path} ({_mib(size)}) does not fit below {addr_limit:#x} (the kernel's "
-            f"initrd_addr_max) {where}; use a smaller initrd"
+            f"initrd {path} ({format_size(size)}) does not fit below {addr_limit:#x} (the "
+            f"kernel's initrd_addr_max) {where}; use a smaller initrd"
+        )
+    if low_ram_end >= PCI_HOLE_START:
+        return (
+            f"initrd {path} ({format_size(size)}) does not fit below {format_size(low_ram_end)} "
+            f"(where the PCI hole starts; a larger -m adds RAM only above 4 GiB) {where}; use a "
+            "smaller initrd"
         )
     return (
-        f"initrd {path} ({_mib(size)}) does not fit below {_mib(low_ram_end)} {where} "
-        f"with -m {mem.size // MiB}; raise -m"
+        f"initrd {path} ({format_size(size)}) does not fit below {format_size(low_ram_end)} "
+        f"{where} with -m {mem.size // MiB}; raise -m"
     )
 
 

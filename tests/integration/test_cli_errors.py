@@ -102,3 +102,51 @@ def test_memory_too_small_for_the_kernel(tmp_path: Path) -> None:
     r = run_pyvmm("run", "-m", "8", str(kernel))
     assert r.returncode != 0
     _assert_one_line_error(r.stderr, str(kernel), "-m")
+
+
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [
+        (None, "KERNEL"),
+        ("-i", "-i/--initrd"),
+        ("-d", "-d/--disk"),
+        ("-r", "-r/--root"),
+        ("--rwdisk", "--rwdisk"),
+        ("--rwroot", "--rwroot"),
+    ],
+)
+def test_a_fifo_is_refused_without_blocking(
+    tmp_path: Path, probe_elf: Path, flag: str | None, named: str
+) -> None:
+    """Nothing writes to the FIFO: an open() that waits for a writer would hang pyvmm."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = [str(fifo)] if flag is None else [flag, str(fifo), str(probe_elf)]
+    r = run_pyvmm("run", *args, timeout=60)
+    assert r.returncode == 1
+    _assert_one_line_error(r.stderr, f"{named} {fifo}: is a FIFO (named pipe); expected a")
+
+
+def test_a_disk_that_cannot_be_sized(probe_elf: Path) -> None:
+    r = run_pyvmm("run", "-d", "/proc/version", str(probe_elf))
+    assert r.returncode == 1
+    _assert_one_line_error(r.stderr, "-d/--disk /proc/version: cannot find its size")
+
+
+def test_the_same_image_twice(tmp_path: Path, probe_elf: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    link = tmp_path / "same.img"
+    link.symlink_to(image)
+    r = run_pyvmm("run", "--rwdisk", str(image), "-d", str(link), str(probe_elf))
+    assert r.returncode == 1
+    _assert_one_line_error(
+        r.stderr, f"-d/--disk {link}: the same image is given twice (also as --rwdisk {image})"
+    )
+
+
+@pytest.mark.parametrize("args", [("--version",), ("version",)])
+def test_version(args: tuple[str, ...]) -> None:
+    r = run_pyvmm(*args)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("pyvmm 0.")

@@ -238,3 +238,12 @@ def test_a_huge_bss_costs_no_host_memory(tmp_path: Path) -> None:
         assert big.read(0x100000 + 1900 * MiB - 8, 8) == bytes(8)
     finally:
         big.close()
+
+
+def test_a_kernel_past_the_largest_memory_does_not_say_raise_m(
+    mem: GuestMemory, tmp_path: Path
+) -> None:
+    image = make_elf([Seg(0x100000, TEXT), Seg(1 << 44, DATA)])
+    with pytest.raises(KernelTooLargeError) as exc:
+        load_kernel(mem, write_image(tmp_path, image))
+    assert str(exc.value).endswith("more than the largest -m/--mem (1048576 MiB)")

@@ -65,6 +65,29 @@ def test_too_large_names_m(mem: GuestMemory, tmp_path: Path) -> None:
     )
 
 
+def test_a_small_initrd_is_sized_in_kib(mem: GuestMemory, tmp_path: Path) -> None:
+    kernel = kernel_at(16 * MiB, 20 * MiB, initrd_addr_max=1 * MiB + 4095)
+    path = write_image(tmp_path, b"z" * 10_000)
+    with pytest.raises(InitrdTooLargeError, match=r"\(9\.8 KiB\) does not fit below 0x101000"):
+        load_initrd(mem, path, kernel, LOW_RAM_END)
+
+
+def test_low_ram_that_more_memory_cannot_grow_does_not_say_raise_m(tmp_path: Path) -> None:
+    """Low RAM ends at the PCI hole (3 GiB) whatever -m is: the hint is a smaller initrd."""
+    kernel = kernel_at(16 * MiB, 3 * 1024 * MiB - MiB)
+    mem = GuestMemory([(0, 3 * 1024 * MiB), (4 * 1024 * MiB, MiB)])  # sparse memfd
+    try:
+        path = write_image(tmp_path, b"z" * (16 * MiB))
+        with pytest.raises(InitrdTooLargeError) as exc:
+            load_initrd(mem, path, kernel, 3 * 1024 * MiB)
+        assert "(where the PCI hole starts; a larger -m adds RAM only above 4 GiB)" in str(
+            exc.value
+        )
+        assert str(exc.value).endswith("; use a smaller initrd")
+    finally:
+        mem.close()
+
+
 def test_too_large_for_initrd_addr_max(mem: GuestMemory, tmp_path: Path) -> None:
     kernel = kernel_at(16 * MiB, 20 * MiB, initrd_addr_max=24 * MiB - 1)
     path = write_image(tmp_path, b"z" * (16 * MiB))  # fits neither above nor below

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.arch.x86_64.layout import ram_ranges
-from pyvmm.loader import KernelLoadError, load_kernel
+from pyvmm.loader import KernelLoadError, format_size, load_kernel
 from pyvmm.loader.errors import KernelFileError, NotAKernelError
 from pyvmm.memory import GuestMemory
 from tests.unit.loader.images import MiB, Seg, make_bzimage, make_elf, write_image
@@ -116,3 +116,19 @@ def test_mutated_elf_fails_cleanly(edits: list[tuple[int, int]], cut: int) -> No
 )
 def test_mutated_bzimage_fails_cleanly(edits: list[tuple[int, int]], cut: int) -> None:
     _try_load(_mutate(_BZ, edits, cut))
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 bytes"),
+        (1, "1 byte"),
+        (1023, "1023 bytes"),
+        (10_000, "9.8 KiB"),
+        (4 * MiB, "4 MiB"),
+        (50 * MiB + MiB // 2, "50.5 MiB"),
+        (3 << 30, "3 GiB"),
+    ],
+)
+def test_sizes_in_messages(n: int, text: str) -> None:
+    assert format_size(n) == text

@@ -79,11 +79,11 @@ class Harness:
         self.write("device_status", status)
         return self.read("device_status")
 
-    def setup_queue(self, vector: int) -> None:
+    def setup_queue(self, vector: int, used: int = USED) -> None:
         self.write("queue_select", 0)
         self.write("queue_size", 8)
         self.write("queue_msix_vector", vector)
-        for name, addr in (("desc", DESC), ("avail", AVAIL), ("used", USED)):
+        for name, addr in (("desc", DESC), ("avail", AVAIL), ("used", used)):
             self.write(f"queue_{name}_lo", addr)
             self.write(f"queue_{name}_hi", 0)
         self.write("queue_enable", 1)
@@ -188,3 +188,27 @@ def test_reset_stops_the_queue_and_clears_status(harness: Harness) -> None:
     harness.write("device_status", 0)
     assert harness.read("device_status") == 0
     assert harness.read("queue_enable") == 0
+
+
+def test_a_used_ring_over_the_avail_ring_is_refused_at_driver_ok(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the used flags over avail.idx, each notification toggle made a new chain appear:
+    the worker spun for ever and a reset never returned."""
+    harness.negotiate(Feature.VERSION_1)
+    harness.setup_queue(vector=0xFFFF, used=AVAIL + 4)
+    status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    assert harness.read("device_status") & DeviceStatus.DEVICE_NEEDS_RESET
+    assert "queue 0: used ring overlaps available ring" in caplog.text
+    harness.write("device_status", 0)
+    assert harness.read("device_status") == 0
+    harness.negotiate(Feature.VERSION_1)
+    harness.setup_queue(vector=0xFFFF)
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.submit(32)
+    for _ in range(500):
+        if harness.mem.read_u16(USED + 2) == 1:
+            break
+        select.select([], [], [], 0.01)
+    assert harness.mem.read_u16(USED + 2) == 1, "the device did not work after the reset"

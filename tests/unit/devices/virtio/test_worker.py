@@ -1,0 +1,120 @@
+"""The queue worker: it parks and stops between requests even when a guest never lets the queue
+run dry, and every wait on it is bounded."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
+from pyvmm.devices.virtio.queue import SplitQueue
+from pyvmm.devices.virtio.worker import QueueWorker
+from pyvmm.memory import GuestMemory
+
+MiB = 1 << 20
+SIZE = 8
+DESC, AVAIL, USED, BUF = 0x1000, 0x2000, 0x3000, 0x4000
+
+
+class Endless(VirtioDevice):
+    """Completes each chain and, as a guest could, makes the same chain available again: the
+    queue is never empty."""
+
+    device_type = DeviceType.RNG
+    name = "endless"
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem_ = mem
+        self.done = 0
+
+    @property
+    def queue_max_sizes(self) -> list[int]:
+        return [SIZE]
+
+    @property
+    def device_features(self) -> int:
+        return 0
+
+    def config_read(self, offset: int, data: memoryview) -> None:
+        data[:] = bytes(len(data))
+
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        for chain in available_chains(queue, self.guest_log):
+            queue.add_used(chain.head, 0)
+            self.done += 1
+            idx = self.mem_.read_u16(AVAIL + 2)
+            self.mem_.write_u16(AVAIL + 4 + 2 * (idx % SIZE), 0)
+            self.mem_.write_u16(AVAIL + 2, (idx + 1) & 0xFFFF)
+
+
+class Stuck(Endless):
+    """A request that never finishes (a disk that hangs)."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        super().__init__(mem)
+        self.release = threading.Event()
+
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        self.release.wait()
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = GuestMemory([(0, MiB)])
+    m.write(DESC, struct.pack("<QIHH", BUF, 16, 2, 0))
+    m.write_u16(AVAIL + 4, 0)
+    m.write_u16(AVAIL + 2, 1)
+    yield m
+    m.close()
+
+
+def _worker(device: VirtioDevice, mem: GuestMemory) -> tuple[QueueWorker, int]:
+    queue = SplitQueue(mem, SIZE, DESC, AVAIL, USED, False)
+    notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    worker = QueueWorker(device, {0: (queue, notify)}, lambda i: None, lambda why: None)
+    worker.start()
+    return worker, notify
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_a_queue_that_never_runs_dry_still_pauses_resumes_and_stops(mem: GuestMemory) -> None:
+    device = Endless(mem)
+    worker, notify = _worker(device, mem)
+    try:
+        _wait_for(lambda: device.done > 3 * SIZE)
+        assert worker.pause(timeout=5)
+        parked = device.done
+        time.sleep(0.2)
+        assert device.done == parked, "the worker went on while parked"
+        worker.resume()
+        _wait_for(lambda: device.done > parked + SIZE)
+        assert worker.stop(timeout=5)
+    finally:
+        os.close(notify)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_stuck_in_a_request_is_reported_and_abandoned(
+    mem: GuestMemory, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = Stuck(mem)
+    worker, notify = _worker(device, mem)
+    try:
+        assert not worker.pause(timeout=0.2)
+        assert not worker.stop(timeout=0.2)
+        assert "virtio endless: the worker did not stop within 0.2 s; abandoned" in caplog.text
+    finally:
+        device.release.set()
+        os.close(notify)
