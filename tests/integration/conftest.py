@@ -83,6 +83,28 @@ def run_pyvmm(
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
+# Runs its arguments as a child that dies with it (a timeout kills only this wrapper) and
+# writes the child's own peak RSS (KiB) to the file named first.
+_PEAK_RSS_WRAPPER = """
+import ctypes, os, signal, sys
+pid = os.fork()
+if pid == 0:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_pyvmm_measured(*args: str, rss_file: Path, timeout: float = 120) -> tuple[Run, int]:
+    """`run_pyvmm`, and the peak resident memory of the pyvmm process in bytes."""
+    wrapper = [sys.executable, "-c", _PEAK_RSS_WRAPPER, str(rss_file)]
+    run = run_pyvmm(*args, timeout=timeout, wrapper=wrapper)
+    return run, int(rss_file.read_text()) * 1024
+
+
 @pytest.fixture(scope="session")
 def probe_elf() -> Path:
     """The probe guest, built by make (bin/build_test builds it first; this keeps it fresh)."""
