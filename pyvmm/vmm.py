@@ -452,7 +452,7 @@ class Vmm:
             self.control = None
         pump = getattr(self, "stdin_pump", None)
         if pump is not None:
-            pump.stop()
+            pump.stop(timeout=STOP_TIMEOUT_S)
         for device in getattr(self, "virtio_devices", []):
             device.close()
         for line in getattr(self, "_intx_lines", []):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pyvmm.devices.bus import Bus, BusOverlapError
 from pyvmm.devices.pci.config import Command, PciConfigSpace, PciId, Reg
 from pyvmm.devices.pci.device import PciDevice
+from pyvmm.ratelimit import GuestLog
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class PciRoot:
         self._mmio_end = mmio_end
         self._on_reset = on_reset
         self._address = 0
+        self._guest_log = GuestLog(log, "PCI")
         self.slots: list[PciDevice | None] = [None] * NUM_SLOTS
         self._mapped: list[dict[int, tuple[int, int]]] = [{} for _ in range(NUM_SLOTS)]
         self.add_device(HostBridge())
@@ -150,8 +152,10 @@ class PciRoot:
                 self.mmio_bus.insert(
                     _BarWindow(device, index), address, size, f"{device.name} BAR{index}"
                 )
-            except BusOverlapError as e:
-                log.warning("PCI %02x.0: BAR%d not mapped: %s", slot, index, e)
+            except BusOverlapError as e:  # the guest placed it over another device's range
+                self._guest_log.warning(
+                    "BAR overlap", "%02x.0: BAR%d not mapped: %s", slot, index, e
+                )
                 continue
             mapped[index] = (address, size)
         self._mapped[slot] = mapped

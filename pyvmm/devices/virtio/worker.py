@@ -131,7 +131,8 @@ class QueueWorker:
                         continue
                     pending.add(by_fd[fd])
         except (DeviceError, QueueError) as e:
-            log.warning("%s: %s; the device needs a reset", self.name, e)
+            # The guest's doing, and it may do it again after every reset: rate-limited.
+            self.device.guest_log.warning("device failed", "%s; the device needs a reset", e)
             self._on_failure(str(e))
         except Exception as e:
             log.exception("%s: worker failed", self.name)
