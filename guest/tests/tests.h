@@ -14,6 +14,7 @@ void test_blk(void);
 void test_blk_ro(void);
 void test_rng(void);
 void test_virtq_hostile(void);
+void test_virtq_overlap(void);
 void test_spin(void);
 void test_blkbench(void);
 
