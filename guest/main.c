@@ -24,6 +24,7 @@ static const struct test tests[] = {
 	{ "rng", test_rng, false },
 	{ "virtq-hostile", test_virtq_hostile, false },
 	{ "virtq-overlap", test_virtq_overlap, false },
+	{ "cmos-hostile", test_cmos_hostile, false },
 	{ "spin", test_spin, false },
 	{ "blkbench", test_blkbench, false },
 };

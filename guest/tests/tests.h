@@ -4,6 +4,7 @@
 
 void test_serial(void);
 void test_cmos(void);
+void test_cmos_hostile(void);
 void test_e820(void);
 void test_cpus(void);
 void test_cmdline(void);
