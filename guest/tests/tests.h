@@ -13,6 +13,7 @@ void test_outloop(void);
 void test_pci(void);
 void test_blk(void);
 void test_blk_ro(void);
+void test_blk_discard_bomb(void);
 void test_rng(void);
 void test_virtq_hostile(void);
 void test_virtq_overlap(void);
