@@ -8,7 +8,7 @@
  * checks what the VMM logged meanwhile: a few lines, not one per write.
  *
  * The writes are plain outb: `rep outsb` would not be cheaper, KVM emulates it one byte per
- * exit (measured on PVM: 4096 bytes, 4096 exits of count 1, ~120 us each under pyvmm). */
+ * exit (measured on PVM: 4096 bytes gave 4096 exits of count 1, ~120 us each under pyvmm). */
 #include "lib/clock.h"
 #include "lib/cmos.h"
 #include "lib/probe.h"
