@@ -19,6 +19,8 @@ pytestmark = needs_kvm
 # VMM that touches all of guest RAM, and none for a copy of a 3.9 GiB request.
 PEAK_RSS_LIMIT_MIB = 400
 HANG_SECONDS = 60
+# A handful of warnings (and a "suppressed N" line) is fine; one line per hostile act is not.
+MAX_STDERR_LINES = 30
 
 # argv: report file, timeout in seconds, command. Runs the command (output inherited), kills it
 # on timeout, writes "<exit status or 'timeout'> <peak RSS KiB>" to the report file.
@@ -63,7 +65,8 @@ def _watch(tmp_path: Path, *args: str, hang: float = HANG_SECONDS) -> Watched:
 
 
 def _probe_ok(w: Watched, test: str) -> str:
-    """The run ended by the guest's reset, within limits, and PROBE <test> passed: its details."""
+    """The run ended by the guest's reset, PROBE <test> passed, pyvmm stayed within its memory
+    and log limits: the test's details."""
     assert w.status != "timeout", (
         f"pyvmm did not exit within {w.hang:.0f} s and was killed: {w.describe()}"
     )
@@ -73,6 +76,7 @@ def _probe_ok(w: Watched, test: str) -> str:
     status, details = results[test]
     assert status == "ok", f"PROBE {test} FAIL {details} ({w.describe()})"
     assert w.peak_rss_mib < PEAK_RSS_LIMIT_MIB, f"pyvmm grew too much: {w.describe()}"
+    assert len(w.stderr_lines()) < MAX_STDERR_LINES, f"pyvmm logged too much: {w.describe()}"
     return details
 
 
@@ -87,7 +91,6 @@ def test_overlapping_rings_are_refused_and_the_reset_returns(
     details = _probe_ok(w, "virtq-overlap")
     assert details.startswith("reset "), details
     assert w.run.probe_results()["blk"][0] == "ok", w.describe()
-    assert len(w.stderr_lines()) <= 5, w.describe()
 
 
 def test_impossible_rtc_values_neither_kill_the_vcpu_nor_flood_the_log(
@@ -99,7 +102,6 @@ def test_impossible_rtc_values_neither_kill_the_vcpu_nor_flood_the_log(
     details = _probe_ok(w, "cmos-hostile")
     assert details.startswith("10000 writes"), details
     assert w.run.probe_results()["cmos"][0] == "ok", w.describe()
-    assert len(w.stderr_lines()) < 30, f"the log was not rate-limited: {w.describe()}"
 
 
 def test_discard_bombs_fail_fast_without_growing_the_vmm(probe_elf: Path, tmp_path: Path) -> None:
@@ -111,6 +113,5 @@ def test_discard_bombs_fail_fast_without_growing_the_vmm(probe_elf: Path, tmp_pa
     w = _watch(tmp_path, "run", *args, hang=3 * HANG_SECONDS)
     details = _probe_ok(w, "blk-discard-bomb")
     assert " discard " in details and " write-zeroes " in details, details
-    assert len(w.stderr_lines()) <= 5, w.describe()
     # Refused requests change nothing (their segments would all be "0 sectors at 0" anyway).
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
