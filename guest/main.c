@@ -23,6 +23,9 @@ static const struct test tests[] = {
 	{ "blk-ro", test_blk_ro, false },
 	{ "rng", test_rng, false },
 	{ "virtq-hostile", test_virtq_hostile, false },
+	{ "virtq-overlap", test_virtq_overlap, false },
+	{ "cmos-hostile", test_cmos_hostile, false },
+	{ "blk-discard-bomb", test_blk_discard_bomb, false },
 	{ "spin", test_spin, false },
 	{ "blkbench", test_blkbench, false },
 };

@@ -318,6 +318,13 @@ void virtio_msix_disable(struct virtio_dev *v)
 bool virtq_setup(struct virtq *vq, struct virtio_dev *v, uint16_t index, struct virtq_area *area,
 		 uint16_t max_size, uint16_t msix)
 {
+	return virtq_setup_rings(vq, v, index, area, &area->avail, &area->used, max_size, msix);
+}
+
+bool virtq_setup_rings(struct virtq *vq, struct virtio_dev *v, uint16_t index,
+		       struct virtq_area *area, struct virtq_avail *avail, struct virtq_used *used,
+		       uint16_t max_size, uint16_t msix)
+{
 	volatile uint8_t *c = v->common;
 	uint16_t size, notify_off;
 	uint64_t notify_at;
@@ -326,6 +333,8 @@ bool virtq_setup(struct virtq *vq, struct virtio_dev *v, uint16_t index, struct 
 	memset(area, 0, sizeof(*area));
 	vq->dev = v;
 	vq->area = area;
+	vq->avail = avail;
+	vq->used = used;
 	vq->index = index;
 	mmio_write16(c, VIRTIO_COMMON_Q_SELECT, index);
 	size = mmio_read16(c, VIRTIO_COMMON_Q_SIZE);
@@ -349,10 +358,10 @@ bool virtq_setup(struct virtq *vq, struct virtio_dev *v, uint16_t index, struct 
 	vq->notify = (volatile uint16_t *)(v->notify + notify_at);
 	mmio_write32(c, VIRTIO_COMMON_Q_DESCLO, (uint32_t)(uint64_t)area->desc);
 	mmio_write32(c, VIRTIO_COMMON_Q_DESCHI, (uint64_t)area->desc >> 32);
-	mmio_write32(c, VIRTIO_COMMON_Q_AVAILLO, (uint32_t)(uint64_t)&area->avail);
-	mmio_write32(c, VIRTIO_COMMON_Q_AVAILHI, (uint64_t)&area->avail >> 32);
-	mmio_write32(c, VIRTIO_COMMON_Q_USEDLO, (uint32_t)(uint64_t)&area->used);
-	mmio_write32(c, VIRTIO_COMMON_Q_USEDHI, (uint64_t)&area->used >> 32);
+	mmio_write32(c, VIRTIO_COMMON_Q_AVAILLO, (uint32_t)(uint64_t)avail);
+	mmio_write32(c, VIRTIO_COMMON_Q_AVAILHI, (uint64_t)avail >> 32);
+	mmio_write32(c, VIRTIO_COMMON_Q_USEDLO, (uint32_t)(uint64_t)used);
+	mmio_write32(c, VIRTIO_COMMON_Q_USEDHI, (uint64_t)used >> 32);
 	mmio_write16(c, VIRTIO_COMMON_Q_MSIX, msix);
 	if (msix != VIRTIO_MSI_NO_VECTOR && mmio_read16(c, VIRTIO_COMMON_Q_MSIX) != msix) {
 		v->error = "queue_msix_vector did not take the vector";
@@ -361,9 +370,9 @@ bool virtq_setup(struct virtq *vq, struct virtio_dev *v, uint16_t index, struct 
 	vq->interrupts = msix != VIRTIO_MSI_NO_VECTOR;
 	vq->event_idx = v->driver_features & VIRTIO_BIT(VIRTIO_F_EVENT_IDX);
 	if (vq->event_idx)
-		area->avail.ring[size] = vq->interrupts ? 0 : USED_EVENT_NEVER;	/* used_event */
+		avail->ring[size] = vq->interrupts ? 0 : USED_EVENT_NEVER;	/* used_event */
 	else if (!vq->interrupts)
-		area->avail.flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
+		avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
 	for (uint16_t i = 0; i < size; i++)
 		area->desc[i].next = i + 1;
 	vq->free_head = 0;
@@ -382,7 +391,7 @@ static void put_desc(struct virtq_desc *d, const struct vbuf *b, uint16_t flags,
 
 void virtq_publish(struct virtq *vq, uint16_t head)
 {
-	struct virtq_avail *avail = &vq->area->avail;
+	struct virtq_avail *avail = vq->avail;
 
 	avail->ring[vq->avail_idx % vq->size] = head;
 	barrier();	/* the entry before the index (x86 keeps stores in order) */
@@ -440,7 +449,7 @@ void virtq_kick(struct virtq *vq)
 	asm volatile("mfence" : : : "memory");
 	if (vq->event_idx) {
 		/* avail_event sits right after the used ring's entries. */
-		uint16_t event = *(volatile uint16_t *)((uint8_t *)&vq->area->used +
+		uint16_t event = *(volatile uint16_t *)((uint8_t *)vq->used +
 						       offsetof(struct virtq_used, ring) +
 						       vq->size * sizeof(struct virtq_used_elem));
 		uint16_t old = vq->kicked_idx, new = vq->avail_idx;
@@ -448,15 +457,20 @@ void virtq_kick(struct virtq *vq)
 		vq->kicked_idx = new;
 		if ((uint16_t)(new - event - 1) >= (uint16_t)(new - old))
 			return;
-	} else if (READ_ONCE(vq->area->used.flags) & VIRTQ_USED_F_NO_NOTIFY) {
+	} else if (READ_ONCE(vq->used->flags) & VIRTQ_USED_F_NO_NOTIFY) {
 		return;
 	}
+	virtq_notify(vq);
+}
+
+void virtq_notify(struct virtq *vq)
+{
 	*vq->notify = vq->index;
 }
 
 bool virtq_has_used(struct virtq *vq)
 {
-	return READ_ONCE(vq->area->used.idx) != vq->last_used;
+	return READ_ONCE(vq->used->idx) != vq->last_used;
 }
 
 bool virtq_poll(struct virtq *vq, void **token, uint32_t *len)
@@ -466,10 +480,10 @@ bool virtq_poll(struct virtq *vq, void **token, uint32_t *len)
 
 	while (virtq_has_used(vq)) {
 		barrier();	/* the index before the entry (x86 keeps loads in order) */
-		e = vq->area->used.ring[vq->last_used % vq->size];
+		e = vq->used->ring[vq->last_used % vq->size];
 		vq->last_used++;
 		if (vq->event_idx)	/* used_event: interrupt after the next one, or never */
-			WRITE_ONCE(vq->area->avail.ring[vq->size],
+			WRITE_ONCE(vq->avail->ring[vq->size],
 				   vq->last_used + (vq->interrupts ? 0 : USED_EVENT_NEVER));
 		if (e.id >= vq->size || !vq->chain_len[e.id]) {
 			vq->bad_used = true;
@@ -497,14 +511,14 @@ bool virtq_poll(struct virtq *vq, void **token, uint32_t *len)
 const char *virtq_state(struct virtq *vq)
 {
 	static char text[160];
-	uint16_t avail_event = *(volatile uint16_t *)((uint8_t *)&vq->area->used +
+	uint16_t avail_event = *(volatile uint16_t *)((uint8_t *)vq->used +
 						      offsetof(struct virtq_used, ring) +
 						      vq->size * sizeof(struct virtq_used_elem));
 
 	snprintf(text, sizeof(text), "[avail.idx %u kicked %u used.idx %u consumed %u used.flags "
 		 "0x%x avail_event %u used_event %u free %u status 0x%02x]", vq->avail_idx,
-		 vq->kicked_idx, READ_ONCE(vq->area->used.idx), vq->last_used,
-		 READ_ONCE(vq->area->used.flags), avail_event, vq->area->avail.ring[vq->size],
+		 vq->kicked_idx, READ_ONCE(vq->used->idx), vq->last_used,
+		 READ_ONCE(vq->used->flags), avail_event, vq->avail->ring[vq->size],
 		 vq->num_free, virtio_get_status(vq->dev));
 	return text;
 }

@@ -166,6 +166,8 @@ struct virtq_area {
 struct virtq {
 	struct virtio_dev *dev;
 	struct virtq_area *area;
+	struct virtq_avail *avail;	/* &area->avail unless placed by virtq_setup_rings */
+	struct virtq_used *used;	/* &area->used likewise */
 	volatile uint16_t *notify;
 	uint16_t index, size;
 	uint16_t free_head, num_free;
@@ -191,6 +193,11 @@ struct vbuf {
  * Uses VIRTIO_F_EVENT_IDX (used_event/avail_event) if it was negotiated, else the flags. */
 bool virtq_setup(struct virtq *vq, struct virtio_dev *v, uint16_t index, struct virtq_area *area,
 		 uint16_t max_size, uint16_t msix);
+/* The same with the avail and used rings at the given addresses instead of area's (anywhere,
+ * even overlapping each other: for hostile tests); the descriptors stay in area. */
+bool virtq_setup_rings(struct virtq *vq, struct virtio_dev *v, uint16_t index,
+		       struct virtq_area *area, struct virtq_avail *avail, struct virtq_used *used,
+		       uint16_t max_size, uint16_t msix);
 /* Chain n buffers (device-readable ones first) and make the chain available; the token comes
  * back from virtq_poll. -1 if there are not enough free descriptors. */
 int virtq_add(struct virtq *vq, const struct vbuf *bufs, unsigned n, void *token);
@@ -201,6 +208,8 @@ int virtq_add_indirect(struct virtq *vq, const struct vbuf *bufs, unsigned n,
 void virtq_publish(struct virtq *vq, uint16_t head);
 /* Notify the device of new available buffers (one MMIO write, skipped if it asks). */
 void virtq_kick(struct virtq *vq);
+/* Notify the device whatever its suppression flags say (one MMIO write). */
+void virtq_notify(struct virtq *vq);
 /* Has the device returned something not yet consumed? */
 bool virtq_has_used(struct virtq *vq);
 /* Take one used entry: its token and length; frees the chain. false if none. */

@@ -4,6 +4,7 @@
 
 void test_serial(void);
 void test_cmos(void);
+void test_cmos_hostile(void);
 void test_e820(void);
 void test_cpus(void);
 void test_cmdline(void);
@@ -12,8 +13,10 @@ void test_outloop(void);
 void test_pci(void);
 void test_blk(void);
 void test_blk_ro(void);
+void test_blk_discard_bomb(void);
 void test_rng(void);
 void test_virtq_hostile(void);
+void test_virtq_overlap(void);
 void test_spin(void);
 void test_blkbench(void);
 
