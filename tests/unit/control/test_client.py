@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,6 +129,40 @@ def test_timeout_when_nobody_accepts(path: str) -> None:
             ControlTimeoutError, match=f"^{re.escape(path)}: no reply from the VM within"
         ):
             send_command(path, {"cmd": "stop"}, timeout=SHORT_TIMEOUT)
+
+
+@contextlib.contextmanager
+def full_accept_queue(path: str) -> Iterator[socket.socket]:
+    """A listener at `path` whose accept queue is full: one connection waits in it."""
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as queued:
+        listener.bind(path)
+        listener.listen(0)  # room for one waiting connection
+        queued.connect(path)
+        yield listener
+
+
+def test_waits_while_the_accept_queue_is_full(path: str) -> None:
+    with full_accept_queue(path) as listener:
+
+        def busy_vm() -> None:
+            time.sleep(0.2)  # let the client find the queue full
+            listener.settimeout(IO_TIMEOUT)
+            listener.accept()[0].close()  # the connection that filled the queue
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(IO_TIMEOUT)
+                replying(b'{"ok": true}\n')(conn)
+
+        vm = threading.Thread(target=busy_vm)
+        vm.start()
+        assert send_command(path, {"cmd": "stop"}, timeout=IO_TIMEOUT) == {"ok": True}
+        vm.join(IO_TIMEOUT)
+
+
+def test_timeout_when_the_accept_queue_stays_full(path: str) -> None:
+    with full_accept_queue(path), pytest.raises(ControlTimeoutError) as info:
+        send_command(path, {"cmd": "stop"}, timeout=SHORT_TIMEOUT)
+    assert str(info.value) == f"{path}: timed out after {SHORT_TIMEOUT:g} s connecting to the VM"
 
 
 def test_timeout_when_the_reply_is_never_finished(

@@ -425,6 +425,20 @@ def test_bind_refuses_a_live_socket(server: ControlServer, handler: FakeHandler)
     assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
 
 
+def test_a_live_socket_with_a_full_accept_queue_is_not_taken(
+    path: str, handler: FakeHandler
+) -> None:
+    with socket.socket(socket.AF_UNIX) as busy, socket.socket(socket.AF_UNIX) as queued:
+        busy.bind(path)
+        busy.listen(0)  # room for one waiting connection
+        queued.connect(path)
+        with pytest.raises(SocketInUseError, match="another VM is listening there"):
+            ControlServer(path, handler)
+        with pytest.raises(ConfigError, match="another VM is listening there"):
+            check_socket_path(path, 1)
+        assert os.path.lexists(path)
+
+
 def test_bind_refuses_a_regular_file(path: str, handler: FakeHandler) -> None:
     Path(path).write_text("precious")
     with pytest.raises(SocketBindError, match="not a socket"):
