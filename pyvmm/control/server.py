@@ -57,7 +57,8 @@ RECV_SIZE = 4096
 SEND_TIMEOUT = 5.0
 # How long close() lets a command in progress finish sending its reply.
 CLOSE_GRACE = 2.0
-# How long close() waits for threads once their sockets are shut down.
+# How long close() waits for the accept thread, and for the others once their sockets are
+# shut down.
 CLOSE_JOIN = 2.0
 # Pause before accepting again when out of file descriptors or memory.
 ACCEPT_BACKOFF = 0.1
@@ -163,9 +164,10 @@ class ControlServer:
         os.write(self._stop_w, b"x")  # never read: wakes every poller, now and later
         me = threading.current_thread()
         if self._thread is not me:
-            self._thread.join()
+            self._thread.join(CLOSE_JOIN)
         self._unlink_if_ours()
-        self._sock.close()
+        if not self._thread.is_alive():
+            self._sock.close()  # else leave it open rather than let its poller see a reused fd
 
         with self._lock:
             threads = [t for t in self._conns.values() if t is not me]
