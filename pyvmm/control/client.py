@@ -21,6 +21,7 @@ from pyvmm.control.protocol import (
     SocketPermissionError,
     StaleSocketError,
     encode_message,
+    one_line,
 )
 
 DEFAULT_TIMEOUT = 10.0
@@ -59,6 +60,11 @@ def send_command(
                 ) from None
             raise
     return _parse_reply(line, path)
+
+
+def reply_error_message(path: str, reply: dict[str, Any]) -> str:
+    """One line for a reply whose "ok" is false, naming the socket as ControlError messages do."""
+    return f"{path}: {one_line(reply['error'])}"
 
 
 def _connect(sock: socket.socket, path: str, deadline: float, timeout: float) -> None:

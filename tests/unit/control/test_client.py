@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli
-from pyvmm.control.client import send_command
+from pyvmm.control.client import reply_error_message, send_command
 from pyvmm.control.protocol import (
     BadReplyError,
     ConnectionLostError,
@@ -232,6 +232,26 @@ def test_reply_sent_before_reading_the_request_is_returned(
         "ok": False,
         "error": "permission denied",
     }
+
+
+# reply_error_message
+
+
+def test_reply_error_message_names_the_socket_on_one_line(path: str) -> None:
+    assert reply_error_message(path, {"ok": False, "error": "not suspended\nreally"}) == (
+        f"{path}: not suspended\\nreally"
+    )
+
+
+def test_a_refusal_reads_as_an_error_about_the_socket(path: str, handler: FakeHandler) -> None:
+    gate = handler.gate("suspend")
+    with ControlServer(path, handler, max_connections=1), socket.socket(socket.AF_UNIX) as busy:
+        busy.connect(path)
+        busy.sendall(b'{"cmd": "suspend"}\n')
+        assert gate.entered.wait(IO_TIMEOUT)
+        reply = send_command(path, {"cmd": "stop"})
+        gate.release.set()
+    assert reply_error_message(path, reply) == f"{path}: too many connections"
 
 
 # The CLI
