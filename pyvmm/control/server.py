@@ -6,11 +6,11 @@ be slow to read its reply, and with a thread each either holds up only its own c
 every conversation stays straight-line code. The connection limit bounds the threads (an evicted
 connection's thread exits as soon as it wakes).
 
-A connection is idle from when it is admitted, or has had its last reply, until it completes its
-next request line. Idle connections are closed after `idle_timeout`, and when the limit is reached
-a newcomer takes the slot of the one idle longest (a reply being sent still goes out); only
-connections running a command hold their slot, so a newcomer is refused only when every slot is
-busy.
+A connection is busy while one of its requests is being handled (waiting for or running its
+command) and idle otherwise, including while its reply is sent. A connection idle for
+`idle_timeout`, since it was admitted or its last request was handled, is closed; when the limit
+is reached a newcomer takes the slot of the one idle longest, so it is refused only when every
+slot is busy.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def peer_allowed(peer: PeerCredentials, server_uid: int) -> bool:
 
 @dataclass(eq=False)
 class _Connection:
-    """An admitted connection; `idle_since`, `busy` and `evicted` change under the server's lock
-    (`idle_since` and `busy` only from the connection's own thread)."""
+    """An admitted connection; its fields change under the server's lock (`idle_since` and
+    `busy` only from the connection's own thread)."""
 
     sock: socket.socket
     idle_since: float
@@ -252,9 +252,9 @@ class ControlServer:
             return False
         victim = min(idle, key=lambda c: c.idle_since)
         victim.evicted = True
-        # Its thread wakes (after sending a reply in progress), sees the flag and exits; until
-        # then it is not counted.
-        _shutdown(victim.sock, socket.SHUT_RD)
+        # Its thread wakes, or fails the send it is blocked in, and exits; until then it is not
+        # counted.
+        _shutdown(victim.sock)
         log.debug("control socket %s: closed the longest idle connection", self.path)
         return True
 
@@ -283,23 +283,18 @@ class ControlServer:
             if not data:
                 return  # the client hung up, perhaps mid-line: nothing to do
             buf += data
-            if NEWLINE in buf:
-                if not self._set_busy(conn):
+            while (end := buf.find(NEWLINE)) >= 0:
+                line = bytes(buf[:end])
+                del buf[: end + 1]
+                if len(line) > MAX_REQUEST_BYTES:
+                    sock.sendall(encode_message(_too_long()))
                     return
-                while (end := buf.find(NEWLINE)) >= 0:
-                    line = bytes(buf[:end])
-                    del buf[: end + 1]
-                    if len(line) > MAX_REQUEST_BYTES:
-                        sock.sendall(encode_message(_too_long()))
-                        return
-                    reply = encode_message(self._handle(line))
-                    if NEWLINE not in buf:
-                        # Idle before the client sees the reply, so its next connection finds
-                        # this one idle; eviction still lets the reply go out.
-                        self._set_idle(conn)
-                    sock.sendall(reply)
-                    if self._closing.is_set():
-                        return
+                reply = self._run(conn, line)
+                if reply is None:
+                    return
+                sock.sendall(encode_message(reply))
+                if self._closing.is_set():
+                    return
             if len(buf) > MAX_REQUEST_BYTES:
                 sock.sendall(encode_message(_too_long()))
                 return
@@ -312,18 +307,21 @@ class ControlServer:
             return False
         return not (self._closing.is_set() or conn.evicted)
 
-    def _set_busy(self, conn: _Connection) -> bool:
-        """Mark a connection as running commands, unless it was evicted already."""
+    def _run(self, conn: _Connection, line: bytes) -> dict[str, Any] | None:
+        """The reply to one request line, handled with the connection marked busy; None if it
+        was evicted before it could start."""
         with self._lock:
             if conn.evicted:
-                return False
+                return None
             conn.busy = True
-            return True
-
-    def _set_idle(self, conn: _Connection) -> None:
-        with self._lock:
-            conn.busy = False
-            conn.idle_since = time.monotonic()
+        try:
+            return self._handle(line)
+        finally:
+            # Idle again before the client sees the reply, so a client that then connects anew
+            # finds this one idle; and one that is slow to read its replies holds no slot.
+            with self._lock:
+                conn.busy = False
+                conn.idle_since = time.monotonic()
 
     def _handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -397,9 +395,9 @@ def _send_nowait(conn: socket.socket, message: dict[str, Any]) -> None:
         conn.send(encode_message(message), socket.MSG_DONTWAIT)
 
 
-def _shutdown(conn: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+def _shutdown(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
-        conn.shutdown(how)
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def _join_all(threads: list[threading.Thread], timeout: float) -> None:

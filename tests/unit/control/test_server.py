@@ -347,6 +347,25 @@ def test_a_busy_connection_is_not_evicted(path: str, handler: FakeHandler) -> No
     assert handler.calls == ["suspend", "stop"]
 
 
+def test_a_client_that_never_reads_its_replies_holds_no_slot(
+    path: str, handler: FakeHandler
+) -> None:
+    with ControlServer(path, handler, max_connections=1), connect(path) as hog:
+        hog.settimeout(None)
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):  # the server drops us
+                hog.sendall(b'{"cmd":"nope"}\n' * 100000)  # replies far beyond the buffers
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        time.sleep(0.2)  # let the replies fill the socket buffers
+        assert send_command(path, {"cmd": "stop"}, timeout=2) == {"ok": True}
+        flooder.join(IO_TIMEOUT)  # the hog was closed to make room
+        assert not flooder.is_alive()
+    assert handler.calls == ["stop"]
+
+
 def test_a_new_connection_is_refused_only_when_every_slot_is_busy(
     path: str, handler: FakeHandler
 ) -> None:
