@@ -21,10 +21,13 @@ from pyvmm.control.protocol import (
     SocketPermissionError,
     StaleSocketError,
     encode_message,
+    one_line,
 )
 
 DEFAULT_TIMEOUT = 10.0
 RECV_SIZE = 4096
+# The pause between connection attempts while the VM's accept queue is full.
+CONNECT_RETRY = 0.01
 
 
 def send_command(
@@ -37,9 +40,10 @@ def send_command(
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        _connect(sock, path, timeout)
+        _connect(sock, path, deadline, timeout)
         send_error: OSError | None = None
         try:
+            sock.settimeout(_remaining(deadline))
             sock.sendall(message)
         except TimeoutError:
             raise ControlTimeoutError(
@@ -58,23 +62,44 @@ def send_command(
     return _parse_reply(line, path)
 
 
-def _connect(sock: socket.socket, path: str, timeout: float) -> None:
-    try:
-        sock.connect(path)
-    except FileNotFoundError:
-        raise NoSuchSocketError(f"{path}: no such socket (is the VM running?)") from None
-    except ConnectionRefusedError:
-        if _exists_not_socket(path):
-            raise NotASocketError(f"{path}: not a socket") from None
-        raise StaleSocketError(f"{path}: no VM is listening (stale socket)") from None
-    except PermissionError:
-        raise SocketPermissionError(f"{path}: permission denied") from None
-    except TimeoutError:
-        raise ControlTimeoutError(
-            f"{path}: timed out after {timeout:g} s connecting to the VM"
-        ) from None
-    except OSError as e:
-        raise ControlError(f"{path}: {_reason(e)}") from None
+def reply_error_message(path: str, reply: dict[str, Any]) -> str:
+    """One line for a reply whose "ok" is false, naming the socket as ControlError messages do."""
+    return f"{path}: {one_line(reply['error'])}"
+
+
+def _connect(sock: socket.socket, path: str, deadline: float, timeout: float) -> None:
+    timed_out = ControlTimeoutError(f"{path}: timed out after {timeout:g} s connecting to the VM")
+    while True:
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            # The VM's accept queue is full (Linux refuses at once rather than wait when the
+            # socket has a timeout): it is alive but busy, so try again until the deadline.
+            if deadline - time.monotonic() <= CONNECT_RETRY:
+                raise timed_out from None
+            time.sleep(CONNECT_RETRY)
+        except FileNotFoundError:
+            raise NoSuchSocketError(f"{path}: no such socket (is the VM running?)") from None
+        except ConnectionRefusedError:
+            if _exists_not_socket(path):
+                raise NotASocketError(f"{path}: not a socket") from None
+            raise StaleSocketError(f"{path}: no VM is listening (stale socket)") from None
+        except PermissionError:
+            raise SocketPermissionError(f"{path}: permission denied") from None
+        except TimeoutError:
+            raise timed_out from None
+        except OSError as e:
+            raise ControlError(f"{path}: {_reason(e)}") from None
+        else:
+            return
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until `deadline`; TimeoutError if there are none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
 def _read_line(sock: socket.socket, path: str, deadline: float, timeout: float) -> bytes:

@@ -117,6 +117,6 @@ def socket_is_live(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
             sock.connect(path)
         except ConnectionRefusedError:
             return False
-        except TimeoutError:
-            return True  # a full accept backlog: a listener exists but is busy
+        except (BlockingIOError, TimeoutError):
+            return True  # a full accept queue: a listener exists but is busy
     return True

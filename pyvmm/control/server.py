@@ -1,10 +1,24 @@
-"""The VM side of the control socket: a 0600 Unix socket served by background threads."""
+"""The VM side of the control socket: a 0600 Unix socket served by background threads.
+
+One thread accepts and each admitted connection gets a thread of its own, rather than one poll
+loop serving them all: a command may block (suspend waits for the vCPUs to park) and a client may
+be slow to read its reply, and with a thread each either holds up only its own connection while
+every conversation stays straight-line code. The connection limit bounds the threads (an evicted
+connection's thread exits as soon as it wakes).
+
+A connection is busy while one of its requests is being handled (waiting for or running its
+command) and idle otherwise, including while its reply is sent. A connection idle for
+`idle_timeout`, since it was admitted or its last request was handled, is closed; when the limit
+is reached a newcomer takes the slot of the one idle longest, so it is refused only when every
+slot is busy.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import logging
+import math
 import os
 import select
 import socket
@@ -36,12 +50,15 @@ log = logging.getLogger(__name__)
 SOCKET_MODE = 0o600
 LISTEN_BACKLOG = 64
 MAX_CONNECTIONS = 64
+# How long a connection may stay idle (see the module docstring) before it is closed.
+IDLE_TIMEOUT = 30.0
 RECV_SIZE = 4096
 # A client that stops reading its replies is dropped after this long.
 SEND_TIMEOUT = 5.0
 # How long close() lets a command in progress finish sending its reply.
 CLOSE_GRACE = 2.0
-# How long close() waits for threads once their sockets are shut down.
+# How long close() waits for the accept thread, and for the others once their sockets are
+# shut down.
 CLOSE_JOIN = 2.0
 # Pause before accepting again when out of file descriptors or memory.
 ACCEPT_BACKOFF = 0.1
@@ -83,14 +100,34 @@ def peer_allowed(peer: PeerCredentials, server_uid: int) -> bool:
     return peer.uid in (server_uid, ROOT_UID)
 
 
+@dataclass(eq=False)
+class _Connection:
+    """An admitted connection; its fields change under the server's lock (`idle_since` and
+    `busy` only from the connection's own thread)."""
+
+    sock: socket.socket
+    idle_since: float
+    busy: bool = False
+    evicted: bool = False
+
+
 class ControlServer:
     """Serves the control protocol on a Unix socket at `path` until `close()`.
 
-    The socket file is created with mode 0600; peers are also checked by uid. Each accepted
-    connection gets its own thread, so a silent or slow client holds up only itself."""
+    The socket file is created with mode 0600; peers are also checked by uid. At most
+    `max_connections` are served at once; one idle for `idle_timeout` seconds is closed."""
 
-    def __init__(self, path: str, handler: ControlHandler) -> None:
+    def __init__(
+        self,
+        path: str,
+        handler: ControlHandler,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.path = path
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
         self._commands: dict[str, Callable[[], None]] = {
             "stop": handler.stop,
             "suspend": handler.suspend,
@@ -98,9 +135,9 @@ class ControlServer:
         }
         self._uid = os.geteuid()
         self._closing = threading.Event()
-        self._lock = threading.Lock()  # guards _conns and closing connection sockets
+        self._lock = threading.Lock()  # guards _conns, their state and closing their sockets
         self._dispatch_lock = threading.Lock()  # one command at a time across connections
-        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._conns: dict[_Connection, threading.Thread] = {}
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             self._sock, self._ident = _bind(path)
@@ -127,16 +164,17 @@ class ControlServer:
         os.write(self._stop_w, b"x")  # never read: wakes every poller, now and later
         me = threading.current_thread()
         if self._thread is not me:
-            self._thread.join()
+            self._thread.join(CLOSE_JOIN)
         self._unlink_if_ours()
-        self._sock.close()
+        if not self._thread.is_alive():
+            self._sock.close()  # else leave it open rather than let its poller see a reused fd
 
         with self._lock:
             threads = [t for t in self._conns.values() if t is not me]
         _join_all(threads, CLOSE_GRACE)
         with self._lock:
             for conn in self._conns:
-                _shutdown(conn)
+                _shutdown(conn.sock)
         _join_all(threads, CLOSE_JOIN)
         if any(t.is_alive() for t in threads) or self._thread.is_alive():
             log.warning("control socket %s: threads still running after close", self.path)
@@ -175,22 +213,24 @@ class ControlServer:
                 log.exception("control socket %s: dropping a connection", self.path)
                 conn.close()
 
-    def _admit(self, conn: socket.socket) -> None:
-        peer = peer_credentials(conn)
+    def _admit(self, sock: socket.socket) -> None:
+        peer = peer_credentials(sock)
         if not peer_allowed(peer, self._uid):
             log.warning("control socket %s: refused pid %d uid %d", self.path, peer.pid, peer.uid)
-            _send_nowait(conn, error_reply("permission denied"))
-            conn.close()
+            _send_nowait(sock, error_reply("permission denied"))
+            sock.close()
             return
-        conn.settimeout(SEND_TIMEOUT)
+        sock.settimeout(SEND_TIMEOUT)
         with self._lock:
             if self._closing.is_set():
-                conn.close()
+                sock.close()
                 return
-            if len(self._conns) >= MAX_CONNECTIONS:
-                _send_nowait(conn, error_reply("too many connections"))
-                conn.close()
+            if not self._make_room():
+                log.debug("control socket %s: all busy, refused pid %d", self.path, peer.pid)
+                _send_nowait(sock, error_reply("too many connections"))
+                sock.close()
                 return
+            conn = _Connection(sock, idle_since=time.monotonic())
             thread = threading.Thread(
                 target=self._serve, args=(conn,), name=f"control-{peer.pid}", daemon=True
             )
@@ -201,7 +241,24 @@ class ControlServer:
                 del self._conns[conn]
                 raise
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _make_room(self) -> bool:
+        """Whether one more connection fits, evicting the one idle longest if none would.
+        Called with the lock held."""
+        live = [c for c in self._conns if not c.evicted]
+        if len(live) < self._max_connections:
+            return True
+        idle = [c for c in live if not c.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since)
+        victim.evicted = True
+        # Its thread wakes, or fails the send it is blocked in, and exits; until then it is not
+        # counted.
+        _shutdown(victim.sock)
+        log.debug("control socket %s: closed the longest idle connection", self.path)
+        return True
+
+    def _serve(self, conn: _Connection) -> None:
         try:
             self._serve_lines(conn)
         except OSError as e:
@@ -211,18 +268,18 @@ class ControlServer:
         finally:
             with self._lock:
                 del self._conns[conn]
-                conn.close()
+                conn.sock.close()
 
-    def _serve_lines(self, conn: socket.socket) -> None:
+    def _serve_lines(self, conn: _Connection) -> None:
+        sock = conn.sock
         poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(sock.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         buf = bytearray()
         while True:
-            poller.poll()
-            if self._closing.is_set():
+            if not self._wait_for_input(conn, poller):
                 return
-            data = conn.recv(RECV_SIZE)
+            data = sock.recv(RECV_SIZE)
             if not data:
                 return  # the client hung up, perhaps mid-line: nothing to do
             buf += data
@@ -230,14 +287,41 @@ class ControlServer:
                 line = bytes(buf[:end])
                 del buf[: end + 1]
                 if len(line) > MAX_REQUEST_BYTES:
-                    conn.sendall(encode_message(_too_long()))
+                    sock.sendall(encode_message(_too_long()))
                     return
-                conn.sendall(encode_message(self._handle(line)))
+                reply = self._run(conn, line)
+                if reply is None:
+                    return
+                sock.sendall(encode_message(reply))
                 if self._closing.is_set():
                     return
             if len(buf) > MAX_REQUEST_BYTES:
-                conn.sendall(encode_message(_too_long()))
+                sock.sendall(encode_message(_too_long()))
                 return
+
+    def _wait_for_input(self, conn: _Connection, poller: select.poll) -> bool:
+        """Wait until the connection has input; False if it is to be closed instead."""
+        remaining = conn.idle_since + self._idle_timeout - time.monotonic()
+        if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+            log.debug("control socket %s: closed a connection idle too long", self.path)
+            return False
+        return not (self._closing.is_set() or conn.evicted)
+
+    def _run(self, conn: _Connection, line: bytes) -> dict[str, Any] | None:
+        """The reply to one request line, handled with the connection marked busy; None if it
+        was evicted before it could start."""
+        with self._lock:
+            if conn.evicted:
+                return None
+            conn.busy = True
+        try:
+            return self._handle(line)
+        finally:
+            # Idle again before the client sees the reply, so a client that then connects anew
+            # finds this one idle; and one that is slow to read its replies holds no slot.
+            with self._lock:
+                conn.busy = False
+                conn.idle_since = time.monotonic()
 
     def _handle(self, line: bytes) -> dict[str, Any]:
         try:

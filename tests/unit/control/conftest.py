@@ -10,19 +10,41 @@ import pytest
 
 from pyvmm.control.server import ControlServer
 
+# The longest a gated command waits for the test to open its gate.
+GATE_TIMEOUT = 10.0
+
+
+class Gate:
+    """Holds a command inside the handler: `entered` is set when it starts, and it returns
+    once `release` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
 
 class FakeHandler:
-    """Records the commands it gets; `failures` maps a command to the exception it raises."""
+    """Records the commands it gets; `failures` maps a command to the exception it raises and
+    `gates` a command to the Gate that holds it."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.failures: dict[str, Exception] = {}
+        self.gates: dict[str, Gate] = {}
         self.stopped = threading.Event()
         self._lock = threading.Lock()
+
+    def gate(self, cmd: str) -> Gate:
+        gate = self.gates[cmd] = Gate()
+        return gate
 
     def _record(self, cmd: str) -> None:
         with self._lock:
             self.calls.append(cmd)
+        gate = self.gates.get(cmd)
+        if gate is not None:
+            gate.entered.set()
+            gate.release.wait(GATE_TIMEOUT)
         if cmd in self.failures:
             raise self.failures[cmd]
 

@@ -7,13 +7,14 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pyvmm import cli
-from pyvmm.control.client import send_command
+from pyvmm.control.client import reply_error_message, send_command
 from pyvmm.control.protocol import (
     BadReplyError,
     ConnectionLostError,
@@ -130,6 +131,40 @@ def test_timeout_when_nobody_accepts(path: str) -> None:
             send_command(path, {"cmd": "stop"}, timeout=SHORT_TIMEOUT)
 
 
+@contextlib.contextmanager
+def full_accept_queue(path: str) -> Iterator[socket.socket]:
+    """A listener at `path` whose accept queue is full: one connection waits in it."""
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as queued:
+        listener.bind(path)
+        listener.listen(0)  # room for one waiting connection
+        queued.connect(path)
+        yield listener
+
+
+def test_waits_while_the_accept_queue_is_full(path: str) -> None:
+    with full_accept_queue(path) as listener:
+
+        def busy_vm() -> None:
+            time.sleep(0.2)  # let the client find the queue full
+            listener.settimeout(IO_TIMEOUT)
+            listener.accept()[0].close()  # the connection that filled the queue
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(IO_TIMEOUT)
+                replying(b'{"ok": true}\n')(conn)
+
+        vm = threading.Thread(target=busy_vm)
+        vm.start()
+        assert send_command(path, {"cmd": "stop"}, timeout=IO_TIMEOUT) == {"ok": True}
+        vm.join(IO_TIMEOUT)
+
+
+def test_timeout_when_the_accept_queue_stays_full(path: str) -> None:
+    with full_accept_queue(path), pytest.raises(ControlTimeoutError) as info:
+        send_command(path, {"cmd": "stop"}, timeout=SHORT_TIMEOUT)
+    assert str(info.value) == f"{path}: timed out after {SHORT_TIMEOUT:g} s connecting to the VM"
+
+
 def test_timeout_when_the_reply_is_never_finished(
     fake_server: Callable[[Behaviour], None], path: str
 ) -> None:
@@ -197,6 +232,26 @@ def test_reply_sent_before_reading_the_request_is_returned(
         "ok": False,
         "error": "permission denied",
     }
+
+
+# reply_error_message
+
+
+def test_reply_error_message_names_the_socket_on_one_line(path: str) -> None:
+    assert reply_error_message(path, {"ok": False, "error": "not suspended\nreally"}) == (
+        f"{path}: not suspended\\nreally"
+    )
+
+
+def test_a_refusal_reads_as_an_error_about_the_socket(path: str, handler: FakeHandler) -> None:
+    gate = handler.gate("suspend")
+    with ControlServer(path, handler, max_connections=1), socket.socket(socket.AF_UNIX) as busy:
+        busy.connect(path)
+        busy.sendall(b'{"cmd": "suspend"}\n')
+        assert gate.entered.wait(IO_TIMEOUT)
+        reply = send_command(path, {"cmd": "stop"})
+        gate.release.set()
+    assert reply_error_message(path, reply) == f"{path}: too many connections"
 
 
 # The CLI

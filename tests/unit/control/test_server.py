@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import stat
@@ -36,10 +37,23 @@ NOBODY_UID = 65534
 
 
 def connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(IO_TIMEOUT)
-    sock.connect(path)
-    return sock
+    """A connection to `path`, retried while the server's accept queue is full."""
+    deadline = time.monotonic() + IO_TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(IO_TIMEOUT)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 class LineReader:
@@ -274,18 +288,133 @@ def test_client_that_never_reads_does_not_block_others_or_close(
     assert handler.calls == ["resume"]
 
 
-def test_too_many_connections(
-    server: ControlServer, monkeypatch: pytest.MonkeyPatch, handler: FakeHandler
+# Idle connections and the connection limit
+
+
+def idle_connections(path: str, n: int) -> list[socket.socket]:
+    return [connect(path) for _ in range(n)]
+
+
+def is_closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock`, waiting a bounded time for it to do so."""
+    try:
+        return wait_until_closed(sock) == b""
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_cannot_lock_out_a_fresh_command(
+    server: ControlServer, handler: FakeHandler
 ) -> None:
-    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 2)
-    with connect(server.path) as a, connect(server.path) as b:
-        assert request(a, b'{"cmd": "suspend"}\n') == {"ok": True}
-        assert request(b, b'{"cmd": "resume"}\n') == {"ok": True}
-        with connect(server.path) as c:
-            assert LineReader(c).reply() == {"ok": False, "error": "too many connections"}
-            assert wait_until_closed(c) == b""
-    time.sleep(0.1)  # the server notices the hang-ups
-    assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+    idle = idle_connections(server.path, server_module.MAX_CONNECTIONS + 8)
+    try:
+        assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+        assert handler.calls == ["stop"]
+        # The longest idle made room; the newest are still served.
+        assert is_closed_by_server(idle[0])
+        assert request(idle[-1], b'{"cmd": "resume"}\n') == {"ok": True}
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_the_longest_idle_connection_makes_room(path: str, handler: FakeHandler) -> None:
+    with ControlServer(path, handler, max_connections=2), connect(path) as a, connect(path) as b:
+        # `a` connected first but has been idle for less time than `b`.
+        assert request(b, b'{"cmd": "suspend"}\n') == {"ok": True}
+        assert request(a, b'{"cmd": "resume"}\n') == {"ok": True}
+        with connect(path) as c:
+            assert request(c, b'{"cmd": "suspend"}\n') == {"ok": True}
+            assert is_closed_by_server(b)
+            assert request(a, b'{"cmd": "stop"}\n') == {"ok": True}
+    assert handler.calls == ["suspend", "resume", "suspend", "stop"]
+
+
+def test_a_busy_connection_is_not_evicted(path: str, handler: FakeHandler) -> None:
+    gate = handler.gate("suspend")
+    with (
+        ControlServer(path, handler, max_connections=2),
+        connect(path) as busy,
+        connect(path) as idle,
+    ):
+        busy.sendall(b'{"cmd": "suspend"}\n')
+        assert gate.entered.wait(IO_TIMEOUT)
+        with connect(path) as fresh:
+            assert is_closed_by_server(idle)
+            gate.release.set()
+            assert LineReader(busy).reply() == {"ok": True}
+            assert request(fresh, b'{"cmd": "stop"}\n') == {"ok": True}
+    assert handler.calls == ["suspend", "stop"]
+
+
+def test_a_client_that_never_reads_its_replies_holds_no_slot(
+    path: str, handler: FakeHandler
+) -> None:
+    with ControlServer(path, handler, max_connections=1), connect(path) as hog:
+        hog.settimeout(None)
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):  # the server drops us
+                hog.sendall(b'{"cmd":"nope"}\n' * 100000)  # replies far beyond the buffers
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        time.sleep(0.2)  # let the replies fill the socket buffers
+        assert send_command(path, {"cmd": "stop"}, timeout=2) == {"ok": True}
+        flooder.join(IO_TIMEOUT)  # the hog was closed to make room
+        assert not flooder.is_alive()
+    assert handler.calls == ["stop"]
+
+
+def test_a_new_connection_is_refused_only_when_every_slot_is_busy(
+    path: str, handler: FakeHandler
+) -> None:
+    gate = handler.gate("suspend")
+    with ControlServer(path, handler, max_connections=1), connect(path) as busy:
+        busy.sendall(b'{"cmd": "suspend"}\n')
+        assert gate.entered.wait(IO_TIMEOUT)
+        with connect(path) as refused:
+            assert LineReader(refused).reply() == {"ok": False, "error": "too many connections"}
+            assert wait_until_closed(refused) == b""
+        gate.release.set()
+        reader = LineReader(busy)
+        assert reader.reply() == {"ok": True}
+        busy.sendall(b'{"cmd": "stop"}\n')
+        assert reader.reply() == {"ok": True}
+    assert handler.calls == ["suspend", "stop"]
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(
+    path: str, handler: FakeHandler
+) -> None:
+    with ControlServer(path, handler, idle_timeout=1.0):
+        with connect(path) as used, connect(path) as silent, connect(path) as partial:
+            assert request(used, b'{"cmd": "suspend"}\n') == {"ok": True}
+            partial.sendall(b'{"cmd": "st')
+            for sock in (used, silent, partial):
+                assert is_closed_by_server(sock)
+        assert send_command(path, {"cmd": "resume"}) == {"ok": True}
+    assert handler.calls == ["suspend", "resume"]
+
+
+def test_a_request_sent_byte_by_byte_cannot_outlast_the_idle_timeout(
+    path: str, handler: FakeHandler
+) -> None:
+    slow = b'{"cmd": "stop", "pad": "' + b"x" * 100 + b'"}\n'
+    closed = False
+    with ControlServer(path, handler, idle_timeout=0.5), connect(path) as sock:
+        for byte in slow:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable and sock.recv(1) == b"":
+                closed = True
+                break
+    assert closed
+    assert handler.calls == []
 
 
 # Peer credentials
@@ -423,6 +552,20 @@ def test_bind_refuses_a_live_socket(server: ControlServer, handler: FakeHandler)
     with pytest.raises(SocketInUseError, match="another VM is listening there"):
         ControlServer(server.path, handler)
     assert send_command(server.path, {"cmd": "stop"}) == {"ok": True}
+
+
+def test_a_live_socket_with_a_full_accept_queue_is_not_taken(
+    path: str, handler: FakeHandler
+) -> None:
+    with socket.socket(socket.AF_UNIX) as busy, socket.socket(socket.AF_UNIX) as queued:
+        busy.bind(path)
+        busy.listen(0)  # room for one waiting connection
+        queued.connect(path)
+        with pytest.raises(SocketInUseError, match="another VM is listening there"):
+            ControlServer(path, handler)
+        with pytest.raises(ConfigError, match="another VM is listening there"):
+            check_socket_path(path, 1)
+        assert os.path.lexists(path)
 
 
 def test_bind_refuses_a_regular_file(path: str, handler: FakeHandler) -> None:
