@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pyvmm import __version__
 from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
-from pyvmm.control import COMMANDS, ControlError, send_command
-from pyvmm.control.protocol import one_line
+from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
 from pyvmm.disk.raw import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
@@ -137,7 +136,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     reply = send_command(args.socket, {"cmd": args.command})
     if reply["ok"]:
         return 0
-    print(f"pyvmm: {one_line(reply['error'])}", file=sys.stderr)
+    print(f"pyvmm: {reply_error_message(args.socket, reply)}", file=sys.stderr)
     return EXIT_FAILURE
 
 

@@ -8,7 +8,7 @@ are the ones PC firmware leaves for the OS.
 
 from __future__ import annotations
 
-import calendar
+import datetime
 import enum
 import logging
 import math
@@ -159,17 +159,18 @@ class _Clock:
         )
 
     def timestamp(self) -> int:
-        """Seconds since the epoch; raises ValueError for fields no date has."""
-        return calendar.timegm(
-            (
-                self.century * 100 + self.year,
-                self.month,
-                self.day,
-                self.hour,
-                self.minute,
-                self.second,
-            )
+        """Seconds since the epoch; raises ValueError for fields no date has (timegm alone
+        would carry them over: February 31 into March, hour 99 into later days)."""
+        when = datetime.datetime(
+            self.century * 100 + self.year,
+            self.month,
+            self.day,
+            self.hour,
+            self.minute,
+            self.second,
+            tzinfo=datetime.UTC,
         )
+        return int(when.timestamp())
 
 
 def _to_bcd(value: int) -> int:

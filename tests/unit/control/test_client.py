@@ -271,7 +271,7 @@ def test_cli_error_reply(
 ) -> None:
     handler.failures["resume"] = RuntimeError("not suspended\nreally")
     assert cli.main(["resume", server.path]) == cli.EXIT_FAILURE
-    assert capsys.readouterr() == ("", "pyvmm: not suspended\\nreally\n")
+    assert capsys.readouterr() == ("", f"pyvmm: {server.path}: not suspended\\nreally\n")
 
 
 def test_cli_no_such_socket(path: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -256,6 +256,16 @@ def test_impossible_values_without_set_leave_the_clock(
     assert all(0 <= f <= 0x99 for f in time_fields(cmos))
 
 
+def test_a_date_no_calendar_has_leaves_the_clock(cmos: Cmos) -> None:
+    """February 31 was carried into March 2 by timegm, silently."""
+    wr(cmos, Reg.B, RegB.SET | RegB.HOUR_24)
+    wr(cmos, Reg.DAY_OF_MONTH, 0x31)
+    wr(cmos, Reg.B, RegB.HOUR_24)
+    assert (rd(cmos, Reg.MONTH), rd(cmos, Reg.DAY_OF_MONTH)) == (0x02, 0x27)
+    wr(cmos, Reg.DAY_OF_MONTH, 0x30)  # and without SET
+    assert (rd(cmos, Reg.MONTH), rd(cmos, Reg.DAY_OF_MONTH)) == (0x02, 0x27)
+
+
 def test_twelve_hour_bcd_hours_outside_1_to_12_are_refused(cmos: Cmos) -> None:
     wr(cmos, Reg.B, 0)  # BCD, 12-hour
     wr(cmos, Reg.HOURS, 0x80 | 0x13)
