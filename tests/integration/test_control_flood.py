@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, needs_kvm
-from tests.integration.test_virtio_probe import SpinningVm
+from tests.integration.conftest import needs_kvm
+from tests.integration.test_virtio_probe import SpinningVm, ctl
+from tests.unit.control.conftest import connect
 
 pytestmark = needs_kvm
 
 HELD = 200
 CONNECT_TIMEOUT = 10.0
-
-
-def connect(path: Path) -> socket.socket:
-    """A connection that sends nothing, retried while the VM's accept queue is full."""
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(str(path))
-        except BlockingIOError:
-            sock.close()
-            assert time.monotonic() < deadline, "the VM never accepted a connection"
-            time.sleep(0.01)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
 
 @pytest.fixture
@@ -52,16 +31,6 @@ def flooded(probe_elf: Path, tmp_path: Path) -> Iterator[SpinningVm]:
         for sock in held:
             sock.close()
         vm.close()
-
-
-def ctl(sock: Path, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyvmm", command, str(sock)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_stop_works_while_idle_connections_are_held(flooded: SpinningVm) -> None:

@@ -146,7 +146,7 @@ def spinning(probe_elf: Path, tmp_path: Path) -> Iterator[SpinningVm]:
     vm.close()
 
 
-def _ctl(sock: Path, command: str) -> subprocess.CompletedProcess[str]:
+def ctl(sock: Path, command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pyvmm", command, str(sock)],
         cwd=ROOT,
@@ -159,27 +159,27 @@ def _ctl(sock: Path, command: str) -> subprocess.CompletedProcess[str]:
 def test_stop_ends_the_vm_with_status_0_and_removes_the_socket(spinning: SpinningVm) -> None:
     assert spinning.sock.exists()
     assert oct(spinning.sock.stat().st_mode & 0o777) == "0o600"
-    r = _ctl(spinning.sock, "stop")
+    r = ctl(spinning.sock, "stop")
     assert (r.returncode, r.stderr) == (0, "")
     assert spinning.proc.wait(timeout=20) == 0
     assert not spinning.sock.exists()
 
 
 def test_suspend_halts_the_guest_and_resume_continues_it(spinning: SpinningVm) -> None:
-    assert _ctl(spinning.sock, "suspend").returncode == 0
+    assert ctl(spinning.sock, "suspend").returncode == 0
     time.sleep(0.3)  # a line already on its way may still arrive
     halted = spinning.spins()
     time.sleep(1.0)
     assert spinning.spins() == halted, "the guest kept running while suspended"
-    assert _ctl(spinning.sock, "resume").returncode == 0
+    assert ctl(spinning.sock, "resume").returncode == 0
     spinning.wait_for_spins(halted + 3, timeout=5)
-    assert _ctl(spinning.sock, "stop").returncode == 0
+    assert ctl(spinning.sock, "stop").returncode == 0
     assert spinning.proc.wait(timeout=20) == 0
 
 
 def test_stop_works_while_suspended(spinning: SpinningVm) -> None:
-    assert _ctl(spinning.sock, "suspend").returncode == 0
-    assert _ctl(spinning.sock, "stop").returncode == 0
+    assert ctl(spinning.sock, "suspend").returncode == 0
+    assert ctl(spinning.sock, "stop").returncode == 0
     assert spinning.proc.wait(timeout=20) == 0
 
 
@@ -195,7 +195,7 @@ def test_bad_requests_get_errors_and_the_vm_goes_on(spinning: SpinningVm) -> Non
             assert reply["ok"] is False and reply["error"]
     before = spinning.spins()
     spinning.wait_for_spins(before + 2)
-    assert _ctl(spinning.sock, "stop").returncode == 0
+    assert ctl(spinning.sock, "stop").returncode == 0
 
 
 def test_an_image_in_use_by_another_vm_is_refused(probe_elf: Path, tmp_path: Path) -> None:
@@ -220,13 +220,13 @@ def test_a_stale_socket_is_replaced(probe_elf: Path, tmp_path: Path) -> None:
     vm = SpinningVm(probe_elf, sock)
     try:
         vm.wait_for_spins(1)
-        assert _ctl(sock, "stop").returncode == 0
+        assert ctl(sock, "stop").returncode == 0
         assert vm.proc.wait(timeout=20) == 0
     finally:
         vm.close()
 
 
 def test_control_commands_without_a_vm_fail_clearly(tmp_path: Path) -> None:
-    r = _ctl(tmp_path / "none.sock", "stop")
+    r = ctl(tmp_path / "none.sock", "stop")
     assert r.returncode == 1
     assert r.stderr.strip().endswith("no such socket (is the VM running?)")

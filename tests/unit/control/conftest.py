@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,28 @@ from pyvmm.control.server import ControlServer
 
 # The longest a gated command waits for the test to open its gate.
 GATE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+
+
+def connect(path: str | Path, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+    """A connection to the control socket at `path`, retried while its accept queue is full
+    (Linux then refuses a Unix-socket connect at once rather than waiting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 class Gate:

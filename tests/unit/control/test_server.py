@@ -29,31 +29,11 @@ from pyvmm.control.server import (
     peer_allowed,
     peer_credentials,
 )
-from tests.unit.control.conftest import FakeHandler
+from tests.unit.control.conftest import FakeHandler, connect
 
 IO_TIMEOUT = 5.0
 SYSTEM_PYTHON = "/usr/bin/python3"
 NOBODY_UID = 65534
-
-
-def connect(path: str) -> socket.socket:
-    """A connection to `path`, retried while the server's accept queue is full."""
-    deadline = time.monotonic() + IO_TIMEOUT
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(IO_TIMEOUT)
-        try:
-            sock.connect(path)
-        except BlockingIOError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
 
 class LineReader:
