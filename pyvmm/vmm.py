@@ -27,7 +27,7 @@ from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.cmos import Cmos
 from pyvmm.devices.i8042 import I8042
-from pyvmm.devices.irq import EventFdIrq
+from pyvmm.devices.irq import EventFdIrq, LevelIrq
 from pyvmm.devices.pci.root import (
     CONFIG_ADDRESS_LEN,
     CONFIG_ADDRESS_PORT,
@@ -244,7 +244,7 @@ class Vmm:
         self.io_bus.insert(self.pci, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, "PCI config (CF8)")
         self.pci_irqs: list[tuple[int, int]] = []
         self.virtio_devices: list[VirtioPciDevice] = []
-        self._intx_lines: list[EventFdIrq] = []
+        self._intx_lines: list[LevelIrq] = []
         any_length = bool(self.kvm.check_extension(Cap.KVM_CAP_IOEVENTFD_ANY_LENGTH))
         notify_len = 0 if any_length else 2
 
@@ -257,9 +257,10 @@ class Vmm:
         backends: list[VirtioDevice] = [*self._disks(), Rng()]
         for backend in backends:
             gsi = PCI_INTX_FIRST_GSI + len(self.pci_irqs) % PCI_INTX_GSIS
-            intx = EventFdIrq(gsi)
+            # Each function gets its own level line on the (shared) pin: KVM ORs them.
+            intx = LevelIrq(gsi)
             self._intx_lines.append(intx)
-            self.vm.register_irqfd(intx.fd, gsi)
+            self.vm.register_irqfd(intx.fd, gsi, resample_fd=intx.resample_fd)
             device = VirtioPciDevice(
                 backend,
                 self.mem,

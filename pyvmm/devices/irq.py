@@ -1,4 +1,11 @@
-"""Interrupt lines that devices raise: an eventfd the kernel turns into an interrupt (irqfd)."""
+"""Interrupt lines that devices raise: eventfds the kernel turns into interrupts (irqfds).
+
+An `EventFdIrq` is an edge: each write injects one interrupt (ISA lines, MSI-X vectors). A
+`LevelIrq` is a level-triggered line as PCI INTx is: KVM holds the line asserted from the write
+until the guest acknowledges it (EOI), then lowers it and signals the resample eventfd; the
+line's owner then raises it again if it still has something pending. Several devices may share
+one level line (one GSI), each with its own pair of eventfds: none can lose another's interrupt.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,19 @@ from typing import Protocol
 
 
 class IrqLine(Protocol):
-    """An edge-triggered interrupt a device can raise."""
+    """An interrupt a device can raise."""
 
     def trigger(self) -> None: ...
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+def _signal(fd: int) -> None:
+    # A saturated counter means an interrupt is already pending, which is all we need.
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_write(fd, 1)
 
 
 class EventFdIrq:
@@ -18,14 +35,41 @@ class EventFdIrq:
 
     def __init__(self, gsi: int) -> None:
         self.gsi = gsi
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.fd = _eventfd()
 
     def trigger(self) -> None:
-        # A saturated counter means an interrupt is already pending, which is all we need.
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_write(self.fd, 1)
+        _signal(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class LevelIrq:
+    """A level-triggered line on `gsi`: `fd` is registered as a resampling irqfd whose resample
+    eventfd is `resample_fd` (KVM_IRQFD_FLAG_RESAMPLE)."""
+
+    def __init__(self, gsi: int) -> None:
+        self.gsi = gsi
+        self.fd = _eventfd()
+        self.resample_fd = _eventfd()
+
+    def trigger(self) -> None:
+        """Assert the line (until the guest's EOI)."""
+        _signal(self.fd)
+
+    def take_resample(self) -> bool:
+        """Whether the guest has acknowledged the line since the last call (the line is low)."""
+        try:
+            os.eventfd_read(self.resample_fd)
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        for name in ("fd", "resample_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)

@@ -13,8 +13,9 @@ from pyvmm.kvm.ioctl import ioctl
 
 DEFAULT_KVM_PATH = "/dev/kvm"
 
-# What every pyvmm VM relies on: in-kernel irqchip and PIT, irqfd/ioeventfd data paths,
-# memory slots from user memory, CPUID2 and the ability to kick vCPUs out of KVM_RUN.
+# What every pyvmm VM relies on: in-kernel irqchip and PIT, irqfd/ioeventfd data paths (level
+# PCI interrupts through resampling irqfds), memory slots from user memory, CPUID2 and the
+# ability to kick vCPUs out of KVM_RUN.
 REQUIRED_CAPS = (
     Cap.KVM_CAP_IRQCHIP,
     Cap.KVM_CAP_HLT,
@@ -22,6 +23,7 @@ REQUIRED_CAPS = (
     Cap.KVM_CAP_EXT_CPUID,
     Cap.KVM_CAP_PIT2,
     Cap.KVM_CAP_IRQFD,
+    Cap.KVM_CAP_IRQFD_RESAMPLE,
     Cap.KVM_CAP_IOEVENTFD,
     Cap.KVM_CAP_IMMEDIATE_EXIT,
 )

@@ -10,6 +10,7 @@ from pyvmm.kvm.abi import (
     KVM_IOEVENTFD_FLAG_DEASSIGN,
     KVM_IOEVENTFD_FLAG_PIO,
     KVM_IRQFD_FLAG_DEASSIGN,
+    KVM_IRQFD_FLAG_RESAMPLE,
     KVM_PIT_SPEAKER_DUMMY,
     Ioctl,
     ffi,
@@ -59,11 +60,16 @@ class Vm:
         line.level = int(level)
         ioctl(self.fd, Ioctl.KVM_IRQ_LINE, line)
 
-    def register_irqfd(self, eventfd: int, gsi: int) -> None:
-        """Writes to `eventfd` raise (edge) interrupt `gsi` in the kernel, no exit needed."""
+    def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
+        """Writes to `eventfd` raise interrupt `gsi` in the kernel, no exit needed: an edge, or
+        with `resample_fd` a level held until the guest's EOI, after which KVM lowers it and
+        signals `resample_fd` (KVM_IRQFD_FLAG_RESAMPLE)."""
         irqfd: Any = ffi.new("struct kvm_irqfd *")
         irqfd.fd = eventfd
         irqfd.gsi = gsi
+        if resample_fd is not None:
+            irqfd.flags = KVM_IRQFD_FLAG_RESAMPLE
+            irqfd.resamplefd = resample_fd
         ioctl(self.fd, Ioctl.KVM_IRQFD, irqfd)
 
     def unregister_irqfd(self, eventfd: int, gsi: int) -> None:

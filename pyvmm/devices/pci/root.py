@@ -11,7 +11,7 @@ import enum
 import logging
 from collections.abc import Callable
 
-from pyvmm.devices.bus import Bus, BusOverlapError
+from pyvmm.devices.bus import Bus, BusRange
 from pyvmm.devices.pci.config import Command, PciConfigSpace, PciId, Reg
 from pyvmm.devices.pci.device import PciDevice
 from pyvmm.ratelimit import GuestLog
@@ -144,19 +144,18 @@ class PciRoot:
         current = self._mapped[slot]
         if wanted == current:
             return
-        for base, _ in current.values():
-            self.mmio_bus.remove(base)
-        mapped: dict[int, tuple[int, int]] = {}
-        for index, (address, size) in wanted.items():
-            try:
-                self.mmio_bus.insert(
-                    _BarWindow(device, index), address, size, f"{device.name} BAR{index}"
-                )
-            except BusOverlapError as e:  # the guest placed it over another device's range
-                self._guest_log.warning(
-                    "BAR overlap", "%02x.0: BAR%d not mapped: %s", slot, index, e
-                )
-                continue
-            mapped[index] = (address, size)
+        ranges = {
+            index: BusRange(_BarWindow(device, index), address, size, f"{device.name} BAR{index}")
+            for index, (address, size) in wanted.items()
+        }
+        # One change of the bus: no vCPU sees the BARs gone from the old place but not yet at
+        # the new one.
+        skipped, _ = self.mmio_bus.update(
+            remove=[base for base, _ in current.values()], insert=ranges.values()
+        )
+        for _, why in skipped:  # the guest placed a BAR over another device's range
+            self._guest_log.warning("BAR overlap", "%02x.0: BAR not mapped: %s", slot, why)
+        refused = [r for r, _ in skipped]
+        mapped = {i: wanted[i] for i, r in ranges.items() if r not in refused}
         self._mapped[slot] = mapped
         device.bars_changed({i: a for i, (a, _) in mapped.items()})

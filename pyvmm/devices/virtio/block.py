@@ -260,5 +260,8 @@ class Block(VirtioDevice):
             return 0
         raise RequestError(Status.UNSUPP, f"request type {rtype}")
 
+    def keep_fds(self) -> list[int]:
+        return [self.disk.fd]
+
     def close(self) -> None:
         self.disk.close()

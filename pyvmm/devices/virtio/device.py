@@ -6,7 +6,8 @@ import abc
 import enum
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
 from pyvmm.memory import GuestMemory
@@ -45,6 +46,30 @@ class DeviceError(Exception):
     """The device cannot go on with this driver: the transport sets DEVICE_NEEDS_RESET."""
 
 
+class DeviceInterrupt(Protocol):
+    """What an activated device and its worker may use to signal the driver (implemented by
+    `pyvmm.devices.virtio.interrupt.Interrupt`)."""
+
+    def signal_used(self, queue: int) -> None:
+        """Buffers were added to `queue`'s used ring and the driver asked to be told."""
+
+    def signal_config_changed(self) -> None:
+        """The device configuration space changed."""
+
+    def set_needs_reset(self) -> None:
+        """The device cannot go on until the driver resets it."""
+
+    @property
+    def resample_fd(self) -> int:
+        """An fd that becomes readable when a level interrupt may need raising again."""
+
+    def resample(self) -> None:
+        """Called by the worker when `resample_fd` is readable."""
+
+
+EventHandler = Callable[[], None]
+
+
 class VirtioDevice(abc.ABC):
     """A device backend. Its queues are processed on the device's worker thread; everything
     it touches is guest memory and its own file descriptors, so it can run in another process."""
@@ -74,10 +99,30 @@ class VirtioDevice(abc.ABC):
     def config_write(self, offset: int, data: bytes | memoryview) -> None:  # noqa: B027
         """The driver wrote the device configuration space; read-only by default."""
 
-    def activate(self, mem: GuestMemory, features: int) -> None:
-        """The driver set DRIVER_OK with `features`; queues are about to be processed."""
+    def activate(
+        self,
+        mem: GuestMemory,
+        interrupt: DeviceInterrupt,
+        queues: dict[int, SplitQueue],
+        features: int,
+    ) -> None:
+        """The driver set DRIVER_OK with `features`. Everything the device may use from now on
+        is given here: guest memory, its interrupt, and its enabled queues by index (processed
+        on its worker from now until `reset`)."""
         self.mem = mem
+        self.interrupt = interrupt
+        self.queues = queues
         self.features = features
+
+    def event_sources(self) -> dict[int, EventHandler]:
+        """Other fds the worker should wait on while the device is active (a TAP, a socket, a
+        timer), each with what to call when it is readable. Called once after `activate`."""
+        return {}
+
+    def keep_fds(self) -> list[int]:
+        """The host fds the device holds (backing files, sockets): what a device process
+        needs besides guest memory and its queues' eventfds."""
+        return []
 
     @abc.abstractmethod
     def process_queue(self, index: int, queue: SplitQueue) -> None:

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvmm.cdecl import declare
-from pyvmm.devices.irq import IrqLine
+from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.config import CapabilityId, InterruptPin, PciConfigSpace, PciId
 from pyvmm.devices.pci.device import PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
 from pyvmm.devices.virtio.device import DeviceStatus, Feature, VirtioDevice
+from pyvmm.devices.virtio.interrupt import Interrupt
 from pyvmm.devices.virtio.queue import QueueError, SplitQueue, check_rings_apart
 from pyvmm.devices.virtio.worker import PAUSE_TIMEOUT_S, QueueWorker
 from pyvmm.memory import GuestMemory
@@ -98,11 +99,6 @@ class CfgType(enum.IntEnum):
     PCI = 5
 
 
-class Isr(enum.IntFlag):
-    QUEUE = 1
-    CONFIG = 2
-
-
 def _common(field: str) -> int:
     offset: int = ffi.offsetof("struct virtio_pci_common_cfg", field)
     return offset
@@ -137,7 +133,7 @@ class VirtioPciDevice(PciDevice):
         self,
         device: VirtioDevice,
         mem: GuestMemory,
-        intx: IrqLine,
+        intx: LevelIrq,
         allocate_gsi: Callable[[], int],
         set_msi_route: Callable[[int, int, int], None],
         register_irqfd: Callable[[int, int], None],
@@ -157,7 +153,6 @@ class VirtioPciDevice(PciDevice):
         self.name = device.name
         self.device = device
         self.mem = mem
-        self._intx = intx
         self._register_ioeventfd = register_ioeventfd
         self._unregister_ioeventfd = unregister_ioeventfd
         self._lock = threading.RLock()
@@ -182,6 +177,7 @@ class VirtioPciDevice(PciDevice):
             set_route=set_msi_route,
             register_irqfd=register_irqfd,
         )
+        self.interrupt = Interrupt(self.msix, intx)
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
         self._notify_base: int | None = None
         self._worker: QueueWorker | None = None
@@ -216,16 +212,19 @@ class VirtioPciDevice(PciDevice):
         return self.config.add_capability(CapabilityId.VENDOR, body, writable)
 
     def _reset_state(self) -> None:
-        self.status = DeviceStatus(0)
+        """The registers of a freshly reset device (the interrupt resets its own state)."""
+        self.interrupt.reset()
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.driver_features = 0
-        self.msix_config = NO_VECTOR
+        self.interrupt.config_vector = NO_VECTOR
         self.queue_select = 0
-        self.isr = Isr(0)
-        self.config_generation = 0
         for q in self.queues:
             q.reset()
+
+    @property
+    def status(self) -> DeviceStatus:
+        return self.interrupt.status
 
     @property
     def offered_features(self) -> int:
@@ -277,8 +276,7 @@ class VirtioPciDevice(PciDevice):
             if offset < COMMON_OFFSET + REGION_SIZE:
                 self._common_read(offset - COMMON_OFFSET, data)
             elif offset == ISR_OFFSET:
-                data[:] = bytes([self.isr]) + b"\x00" * (len(data) - 1)
-                self.isr = Isr(0)  # reading the ISR acknowledges it
+                data[:] = bytes([self.interrupt.read_isr()]) + b"\x00" * (len(data) - 1)
             elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + REGION_SIZE:
                 self.device.config_read(offset - DEVICE_OFFSET, data)
             elif MSIX_TABLE_OFFSET <= offset < MSIX_TABLE_OFFSET + REGION_SIZE:
@@ -323,13 +321,13 @@ class VirtioPciDevice(PciDevice):
                 return 0
             return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
         if name == "msix_config":
-            return self.msix_config
+            return self.interrupt.config_vector
         if name == "num_queues":
             return len(self.queues)
         if name == "device_status":
-            return int(self.status)
+            return int(self.interrupt.status)
         if name == "config_generation":
-            return self.config_generation
+            return self.interrupt.config_generation
         if name == "queue_select":
             return self.queue_select
         if q is None:
@@ -378,7 +376,7 @@ class VirtioPciDevice(PciDevice):
                 mask = 0xFFFFFFFF << shift
                 self.driver_features = (self.driver_features & ~mask) | (value << shift)
         elif name == "msix_config":
-            self.msix_config = value
+            self.interrupt.config_vector = value
         elif name == "device_status":
             self._set_status(value)
         elif name == "queue_select":
@@ -403,23 +401,24 @@ class VirtioPciDevice(PciDevice):
             self._reset()
             return
         new = DeviceStatus(value & 0xFF)
-        if self.status & ~new:
-            return  # status bits only accumulate; only a write of 0 clears them
-        if DeviceStatus.FEATURES_OK in new and DeviceStatus.FEATURES_OK not in self.status:
-            unoffered = self.driver_features & ~self.offered_features
-            if unoffered or not self.driver_features & Feature.VERSION_1:
-                self.guest_log.info(
-                    "features", "refusing driver features %#x", self.driver_features
-                )
-                new &= ~DeviceStatus.FEATURES_OK
-        if DeviceStatus.DRIVER_OK in new and DeviceStatus.DRIVER_OK not in self.status:
-            if DeviceStatus.FEATURES_OK not in new:
-                self.status = new & ~DeviceStatus.DRIVER_OK | DeviceStatus.DEVICE_NEEDS_RESET
-                return
-            self.status = new
+        with self.interrupt.lock:
+            old = self.interrupt.status
+            if old & ~new:
+                return  # status bits only accumulate; only a write of 0 clears them
+            if DeviceStatus.FEATURES_OK in new and DeviceStatus.FEATURES_OK not in old:
+                unoffered = self.driver_features & ~self.offered_features
+                if unoffered or not self.driver_features & Feature.VERSION_1:
+                    self.guest_log.info(
+                        "features", "refusing driver features %#x", self.driver_features
+                    )
+                    new &= ~DeviceStatus.FEATURES_OK
+            starting = DeviceStatus.DRIVER_OK in new and DeviceStatus.DRIVER_OK not in old
+            if starting and DeviceStatus.FEATURES_OK not in new:
+                new = new & ~DeviceStatus.DRIVER_OK | DeviceStatus.DEVICE_NEEDS_RESET
+                starting = False
+            self.interrupt.status = new
+        if starting:
             self._activate()
-            return
-        self.status = new
 
     def _activate(self) -> None:
         if self._abandoned:
@@ -450,20 +449,14 @@ class VirtioPciDevice(PciDevice):
                 queue.release()
             self._needs_reset()
             return
-        self.device.activate(self.mem, self.driver_features)
-        self._worker = QueueWorker(self.device, active, self._queue_interrupt, self._failed)
+        self.interrupt.queue_vectors = {i: self.queues[i].msix_vector for i in active}
+        queues = {index: queue for index, (queue, _) in active.items()}
+        self.device.activate(self.mem, self.interrupt, queues, self.driver_features)
+        self._worker = QueueWorker(self.device, active, self.interrupt)
         self._worker.start()
 
-    def _failed(self, why: str) -> None:
-        # Called on the worker thread, which a vCPU thread holding the lock may be joining in
-        # _reset: take no lock. The flag and a config interrupt are all the driver needs.
-        self._needs_reset()
-
     def _needs_reset(self) -> None:
-        self.status |= DeviceStatus.DEVICE_NEEDS_RESET
-        if DeviceStatus.DRIVER_OK in self.status:
-            self.config_generation = (self.config_generation + 1) & 0xFF
-            self._config_interrupt()
+        self.interrupt.set_needs_reset()
 
     def _reset(self) -> None:
         self._stop_worker()
@@ -482,21 +475,6 @@ class VirtioPciDevice(PciDevice):
             return
         for queue, _ in worker.queues.values():
             queue.release()
-
-    # Interrupts.
-    def _queue_interrupt(self, index: int) -> None:
-        if self.msix.enabled:
-            self.msix.notify(self.queues[index].msix_vector)
-        else:
-            self.isr |= Isr.QUEUE
-            self._intx.trigger()
-
-    def _config_interrupt(self) -> None:
-        if self.msix.enabled:
-            self.msix.notify(self.msix_config)
-        else:
-            self.isr |= Isr.CONFIG
-            self._intx.trigger()
 
     # VMM control.
     def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:

@@ -1,13 +1,14 @@
 """The worker that runs one virtio device's queues: ioeventfds in, interrupts out.
 
 It waits on each queue's ioeventfd (signalled by KVM when the guest writes the queue's notify
-address, without a VM exit to userspace) and on its own control eventfd (stop, pause). Per
-notification it lets the device take at most one queue's worth of chains, raises the queue's
-interrupt if the driver wants one, and looks at its control flags before the next round: a guest
-that keeps a queue busy for ever (its used ring over its own avail ring, say) cannot keep the
-worker from stopping or parking. It knows nothing of the VMM: only fds, guest memory and the
-device, so the same loop can later run in a jailed child process. A device that fails stops its
-queues and logs why; the VM goes on.
+address, without a VM exit to userspace), on the device's own event sources (a TAP, a socket),
+on the interrupt's resample eventfd (INTx acknowledged) and on its own control eventfd (stop,
+pause). Per notification it lets the device take at most one queue's worth of chains, signals
+the queue's interrupt if the driver wants one, and looks at its control flags before the next
+round: a guest that keeps a queue busy for ever cannot keep the worker from stopping or parking.
+It knows nothing of the VMM: only fds, guest memory, the device and its interrupt, so the same
+loop can later run in a jailed child process. A device that fails is marked as needing a reset
+and the reason logged; the VM goes on.
 
 Every wait on a worker is bounded: `stop` and `pause` give up after a timeout and say so, and a
 worker that never stops is abandoned (a daemon thread) so that the VM can still exit.
@@ -19,9 +20,8 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
 
-from pyvmm.devices.virtio.device import DeviceError, VirtioDevice
+from pyvmm.devices.virtio.device import DeviceError, DeviceInterrupt, EventHandler, VirtioDevice
 from pyvmm.devices.virtio.queue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,13 @@ class QueueWorker:
         self,
         device: VirtioDevice,
         queues: dict[int, tuple[SplitQueue, int]],
-        interrupt: Callable[[int], None],
-        on_failure: Callable[[str], None],
+        interrupt: DeviceInterrupt,
     ) -> None:
-        """`queues` maps queue index -> (queue, ioeventfd); `interrupt(index)` raises that
-        queue's interrupt; `on_failure(why)` is called once if the device breaks."""
+        """`queues` maps queue index -> (queue, ioeventfd) of an activated `device`; its
+        `interrupt` is signalled for used buffers, and told once if the device breaks."""
         self.device = device
         self.queues = queues
         self._interrupt = interrupt
-        self._on_failure = on_failure
         self._control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
         self._pause_requested = False
@@ -105,9 +103,13 @@ class QueueWorker:
 
     def _run(self) -> None:
         poller = select.poll()
-        poller.register(self._control, select.POLLIN)
-        by_fd = {fd: index for index, (_, fd) in self.queues.items()}
-        for fd in by_fd:
+        handlers: dict[int, EventHandler] = {
+            self._control: self._drain_control,
+            self._interrupt.resample_fd: self._interrupt.resample,
+        }
+        handlers.update(self.device.event_sources())
+        notify = {fd: index for index, (_, fd) in self.queues.items()}
+        for fd in (*handlers, *notify):
             poller.register(fd, select.POLLIN)
         # Anything the driver queued before DRIVER_OK (or before a resume) is handled at once.
         pending = set(self.queues)
@@ -122,23 +124,24 @@ class QueueWorker:
                 ready = poller.poll(0 if more else None)
                 pending = more
                 for fd, _ in ready:
-                    if fd == self._control:
-                        os.eventfd_read(self._control)
-                        continue
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        continue
-                    pending.add(by_fd[fd])
+                    if fd in notify:
+                        if _take(fd):
+                            pending.add(notify[fd])
+                    else:
+                        handlers[fd]()
         except (DeviceError, QueueError) as e:
             # The guest's doing, and it may do it again after every reset: rate-limited.
             self.device.guest_log.warning("device failed", "%s; the device needs a reset", e)
-            self._on_failure(str(e))
+            self._interrupt.set_needs_reset()
         except Exception as e:
             log.exception("%s: worker failed", self.name)
-            self._on_failure(f"worker failed: {e}")
+            self.device.guest_log.warning("device failed", "%s; the device needs a reset", e)
+            self._interrupt.set_needs_reset()
         finally:
             self._paused.set()
+
+    def _drain_control(self) -> None:
+        _take(self._control)
 
     def _park(self) -> None:
         self._paused.set()
@@ -156,5 +159,14 @@ class QueueWorker:
         self.device.process_queue(index, queue)
         queue.enable_notification()
         if queue.needs_interrupt():
-            self._interrupt(index)
+            self._interrupt.signal_used(index)
         return queue.has_pending() and not self._stopping
+
+
+def _take(eventfd: int) -> bool:
+    """Read (reset) a non-blocking eventfd; whether it had been signalled."""
+    try:
+        os.eventfd_read(eventfd)
+    except BlockingIOError:
+        return False
+    return True

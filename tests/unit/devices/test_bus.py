@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from pyvmm import ratelimit
-from pyvmm.devices.bus import Bus, BusOverlapError
+from pyvmm.devices.bus import Bus, BusOverlapError, BusRange
 
 
 class Recorder:
@@ -85,3 +87,52 @@ def test_a_device_that_raises_completes_the_access_and_is_logged_once(
     assert messages[0].startswith("cmos: read at 0x70 failed (ValueError:")
     assert len(messages) <= 3  # the first of each kind, then one count
     assert "199 more device error messages were not logged" in messages[-1]
+
+
+def test_a_move_is_one_change_that_no_lookup_sees_half_done() -> None:
+    """A BAR moving between two overlapping ranges: an address in both is always the device's,
+    never unclaimed while it moves (the map is copy-on-write; removing and then inserting left
+    a moment with nothing there)."""
+    bus = Bus("mmio")
+    dev = Recorder()
+    old, new, probe = 0x1000, 0x1080, 0x10C0  # probe lies in [old, old+0x100) and [new, ...)
+    bus.insert(dev, old, 0x100, "bar")
+    stop = threading.Event()
+    lookups = missing = 0
+
+    def look() -> None:
+        nonlocal lookups, missing
+        while not stop.is_set():
+            lookups += 1
+            if bus.device_at(probe) is not dev:
+                missing += 1
+
+    reader = threading.Thread(target=look)
+    reader.start()
+    try:
+        here, there = old, new
+        for _ in range(20_000):
+            skipped, removed = bus.update(remove=[here], insert=[BusRange(dev, there, 0x100)])
+            assert (skipped, removed) == ([], [dev])
+            here, there = there, here
+    finally:
+        stop.set()
+        reader.join()
+    assert lookups > 0 and missing == 0
+
+
+def test_update_leaves_out_only_the_ranges_that_overlap() -> None:
+    bus = Bus("mmio")
+    a, b, c = Recorder(), Recorder(), Recorder()
+    bus.insert(a, 0x1000, 0x1000, "a")
+    skipped, removed = bus.update(
+        insert=[BusRange(b, 0x1800, 0x1000, "b"), BusRange(c, 0x4000, 0x1000, "c")]
+    )
+    assert removed == []
+    assert [(r.name, str(e)) for r, e in skipped] == [
+        ("b", "mmio: b at 0x1800-0x27ff overlaps a at 0x1000-0x1fff")
+    ]
+    assert bus.device_at(0x4000) is c and bus.device_at(0x2000) is None
+    with pytest.raises(KeyError):
+        bus.update(remove=[0x1000, 0x7000])
+    assert bus.device_at(0x1000) is a  # a failed update changes nothing

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvmm.devices.irq import IrqLine
+from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.config import Command, Reg
 from pyvmm.devices.virtio.device import DeviceStatus, Feature
 from pyvmm.devices.virtio.pci import COMMON_FIELD_AT, MSIX_TABLE_OFFSET, VirtioPciDevice
@@ -23,27 +23,18 @@ DESC, AVAIL, USED, BUF = 0x10000, 0x11000, 0x12000, 0x20000
 FIELD = {name: (offset, size) for offset, (name, size) in COMMON_FIELD_AT.items()}
 
 
-class CountingIrq:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
-
-
 class Harness:
     def __init__(self, mem: GuestMemory) -> None:
         self.mem = mem
-        self.intx = CountingIrq()
+        self.intx = LevelIrq(16)
         self.ioeventfds: dict[int, int] = {}
         self.routes: dict[int, tuple[int, int]] = {}
         self.irqfds: dict[int, int] = {}
         self._next_gsi = 24
-        intx: IrqLine = self.intx
         self.dev = VirtioPciDevice(
             Rng(),
             mem,
-            intx,
+            self.intx,
             allocate_gsi=self._allocate,
             set_msi_route=lambda gsi, a, d: self.routes.__setitem__(gsi, (a, d)),
             register_irqfd=lambda fd, gsi: self.irqfds.__setitem__(gsi, fd),
@@ -103,6 +94,7 @@ def harness() -> Iterator[Harness]:
     h = Harness(mem)
     yield h
     h.dev.close()
+    h.intx.close()
     mem.close()
 
 
@@ -212,3 +204,44 @@ def test_a_used_ring_over_the_avail_ring_is_refused_at_driver_ok(
             break
         select.select([], [], [], 0.01)
     assert harness.mem.read_u16(USED + 2) == 1, "the device did not work after the reset"
+
+
+def _read_isr(harness: Harness) -> int:
+    buf = bytearray(1)
+    harness.dev.bar_read(0, 0x1000, memoryview(buf))
+    return buf[0]
+
+
+def test_intx_is_a_level_the_isr_holds_until_read(harness: Harness) -> None:
+    """With MSI-X off, a used buffer sets the ISR and asserts INTx; when the guest's EOI lowers
+    the line (KVM signals the resample eventfd), it is raised again while the ISR is unread,
+    and not once the ISR has been read."""
+    harness.negotiate(Feature.VERSION_1)
+    harness.setup_queue(vector=0xFFFF)
+    status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.submit(16)
+    assert _wait_readable(harness.intx.fd), "INTx was not asserted"
+    os.eventfd_read(harness.intx.fd)  # what KVM does with the assertion
+    os.eventfd_write(harness.intx.resample_fd, 1)  # the guest's EOI, ISR not read yet
+    assert _wait_readable(harness.intx.fd), "INTx was not raised again after the EOI"
+    os.eventfd_read(harness.intx.fd)
+    assert _read_isr(harness) == 1  # QUEUE
+    assert _read_isr(harness) == 0  # reading acknowledged it
+    os.eventfd_write(harness.intx.resample_fd, 1)
+    assert not _wait_readable(harness.intx.fd, 0.3), "raised again with nothing pending"
+
+
+def test_a_failed_device_raises_a_config_interrupt_and_needs_reset(harness: Harness) -> None:
+    harness.negotiate(Feature.VERSION_1)
+    harness.setup_queue(vector=0xFFFF)
+    status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    generation = harness.read("config_generation")
+    # avail.idx far ahead of what the device consumed: only a reset can recover.
+    harness.mem.write_u16(AVAIL + 2, 100)
+    os.eventfd_write(harness.ioeventfds[BAR_ADDR + 0x3000], 1)
+    assert _wait_readable(harness.intx.fd), "no configuration interrupt"
+    assert harness.read("device_status") & DeviceStatus.DEVICE_NEEDS_RESET
+    assert harness.read("config_generation") == (generation + 1) & 0xFF
+    assert _read_isr(harness) == 2  # CONFIG

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
+from pyvmm.devices.virtio.device import DeviceError, DeviceType, VirtioDevice, available_chains
 from pyvmm.devices.virtio.queue import SplitQueue
 from pyvmm.devices.virtio.worker import QueueWorker
 from pyvmm.memory import GuestMemory
@@ -73,10 +73,35 @@ def mem() -> Iterator[GuestMemory]:
     m.close()
 
 
-def _worker(device: VirtioDevice, mem: GuestMemory) -> tuple[QueueWorker, int]:
+class RecordingInterrupt:
+    """A DeviceInterrupt that records what the worker signals."""
+
+    def __init__(self) -> None:
+        self.used: list[int] = []
+        self.needs_reset = threading.Event()
+        self.resample_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.resamples = 0
+
+    def signal_used(self, queue: int) -> None:
+        self.used.append(queue)
+
+    def signal_config_changed(self) -> None:
+        pass
+
+    def set_needs_reset(self) -> None:
+        self.needs_reset.set()
+
+    def resample(self) -> None:
+        os.eventfd_read(self.resample_fd)
+        self.resamples += 1
+
+
+def _worker(
+    device: VirtioDevice, mem: GuestMemory, interrupt: RecordingInterrupt | None = None
+) -> tuple[QueueWorker, int]:
     queue = SplitQueue(mem, SIZE, DESC, AVAIL, USED, False)
     notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    worker = QueueWorker(device, {0: (queue, notify)}, lambda i: None, lambda why: None)
+    worker = QueueWorker(device, {0: (queue, notify)}, interrupt or RecordingInterrupt())
     worker.start()
     return worker, notify
 
@@ -117,4 +142,60 @@ def test_a_worker_stuck_in_a_request_is_reported_and_abandoned(
         assert "virtio endless: the worker did not stop within 0.2 s; abandoned" in caplog.text
     finally:
         device.release.set()
+        worker._thread.join(5)  # it wakes once released: then its fds may go
         os.close(notify)
+
+
+class Failing(Endless):
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        raise DeviceError("the driver broke a rule")
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_device_is_marked_as_needing_a_reset(mem: GuestMemory) -> None:
+    interrupt = RecordingInterrupt()
+    worker, notify = _worker(Failing(mem), mem, interrupt)
+    try:
+        assert interrupt.needs_reset.wait(10)
+        assert worker.stop(timeout=5)
+    finally:
+        os.close(notify)
+
+
+class WithSource(Endless):
+    """A device with an event source of its own (as a TAP or a socket would be)."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        super().__init__(mem)
+        self.source = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.events = 0
+
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        for chain in available_chains(queue, self.guest_log):
+            queue.add_used(chain.head, 0)
+
+    def event_sources(self) -> dict[int, Callable[[], None]]:
+        return {self.source: self._on_source}
+
+    def _on_source(self) -> None:
+        os.eventfd_read(self.source)
+        self.events += 1
+
+
+@pytest.mark.timeout(60)
+def test_event_sources_resample_and_used_interrupts_reach_their_handlers(
+    mem: GuestMemory,
+) -> None:
+    device = WithSource(mem)
+    interrupt = RecordingInterrupt()
+    worker, notify = _worker(device, mem, interrupt)
+    try:
+        _wait_for(lambda: interrupt.used == [0])  # the chain made available before start
+        os.eventfd_write(device.source, 1)
+        _wait_for(lambda: device.events == 1)
+        os.eventfd_write(interrupt.resample_fd, 1)
+        _wait_for(lambda: interrupt.resamples == 1)
+        assert worker.stop(timeout=5)
+    finally:
+        os.close(notify)
+        os.close(device.source)
