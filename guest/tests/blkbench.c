@@ -1,6 +1,8 @@
-/* blkbench: read throughput of the first writable virtio-blk disk, no verification.
- * probe.bench=seq|rand1|rand32 (default seq), probe.bytes=N (default 256 MiB):
+/* blkbench: throughput of the first writable virtio-blk disk, no verification.
+ * probe.bench=seq|seqw|rand1|rand32 (default seq), probe.bytes=N (default 256 MiB):
  *   seq    64 KiB reads, up to 8 in flight, over the first N bytes
+ *   seqw   64 KiB writes, up to 8 in flight, N bytes, wrapping around the disk; each block
+ *          starts with its request number, so the disk changes on every pass
  *   rand1  N/4096 random 4 KiB reads (xorshift over the whole disk), one at a time
  *   rand32 the same with 32 in flight
  * Prints `PROBE blkbench start` before the first request and `PROBE blkbench ok <mode>
@@ -49,8 +51,10 @@ void test_blkbench(void)
 			mode = "rand1";
 		else if (word_is(value, len, "rand32"))
 			mode = "rand32";
-		else if (!report(word_is(value, len, "seq"), "probe.bench: expected seq, rand1 "
-				 "or rand32"))
+		else if (word_is(value, len, "seqw"))
+			mode = "seqw";
+		else if (!report(word_is(value, len, "seq"), "probe.bench: expected seq, seqw, "
+				 "rand1 or rand32"))
 			return;
 	}
 	if (cmdline_find("probe.bytes", &value, &len) &&
@@ -66,12 +70,12 @@ void test_blkbench(void)
 		    "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 		return;
 
-	bool seq = mode[0] == 's';
+	bool seq = mode[0] == 's', write = seq && mode[3] == 'w';
 
 	block = seq ? SEQ_BLOCK : RAND_BLOCK;
 	sectors = block / SECTOR_SIZE;
 	depth = seq ? 8 : mode[4] == '3' ? 32 : 1;
-	if (seq && bytes > blk.capacity * SECTOR_SIZE)
+	if (seq && !write && bytes > blk.capacity * SECTOR_SIZE)
 		bytes = blk.capacity * SECTOR_SIZE;
 	requests = (bytes + block - 1) / block;
 	if (!report(blk.capacity >= sectors, "capacity %lu sectors is below one block",
@@ -84,13 +88,15 @@ void test_blkbench(void)
 	while (completed < requests) {
 		while (submitted < requests && nfree) {
 			unsigned slot = free_slots[nfree - 1];
-			uint64_t sector = seq ? submitted * sectors
+			uint64_t sector = seq ? submitted * sectors % (blk.capacity / sectors * sectors)
 					      : xorshift64() % (blk.capacity / sectors) * sectors;
 			uint8_t *buf = buffers[seq ? slot : slot / (SEQ_BLOCK / RAND_BLOCK)] +
 				       (seq ? 0 : slot % (SEQ_BLOCK / RAND_BLOCK) * RAND_BLOCK);
 
-			if (vblk_submit(&blk, &reqs[slot], VIRTIO_BLK_T_IN, sector, buf, block,
-					blk.indirect) < 0)
+			if (write)
+				memcpy(buf, &submitted, sizeof(submitted));
+			if (vblk_submit(&blk, &reqs[slot], write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN,
+					sector, buf, block, blk.indirect) < 0)
 				break;
 			nfree--;
 			submitted++;
