@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 from pyvmm import __version__
 from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
 from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
-from pyvmm.disk.raw import DiskError
+from pyvmm.disk import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError

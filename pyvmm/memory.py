@@ -1,9 +1,11 @@
-"""Guest RAM: one memfd mapped MAP_SHARED in regions, with every access bounds-checked.
+"""Guest memory: RAM in one memfd mapped MAP_SHARED, every access bounds-checked.
 
 All guest memory access in pyvmm goes through `GuestMemory`. A guest physical address and length
-either lie wholly inside one RAM region or the access raises `GuestMemoryError`; no guest-supplied
-number ever becomes a host pointer unchecked. Device processes map the same memfd, so the data a
-device writes is the data the guest sees, with no copies.
+either lie wholly inside one region or the access raises `GuestMemoryError`; no guest-supplied
+number ever becomes a host pointer unchecked. Device processes map the same memfd (a
+`GuestMemory` built from it), so the data a device writes is the data the guest sees, with no
+copies. Besides RAM, a file can be mapped into guest-physical memory (pmem): such a region is
+not RAM (not in the e820 map) and may be read-only.
 """
 
 from __future__ import annotations
@@ -61,12 +63,16 @@ class GuestMemoryError(Exception):
 
 @dataclass
 class MemoryRegion:
-    """A contiguous range of guest RAM backed by `file_offset..` of the guest memfd."""
+    """A contiguous range of guest-physical memory backed by `file_offset..` of `fd`: guest RAM
+    (the guest memfd), or a file mapped into the guest that is not RAM (a pmem image)."""
 
     guest_addr: int
     size: int
     file_offset: int
     mapping: mmap.mmap = field(repr=False)
+    fd: int = -1
+    readonly: bool = False
+    ram: bool = True
 
     @property
     def end(self) -> int:
@@ -79,46 +85,96 @@ class MemoryRegion:
         return addr
 
 
-class GuestMemory:
-    """Guest RAM made of non-overlapping regions, all backed by one memfd."""
+def _check_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`ranges` sorted; ValueError if they overlap or are not page-aligned."""
+    ordered = sorted(ranges)
+    for (a, s), (b, _) in itertools.pairwise(ordered):
+        if a + s > b:
+            raise ValueError(f"guest memory ranges overlap at {b:#x}")
+    for addr, size in ordered:
+        if addr % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(f"guest memory range {addr:#x}+{size:#x} is not page-aligned")
+    return ordered
 
-    def __init__(self, ranges: list[tuple[int, int]], name: str = "pyvmm-guest-ram") -> None:
-        """Create RAM for `ranges` of (guest address, size); sizes and addresses page-aligned."""
-        ordered = sorted(ranges)
-        for (a, s), (b, _) in itertools.pairwise(ordered):
-            if a + s > b:
-                raise ValueError(f"guest RAM ranges overlap at {b:#x}")
-        for addr, size in ordered:
-            if addr % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
-                raise ValueError(f"guest RAM range {addr:#x}+{size:#x} is not page-aligned")
+
+class GuestMemory:
+    """Guest memory made of non-overlapping regions: RAM, all backed by one memfd, and any
+    file-backed regions added with `add_file_region`."""
+
+    def __init__(
+        self,
+        ranges: list[tuple[int, int]],
+        name: str = "pyvmm-guest-ram",
+        *,
+        memfd: int | None = None,
+    ) -> None:
+        """RAM for `ranges` of (guest address, size), page-aligned: in a new memfd, or in
+        `memfd` (of exactly that size) when a device process maps the VM's RAM. The object owns
+        the memfd either way and closes it in `close`."""
+        ordered = _check_ranges(ranges)
         total = sum(size for _, size in ordered)
-        self.memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        if memfd is None:
+            memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(memfd, total)
+                # Its size is fixed from here on: a device process that maps it can rely on it.
+                fcntl_seal(memfd)
+            except BaseException:
+                os.close(memfd)
+                raise
+        self.memfd = memfd
+        self.regions: list[MemoryRegion] = []
         try:
-            os.ftruncate(self.memfd, total)
-            # The size is fixed from here on: a device process that maps the memfd can rely on it.
-            fcntl_seal(self.memfd)
-            self.regions: list[MemoryRegion] = []
+            if os.fstat(memfd).st_size != total:
+                raise ValueError(
+                    f"guest RAM memfd holds {os.fstat(memfd).st_size:#x} bytes, not {total:#x}"
+                )
             offset = 0
             for addr, size in ordered:
                 mapping = mmap.mmap(
-                    self.memfd,
-                    size,
-                    mmap.MAP_SHARED,
-                    mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=offset,
+                    memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
                 )
                 _advise_huge_pages(mapping)
-                self.regions.append(MemoryRegion(addr, size, offset, mapping))
+                self.regions.append(MemoryRegion(addr, size, offset, mapping, memfd))
                 offset += size
         except BaseException:
-            os.close(self.memfd)
+            for r in self.regions:
+                r.mapping.close()
+            os.close(memfd)
             raise
         self.size = total
-        self._views = [memoryview(r.mapping) for r in self.regions]
+        """Bytes of RAM (file-backed regions not counted)."""
+        self._views: list[memoryview] = []
         # (start, end, view) per region: what view() scans on every device access.
-        self._spans = [
-            (r.guest_addr, r.end, v) for r, v in zip(self.regions, self._views, strict=True)
-        ]
+        self._spans: list[tuple[int, int, memoryview]] = []
+        for r in self.regions:
+            self._add_span(r)
+
+    def _add_span(self, region: MemoryRegion) -> None:
+        view = memoryview(region.mapping)
+        self._views.append(view)
+        self._spans = sorted([*self._spans, (region.guest_addr, region.end, view)], key=_start)
+
+    @property
+    def ram_regions(self) -> list[MemoryRegion]:
+        return [r for r in self.regions if r.ram]
+
+    def add_file_region(
+        self, guest_addr: int, fd: int, size: int, readonly: bool, offset: int = 0
+    ) -> MemoryRegion:
+        """Map `size` bytes of file `fd` from `offset` at `guest_addr` as memory that is not RAM
+        (a pmem image): shared with the file, read-only to the guest if `readonly`. The caller
+        keeps `fd`; the mapping is released by `close`."""
+        _check_ranges([(guest_addr, size)])
+        for r in self.regions:
+            if guest_addr < r.end and r.guest_addr < guest_addr + size:
+                raise ValueError(f"guest memory range {guest_addr:#x}+{size:#x} overlaps {r}")
+        prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+        region = MemoryRegion(guest_addr, size, offset, mapping, fd, readonly=readonly, ram=False)
+        self.regions.append(region)
+        self._add_span(region)
+        return region
 
     def close(self) -> None:
         """Give up this object's use of guest RAM; idempotent, never raises.
@@ -145,7 +201,7 @@ class GuestMemory:
     @property
     def end(self) -> int:
         """One past the highest guest RAM address."""
-        return self.regions[-1].end
+        return self.ram_regions[-1].end
 
     def is_ram(self, addr: int, length: int = 1) -> bool:
         try:
@@ -191,7 +247,7 @@ class GuestMemory:
         offset = addr - region.guest_addr
         pages_start = -(-offset // PAGE_SIZE) * PAGE_SIZE - offset  # both relative to `addr`
         pages_end = (offset + length) // PAGE_SIZE * PAGE_SIZE - offset
-        if pages_end > pages_start:
+        if pages_end > pages_start and region.ram:  # never punch holes in a user's file
             try:
                 region.mapping.madvise(
                     mmap.MADV_REMOVE, offset + pages_start, pages_end - pages_start
@@ -237,6 +293,10 @@ class GuestMemory:
 
     def unpack(self, fmt: str, addr: int) -> tuple[Any, ...]:
         return struct.unpack_from(fmt, self.view(addr, struct.calcsize(fmt)))
+
+
+def _start(span: tuple[int, int, memoryview]) -> int:
+    return span[0]
 
 
 def fcntl_seal(fd: int) -> None:

@@ -39,7 +39,7 @@ from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import VirtioPciDevice
 from pyvmm.devices.virtio.rng import Rng
-from pyvmm.disk.raw import RawDisk
+from pyvmm.disk import open_disk
 from pyvmm.kvm import (
     FailEntryExit,
     HltExit,
@@ -279,8 +279,8 @@ class Vmm:
         disks: list[VirtioDevice] = []
         for i, spec in enumerate(self.config.disks):
             name = "vd" + chr(ord("a") + i) if i < 26 else f"vd{i}"
-            raw = RawDisk(spec.path, spec.writable, spec.flag)
-            disks.append(Block(raw, name=name, serial=f"pyvmm-{name}"))
+            disk = open_disk(spec.path, spec.writable, spec.flag)
+            disks.append(Block(disk, name=name, serial=f"pyvmm-{name}"))
         return disks
 
     def request_exit(self, exit: VmExit) -> None:

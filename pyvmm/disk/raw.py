@@ -15,23 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvmm.cdecl import declare
+from pyvmm.disk.image import SECTOR_SIZE, DiskError
 from pyvmm.files import FileKindError, open_file
 
 _ffi: Any = declare("fallocate", "int fallocate(int fd, int mode, int64_t offset, int64_t len);")
 _libc: Any = _ffi.dlopen(None)
 
-SECTOR_SIZE = 512
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
-class DiskError(Exception):
-    """The image cannot be used; the message names the file and the flag."""
-
-
 class RawDisk:
-    """An open raw image."""
+    """An open raw image (a `Disk`)."""
 
     def __init__(self, path: str, writable: bool, flag: str = "--disk") -> None:
         self.path = path
@@ -57,14 +53,19 @@ class RawDisk:
                 ) from None
             except OSError as e:
                 raise DiskError(f"{where}: cannot lock: {e.strerror or e}") from None
-            try:
-                # Not st_size: a block device has none; lseek gives both kinds' real size.
-                self.size = os.lseek(self.fd, 0, os.SEEK_END)
-            except OSError as e:
-                raise DiskError(f"{where}: cannot find its size: {e.strerror or e}") from None
+            self.size = _size_of(self.fd, where)
         except BaseException:
             os.close(self.fd)
             raise
+
+    @classmethod
+    def from_fd(cls, fd: int, path: str, writable: bool) -> RawDisk:
+        """A raw disk on an image already open (and locked) as `fd`, named `path` in messages;
+        the disk owns the fd from now on (a device process receives it this way)."""
+        disk = cls.__new__(cls)
+        disk.path, disk.writable, disk.fd = path, writable, fd
+        disk.size = _size_of(fd, path)
+        return disk
 
     @property
     def sectors(self) -> int:
@@ -112,6 +113,14 @@ class RawDisk:
             while done < length:
                 n = os.pwrite(self.fd, zeroes[: length - done], offset + done)
                 done += n
+
+
+def _size_of(fd: int, where: str) -> int:
+    try:
+        # Not st_size: a block device has none; lseek gives both kinds' real size.
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError as e:
+        raise DiskError(f"{where}: cannot find its size: {e.strerror or e}") from None
 
 
 def _all(

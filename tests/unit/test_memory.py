@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvmm import memory
-from pyvmm.memory import GuestMemory, GuestMemoryError
+from pyvmm.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 
 MiB = 1 << 20
 HIGH = 1 << 32
@@ -176,3 +176,53 @@ def test_close_with_views_still_alive_neither_raises_nor_unmaps_them() -> None:
     with pytest.raises(GuestMemoryError):
         m.view(0x1000, 1)
     assert m.memfd == -1
+
+
+def test_a_second_guest_memory_on_the_same_memfd_sees_the_same_bytes() -> None:
+    """How a device process maps the VM's RAM: a GuestMemory built from the memfd it got."""
+    ranges = [(0, 2 * MiB), (HIGH, MiB)]
+    vm = GuestMemory(ranges)
+    device = GuestMemory(ranges, memfd=os.dup(vm.memfd))
+    try:
+        vm.write(HIGH + 8, b"from the vm")
+        assert device.read(HIGH + 8, 11) == b"from the vm"
+        device.write(0x100, b"from the device")
+        assert vm.read(0x100, 15) == b"from the device"
+    finally:
+        device.close()
+        vm.close()
+
+
+def test_a_memfd_of_another_size_is_refused() -> None:
+    vm = GuestMemory([(0, 2 * MiB)])
+    try:
+        with pytest.raises(ValueError, match="holds 0x200000 bytes, not 0x100000"):
+            GuestMemory([(0, MiB)], memfd=os.dup(vm.memfd))
+    finally:
+        vm.close()
+
+
+def test_a_file_region_is_memory_but_not_ram(tmp_path: Path) -> None:
+    """A pmem image mapped into guest-physical memory: reachable through the same checks,
+    shared with its file, read-only when asked, and not counted as RAM."""
+    image = tmp_path / "pmem.img"
+    image.write_bytes(b"\x42" * (2 * MiB))
+    m = GuestMemory([(0, 2 * MiB)])
+    fd = os.open(image, os.O_RDWR)
+    try:
+        rw = m.add_file_region(HIGH, fd, 2 * MiB, readonly=False)
+        ro = m.add_file_region(HIGH + 4 * MiB, fd, MiB, readonly=True, offset=MiB)
+        assert (rw.ram, ro.readonly, m.size, m.end) == (False, True, 2 * MiB, 2 * MiB)
+        assert [r.guest_addr for r in m.ram_regions] == [0]
+        m.write(HIGH + 1, b"pm")
+        assert image.read_bytes()[1:3] == b"pm"
+        assert m.read(HIGH + 4 * MiB, 2) == b"\x42\x42"
+        with pytest.raises(TypeError):
+            m.write(HIGH + 4 * MiB, b"no")
+        with pytest.raises(ValueError, match="overlaps"):
+            m.add_file_region(MiB, fd, MiB, readonly=True)
+        m.zero(HIGH, PAGE_SIZE * 2)  # cleared in place: no hole punched in the user's file
+        assert os.stat(image).st_blocks * 512 >= 2 * MiB
+    finally:
+        m.close()
+        os.close(fd)

@@ -38,7 +38,7 @@ def e820_map(mem: GuestMemory) -> list[E820Entry]:
         E820Entry(0, EBDA_START, E820_RAM),
         E820Entry(EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
     ]
-    for region in mem.regions:
+    for region in mem.ram_regions:
         start = max(region.guest_addr, HIGH_MEMORY_START)
         if start < region.end:
             entries.append(E820Entry(start, region.end - start, E820_RAM))

@@ -16,7 +16,7 @@ from typing import Any
 from pyvmm.cdecl import declare
 from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
 from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue
-from pyvmm.disk.raw import SECTOR_SIZE, RawDisk
+from pyvmm.disk import SECTOR_SIZE, Disk
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,12 @@ class Block(VirtioDevice):
 
     device_type = DeviceType.BLOCK
 
-    def __init__(self, disk: RawDisk, name: str, serial: str) -> None:
+    def __init__(self, disk: Disk, name: str, serial: str) -> None:
         self.disk = disk
         self.name = name
         self.serial = serial.encode("ascii", "replace")[:ID_BYTES]
         config: Any = ffi.new("struct virtio_blk_config *")
-        config.capacity = disk.sectors
+        config.capacity = disk.size // SECTOR_SIZE
         config.seg_max = QUEUE_SIZE - 2
         config.blk_size = SECTOR_SIZE
         config.num_queues = 1

@@ -224,6 +224,15 @@ class DescriptorOutsideRam(InvalidChain):
         self.length = length
 
 
+class DescriptorReadOnly(InvalidChain):
+    """A device-writable buffer in memory the guest may not write (a read-only pmem image)."""
+
+    def __init__(self, head: int, addr: int, length: int) -> None:
+        super().__init__(head, f"device-writable buffer {addr:#x}+{length:#x} is read-only memory")
+        self.addr = addr
+        self.length = length
+
+
 @dataclass(slots=True)
 class DescriptorChain:
     """One available chain: its head index and its buffers as views of guest RAM, in order,
@@ -391,6 +400,8 @@ class SplitQueue:
                 except GuestMemoryError as e:
                     raise DescriptorOutsideRam(head, addr, length) from e
                 if flags & _WRITE:
+                    if view.readonly:
+                        raise DescriptorReadOnly(head, addr, length)
                     writable.append(view)
                 elif writable:
                     raise ReadableAfterWritable(head)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.disk.raw import SECTOR_SIZE, DiskError, RawDisk
+from pyvmm.disk import SECTOR_SIZE, DiskError, RawDisk
 
 NOBODY = 65534
 
@@ -261,3 +261,26 @@ def test_write_zeroes(image: Path, opened: list[RawDisk], unmap: bool) -> None:
     assert data[:1024] == original[:1024]
     assert data[2560:] == original[2560:]
     assert len(data) == 8192
+
+
+def test_a_disk_from_an_open_fd_as_a_device_process_gets_it(image: Path) -> None:
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    disk = RawDisk.from_fd(fd, str(image), writable=True)
+    try:
+        assert (disk.fd, disk.size) == (fd, image.stat().st_size)
+        buf = bytearray(SECTOR_SIZE)
+        assert disk.read_into(0, [memoryview(buf)]) == SECTOR_SIZE
+        assert bytes(buf) == image.read_bytes()[:SECTOR_SIZE]
+    finally:
+        disk.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the disk owned it
+
+
+def test_a_disk_from_an_fd_that_cannot_be_sized() -> None:
+    fd = os.open("/proc/version", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(DiskError, match=r"^/proc/version: cannot find its size"):
+            RawDisk.from_fd(fd, "/proc/version", writable=False)
+    finally:
+        os.close(fd)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +23,7 @@ from pyvmm.devices.virtio.queue import (
     DescriptorChain,
     DescriptorOutOfRange,
     DescriptorOutsideRam,
+    DescriptorReadOnly,
     IndirectTableInvalid,
     IndirectWithNext,
     InvalidChain,
@@ -819,3 +822,25 @@ def test_valid_chains_come_back_exactly(
         q.add_used(chain.head, chain.writable_len)
     assert q.pop() is None
     q.release()
+
+
+def test_a_writable_buffer_in_read_only_memory_is_refused(tmp_path: Path) -> None:
+    """A read-only file region (pmem) is guest memory the device may read but never write."""
+    image = tmp_path / "ro.img"
+    image.write_bytes(bytes(MiB))
+    m = GuestMemory([(0, MiB)])
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        m.add_file_region(HIGH, fd, MiB, readonly=True)
+        d = Driver(m)
+        q = d.queue()
+        readable = d.chain([(HIGH, 16, False)])
+        writable = d.chain([(DATA, 16, False), (HIGH + 64, 16, True)])
+        d.publish(readable, writable)
+        assert pop_one(q).readable[0].readonly
+        with pytest.raises(DescriptorReadOnly):
+            q.pop()
+        q.release()
+    finally:
+        m.close()
+        os.close(fd)
