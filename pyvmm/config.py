@@ -7,8 +7,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from pyvmm.arch.x86_64.mptable import max_cpus
+from pyvmm.arch.x86_64.mptable import MAX_PCI_IRQS, max_cpus
 from pyvmm.control.protocol import socket_is_live
+from pyvmm.devices.pci.root import NUM_SLOTS
 from pyvmm.files import FileKindError, check_kind
 
 DEFAULT_MEM_MIB = 256
@@ -20,6 +21,10 @@ MAX_MEM_MIB = 1 << 20
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 SOCKET_FLAG = "-s/--socket"
+# Every disk is a PCI device on bus 0 beside the host bridge and virtio-rng, each with an INTx
+# line the MP table must describe.
+MAX_PCI_DEVICES = min(NUM_SLOTS - 1, MAX_PCI_IRQS)
+MAX_DISKS = MAX_PCI_DEVICES - 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,12 @@ class VmConfig:
         for p in self.params:
             if not p.isprintable() or not p.isascii():
                 raise ConfigError(f"-p/--params {p!r}: kernel parameters must be printable ASCII")
+        if len(self.disks) > MAX_DISKS:
+            extra = self.disks[MAX_DISKS]
+            raise ConfigError(
+                f"{extra.flag} {extra.path}: at most {MAX_DISKS} disks (the machine describes "
+                f"{MAX_PCI_DEVICES} PCI devices, and virtio-rng is one)"
+            )
         roots = [d for d in self.disks if d.root]
         if len(roots) > 1:
             raise ConfigError(f"{roots[1].flag} {roots[1].path}: only one root disk is possible")

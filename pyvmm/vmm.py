@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pyvmm.allocator import SystemAllocator
 from pyvmm.arch.x86_64 import cpuid, msrs, regs
 from pyvmm.arch.x86_64.gdt import write_gdt
 from pyvmm.arch.x86_64.layout import (
@@ -54,9 +56,9 @@ from pyvmm.kvm import (
     Vcpu,
     Vm,
 )
-from pyvmm.kvm.abi import Cap
+from pyvmm.kvm.abi import KVM_IOAPIC_NUM_PINS, Cap
 from pyvmm.kvm.coalesced import CoalescedRing
-from pyvmm.kvm.routing import GsiRouter
+from pyvmm.kvm.routing import MAX_ROUTES, GsiRouter
 from pyvmm.loader import KernelImage, build_cmdline, load_initrd, load_kernel, write_cmdline
 from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.ratelimit import flush_all as flush_guest_logs
@@ -81,6 +83,8 @@ CMOS_PORT_LEN = 2
 PCI_INTX_FIRST_GSI = 16
 PCI_INTX_GSIS = 8
 
+# KVM has had at least this many memory slots since it could say how many (KVM_CAP_NR_MEMSLOTS).
+MIN_MEMSLOTS = 32
 KICK_SIGNAL = signal.SIGUSR1
 # How long suspend waits for vCPUs and device workers to park, and exit for vCPUs to stop.
 PAUSE_TIMEOUT_S = 10.0
@@ -103,6 +107,16 @@ _ALL_ONES = b"\xff" * 8
 class SuspendError(Exception):
     """Not every vCPU and device worker parked in time; the message names the ones that did
     not."""
+
+
+def disk_name(index: int) -> str:
+    """The name Linux gives the index-th virtio disk: vda ... vdz, vdaa, vdab, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, digit = divmod(index - 1, 26)
+        letters = chr(ord("a") + digit) + letters
+    return f"vd{letters}"
 
 
 @dataclass(frozen=True)
@@ -157,10 +171,23 @@ class Vmm:
     def _build(self, console_out: BinaryIO, console_in_fd: int | None) -> None:
         cfg = self.config
         self.vm = Vm(self.kvm)
+        self.allocator = SystemAllocator(
+            mmio_start=PCI_MMIO_START,
+            mmio_end=IOAPIC_START,
+            first_gsi=KVM_IOAPIC_NUM_PINS,
+            gsi_end=MAX_ROUTES,
+            slots=self.kvm.check_extension(Cap.KVM_CAP_NR_MEMSLOTS) or MIN_MEMSLOTS,
+        )
         self.mem = GuestMemory(ram_ranges(cfg.mem_bytes))
         log.debug("guest RAM: huge pages in shared memory are %r on this host", shmem_huge_pages())
-        for slot, region in enumerate(self.mem.regions):
-            self.vm.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr)
+        for region in self.mem.regions:
+            self.vm.set_user_memory_region(
+                self.allocator.allocate_slot("guest RAM"),
+                region.guest_addr,
+                region.size,
+                region.host_addr,
+                readonly=region.readonly,
+            )
 
         self.kernel: KernelImage = load_kernel(self.mem, cfg.kernel)
         root = [d for d in cfg.disks if d.root]
@@ -240,7 +267,7 @@ class Vmm:
     def _build_pci(self) -> None:
         """PCI bus 0 with a virtio device per disk, then virtio-rng."""
         self.gsi_router = GsiRouter(self.vm.fd)
-        self.pci = PciRoot(self.mmio_bus, PCI_MMIO_START, IOAPIC_START, self._on_guest_reset)
+        self.pci = PciRoot(self.mmio_bus, self.allocator.allocate_mmio, self._on_guest_reset)
         self.io_bus.insert(self.pci, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, "PCI config (CF8)")
         self.pci_irqs: list[tuple[int, int]] = []
         self.virtio_devices: list[VirtioPciDevice] = []
@@ -265,7 +292,7 @@ class Vmm:
                 backend,
                 self.mem,
                 intx,
-                allocate_gsi=self.gsi_router.allocate_msi,
+                allocate_gsi=functools.partial(self._allocate_msi, backend.name),
                 set_msi_route=self.gsi_router.set_msi,
                 register_irqfd=self.vm.register_irqfd,
                 register_ioeventfd=add_ioeventfd,
@@ -275,10 +302,13 @@ class Vmm:
             self.virtio_devices.append(device)
             self.pci_irqs.append((slot, gsi))
 
+    def _allocate_msi(self, what: str) -> int:
+        return self.gsi_router.add_msi(self.allocator.allocate_gsi(f"{what} MSI-X"))
+
     def _disks(self) -> list[VirtioDevice]:
         disks: list[VirtioDevice] = []
         for i, spec in enumerate(self.config.disks):
-            name = "vd" + chr(ord("a") + i) if i < 26 else f"vd{i}"
+            name = disk_name(i)
             disk = open_disk(spec.path, spec.writable, spec.flag)
             disks.append(Block(disk, name=name, serial=f"pyvmm-{name}"))
         return disks

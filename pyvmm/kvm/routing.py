@@ -33,7 +33,7 @@ LEGACY_ROUTES = ISA_IRQS * 2 + (KVM_IOAPIC_NUM_PINS - ISA_IRQS)
 
 
 class RoutingError(Exception):
-    """No GSI left for another interrupt."""
+    """No route left for another interrupt, or a GSI routed twice."""
 
 
 @dataclass
@@ -48,22 +48,21 @@ class GsiRouter:
     def __init__(self, vm_fd: int) -> None:
         self._vm_fd = vm_fd
         self._msi: dict[int, MsiRoute] = {}
-        self._next_gsi = KVM_IOAPIC_NUM_PINS
         self._lock = threading.Lock()
 
-    def allocate_msi(self) -> int:
-        """A new GSI for an MSI vector (routed nowhere useful until `set_msi`)."""
+    def add_msi(self, gsi: int) -> int:
+        """Route `gsi` (from the allocator) as an MSI, nowhere useful until `set_msi`; `gsi`."""
         with self._lock:
             if LEGACY_ROUTES + len(self._msi) >= MAX_ROUTES:
                 raise RoutingError(f"all {MAX_ROUTES} interrupt routes are in use")
-            gsi = self._next_gsi
+            if gsi < KVM_IOAPIC_NUM_PINS or gsi in self._msi:
+                raise RoutingError(f"GSI {gsi} is already routed")
             self._msi[gsi] = MsiRoute()
             try:
                 self._commit()
             except BaseException:
                 del self._msi[gsi]
                 raise
-            self._next_gsi += 1
             return gsi
 
     def set_msi(self, gsi: int, address: int, data: int) -> None:

@@ -11,6 +11,7 @@ from pyvmm.kvm.abi import (
     KVM_IOEVENTFD_FLAG_PIO,
     KVM_IRQFD_FLAG_DEASSIGN,
     KVM_IRQFD_FLAG_RESAMPLE,
+    KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
     Ioctl,
     ffi,
@@ -45,10 +46,13 @@ class Vm:
             self.fd = -1
 
     def set_user_memory_region(
-        self, slot: int, guest_phys_addr: int, size: int, host_addr: int
+        self, slot: int, guest_phys_addr: int, size: int, host_addr: int, readonly: bool = False
     ) -> None:
+        """Back guest-physical [guest_phys_addr, +size) with host memory at `host_addr`; a
+        read-only slot makes guest writes exit as MMIO (KVM_MEM_READONLY)."""
         region: Any = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
+        region.flags = KVM_MEM_READONLY if readonly else 0
         region.guest_phys_addr = guest_phys_addr
         region.memory_size = size
         region.userspace_addr = host_addr

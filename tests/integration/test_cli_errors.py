@@ -150,3 +150,16 @@ def test_version(args: tuple[str, ...]) -> None:
     r = run_pyvmm(*args)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout.startswith("pyvmm 0.")
+
+
+def test_more_disks_than_the_pci_bus_holds(tmp_path: Path, probe_elf: Path) -> None:
+    """Each disk is a PCI device whose interrupt the MP table describes: it has room for 16
+    (the 16th disk was a traceback)."""
+    args: list[str] = []
+    for i in range(16):
+        image = tmp_path / f"d{i}.img"
+        image.write_bytes(bytes(4096))
+        args += ["-d", str(image)]
+    r = run_pyvmm("run", *args, str(probe_elf))
+    assert r.returncode == 1
+    _assert_one_line_error(r.stderr, f"-d/--disk {tmp_path / 'd15.img'}: at most 15 disks")

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable
 
 from pyvmm.devices.bus import Bus, BusRange
-from pyvmm.devices.pci.config import Command, PciConfigSpace, PciId, Reg
-from pyvmm.devices.pci.device import PciDevice
+from pyvmm.devices.pci.config import PciConfigSpace, PciId
+from pyvmm.devices.pci.device import BarWindows, PciDevice
 from pyvmm.ratelimit import GuestLog
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ HOST_BRIDGE_ID = PciId(vendor=0x8086, device=0x1237, class_code=0x060000)
 
 
 class PciRootError(Exception):
-    """The bus is full, or BARs do not fit in the MMIO window."""
+    """The bus is full."""
 
 
 class ConfigAddress(enum.IntEnum):
@@ -64,30 +64,29 @@ class PciRoot:
     """Bus 0 and its devices; also the port-I/O device for 0xCF8-0xCFF."""
 
     def __init__(
-        self, mmio_bus: Bus, mmio_start: int, mmio_end: int, on_reset: Callable[[], None]
+        self,
+        mmio_bus: Bus,
+        allocate_mmio: Callable[[int, str], int],
+        on_reset: Callable[[], None],
     ) -> None:
         self.mmio_bus = mmio_bus
-        self._next_mmio = mmio_start
-        self._mmio_end = mmio_end
+        self._allocate_mmio = allocate_mmio
         self._on_reset = on_reset
         self._address = 0
         self._guest_log = GuestLog(log, "PCI")
         self.slots: list[PciDevice | None] = [None] * NUM_SLOTS
-        self._mapped: list[dict[int, tuple[int, int]]] = [{} for _ in range(NUM_SLOTS)]
+        # Per slot: the BAR windows the device last said it decodes, and those mapped.
+        self._wanted: list[BarWindows] = [{} for _ in range(NUM_SLOTS)]
+        self._mapped: list[BarWindows] = [{} for _ in range(NUM_SLOTS)]
         self.add_device(HostBridge())
 
     def add_device(self, device: PciDevice) -> int:
-        """Put `device` in the next free slot, place its BARs in the MMIO window; the slot."""
+        """Put `device` in the next free slot and give its BARs their addresses; the slot."""
         try:
             slot = self.slots.index(None)
         except ValueError:
             raise PciRootError(f"PCI bus 0 is full ({NUM_SLOTS} slots)") from None
-        for index, _, size in device.bars():
-            address = (self._next_mmio + size - 1) & ~(size - 1)
-            if address + size > self._mmio_end:
-                raise PciRootError(f"{device.name}: BAR{index} ({size:#x} bytes) does not fit")
-            device.config.set_bar_address(index, address)
-            self._next_mmio = address + size
+        device.allocate_bars(self._allocate_mmio)
         self.slots[slot] = device
         return slot
 
@@ -129,19 +128,20 @@ class PciRoot:
         if device is None:
             return
         register = (self._address & 0xFC) + (offset - 4)
-        device.config_write(register, data)
-        if register < Reg.BAR0 + 4 * 6 and register + len(data) > Reg.COMMAND:
-            self._update_bars(slot, device)
+        windows = device.config_write(register, data)
+        if windows is not None:
+            self._wanted[slot] = windows
+            self._remap(slot)
             # A BAR that moved away may free the range another device's BAR was refused.
             for other, dev in enumerate(self.slots):
-                if dev is not None and other != slot:
-                    self._update_bars(other, dev)
+                if dev is not None and other != slot and self._mapped[other] != self._wanted[other]:
+                    self._remap(other)
 
-    def _update_bars(self, slot: int, device: PciDevice) -> None:
-        """Re-map `device`'s BAR windows after a write to its command register or BARs."""
-        decoding = Command.MEMORY_SPACE in device.config.command
-        wanted = {i: (a, s) for i, a, s in device.bars() if decoding and a != 0}
-        current = self._mapped[slot]
+    def _remap(self, slot: int) -> None:
+        """Make the MMIO bus hold what the device in `slot` last said it decodes."""
+        device = self.slots[slot]
+        assert device is not None
+        wanted, current = self._wanted[slot], self._mapped[slot]
         if wanted == current:
             return
         ranges = {

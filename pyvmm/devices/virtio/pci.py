@@ -22,7 +22,7 @@ from typing import Any
 from pyvmm.cdecl import declare
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.config import CapabilityId, InterruptPin, PciConfigSpace, PciId
-from pyvmm.devices.pci.device import PciDevice
+from pyvmm.devices.pci.device import BarWindows, PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
 from pyvmm.devices.virtio.device import DeviceStatus, Feature, VirtioDevice
 from pyvmm.devices.virtio.interrupt import Interrupt
@@ -249,13 +249,14 @@ class VirtioPciDevice(PciDevice):
             return
         self.config.read(offset, data)
 
-    def config_write(self, offset: int, data: bytes | memoryview) -> None:
+    def config_write(self, offset: int, data: bytes | memoryview) -> BarWindows | None:
         bar, off, length, data_at = self._pci_cfg_window()
         if offset == data_at and bar == BAR and length in (1, 2, 4) and len(data) >= length:
             self.bar_write(BAR, off, bytes(data[:length]))
-            return
-        self.config.write(offset, data)
+            return None
+        windows = super().config_write(offset, data)
         self.msix.control_written()
+        return windows
 
     # BAR0.
     def bars_changed(self, mapped: dict[int, int]) -> None:
