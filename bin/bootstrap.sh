@@ -72,6 +72,9 @@ ensure_venv() {
             --config-settings editable_mode=compat -e "$spec" >&2
         touch "$stamp"
     fi
+    # The compiled helpers for this machine (pyvmm/native/helpers.py), first: the declarations'
+    # modules open them. Rebuilt only when a source changed; says so, and shows gcc's errors.
+    "$VENV/bin/python" -m pyvmm.native
     # The C declarations, prebuilt so that start-up does not parse them (pyvmm/cdecl.py);
     # rewritten only when a declaration changed.
     "$VENV/bin/python" -m pyvmm.cdecl 2>/dev/null

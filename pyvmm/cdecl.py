@@ -31,6 +31,7 @@ DECLARING_MODULES = [
     "pyvmm.disk.raw",
     "pyvmm.devices.virtio.block",
     "pyvmm.devices.virtio.pci",
+    "pyvmm.native.fences",
 ]
 
 

@@ -17,7 +17,8 @@ Behaviour the device code relies on:
   link is followed.
 
 The ring indexes are read and written as single 16-bit native loads and stores (a torn used.idx
-would make the driver see a bogus index); hosts are little-endian, as virtio 1.x rings are.
+would make the driver see a bogus index); hosts are little-endian, as virtio 1.x rings are. Their
+order against the rest of the rings comes from `pyvmm.native.fences`, at each place below.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from __future__ import annotations
 import enum
 import struct
 import sys
-import threading
 from dataclasses import dataclass, field
 
 from pyvmm.memory import GuestMemory, GuestMemoryError
+from pyvmm.native import fences
 
 if sys.byteorder != "little":  # pragma: no cover - x86_64 and aarch64 hosts only
     raise ImportError("pyvmm virtqueues need a little-endian host")
@@ -65,16 +66,6 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _NEXT = int(VirtqFlags.NEXT)
 _WRITE = int(VirtqFlags.WRITE)
 _INDIRECT = int(VirtqFlags.INDIRECT)
-
-# Acquiring and releasing a lock runs locked read-modify-write instructions: a full barrier on
-# x86-64 (the store-load ordering the notification protocol needs). On aarch64 it only gives
-# acquire/release ordering; the window it leaves there is tiny next to the interpreter's speed.
-_FENCE = threading.Lock()
-
-
-def _full_fence() -> None:
-    with _FENCE:
-        pass
 
 
 class QueueError(Exception):
@@ -351,6 +342,9 @@ class SplitQueue:
             return None
         if ahead > self._size:
             raise BadAvailIndex(avail_idx, self._next_avail, self._size)
+        # The driver wrote the ring entry and the chain before avail.idx (virtio 1.2, 2.7.13.3.1):
+        # read them only after the index.
+        fences.acquire()
         head = self._avail16[2 + (self._next_avail & self._mask)]
         self._next_avail = (self._next_avail + 1) & IDX_MASK
         if head >= self._size:
@@ -426,8 +420,9 @@ class SplitQueue:
         slot = 2 * (self._next_used & self._mask)
         self._used32[slot] = head
         self._used32[slot + 1] = length
-        # The element is complete before the index that publishes it (stores stay in order on
-        # x86-64; each is a single native store).
+        # The element, and the data written into the chain's buffers, are visible before the
+        # index that publishes them (virtio 1.2, 2.7.8.2).
+        fences.release()
         self._next_used = (self._next_used + 1) & IDX_MASK
         self._used16[1] = self._next_used
         self._unsignalled += 1
@@ -439,7 +434,10 @@ class SplitQueue:
         """
         if self._unsignalled == 0:
             return False
-        _full_fence()  # used.idx is visible before we read the driver's suppression fields
+        # used.idx is visible before the driver's suppression fields are read: else a driver that
+        # re-enabled interrupts and then saw the old used.idx waits for ever (virtio 1.2, 2.7.7.2;
+        # the driver's side of it is 2.7.13.4.1).
+        fences.full()
         old = self._signalled_used
         new = self._next_used
         many = self._unsignalled > IDX_MASK
@@ -456,7 +454,10 @@ class SplitQueue:
             self._used16[self._avail_event_at] = self._next_avail
         else:
             self._used16[0] = 0
-        _full_fence()  # our request is visible before the caller re-reads avail.idx
+        # Our request is visible before the caller re-reads avail.idx: else a chain the driver
+        # made available without notifying (it saw the old request) waits (virtio 1.2, 2.7.10;
+        # the re-check of 2.7.14's note, from the device's side).
+        fences.full()
 
     def disable_notification(self) -> None:
         """Tell the driver notifications are not needed (a hint; it may still notify)."""
