@@ -21,6 +21,7 @@ from pyvmm.disk import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
+from pyvmm.native.helpers import HelperError
 
 if TYPE_CHECKING:
     from pyvmm.vmm import Vmm
@@ -38,6 +39,7 @@ USER_ERRORS = (
     KvmError,
     ControlError,
     DiskError,
+    HelperError,
 )
 
 
