@@ -74,8 +74,8 @@ def main() -> int:
     built = time.monotonic()
     io = CountingBus(vmm.io_bus, 1)
     mmio = CountingBus(vmm.mmio_bus, 4096)
-    vmm.io_bus = io  # type: ignore[assignment]
-    vmm.mmio_bus = mmio  # type: ignore[assignment]
+    vmm.vcpu_threads.io_bus = io  # type: ignore[assignment]
+    vmm.vcpu_threads.mmio_bus = mmio  # type: ignore[assignment]
     coalesced = [0]
     ring = vmm.coalesced
     if ring is not None:

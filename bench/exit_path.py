@@ -1,7 +1,7 @@
 """The Python side of one VM exit, without KVM: how long pyvmm's own code takes per exit.
 
 On a host whose KVM exits are cheap, or under emulation where every instruction is dear, this
-is the part of an exit that pyvmm can shrink. The loop is the real vCPU loop (Vmm._vcpu_loop)
+is the part of an exit that pyvmm can shrink. The loop is the real vCPU loop (VcpuThreads.run_vcpu)
 on a real VM with the probe guest loaded; only the KVM_RUN ioctl is replaced by a stand-in that
 leaves the kvm_run page as it is, so every "exit" repeats the exit prepared there: a 4-byte read
 of the PCI configuration data port (0xcfc) for a device that does not exist, as Linux's early
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         vcpu_module._libc_ioctl = fake_kvm_run
         try:
             start = time.perf_counter()
-            vmm._vcpu_loop(vcpu)
+            vmm.vcpu_threads.run_vcpu(vcpu)
             seconds = time.perf_counter() - start
         finally:
             vcpu_module._libc_ioctl = real

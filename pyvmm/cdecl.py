@@ -26,6 +26,7 @@ _declared: dict[str, tuple[str, bool]] = {}
 # The modules whose declarations the build writes (importing one runs its declare()).
 DECLARING_MODULES = [
     "pyvmm.kvm.abi",
+    "pyvmm.kvm.x86_64",
     "pyvmm.arch.x86_64.bootparams",
     "pyvmm.arch.x86_64.mptable",
     "pyvmm.disk.raw",

@@ -1,1 +1,2 @@
-"""Architecture-specific set-up of guest memory, boot state and firmware tables."""
+"""Architectures: what each adds to a VM (`pyvmm.arch.interface.Arch`) and its implementations
+(`x86_64/`; arm64 later)."""

@@ -1,9 +1,10 @@
-"""The KVM userspace ABI (x86_64), declared once with cffi.
+"""The KVM userspace ABI every architecture shares, declared once with cffi.
 
-Every kernel struct pyvmm passes to or reads from KVM is declared here exactly as in
-`<linux/kvm.h>` and `<asm/kvm.h>`; ioctl numbers are derived from those declarations with the
-kernel's own `_IOC` encoding. `tests/unit/kvm/test_abi.py` compiles the same names against the
-system headers and checks every size, offset and ioctl number.
+The kernel structs of `<linux/kvm.h>` that pyvmm passes to or reads from KVM on any
+architecture are declared here exactly as in the header; ioctl numbers are derived from the
+declarations with the kernel's own `_IOC` encoding (`ioc`). What only x86 has (`<asm/kvm.h>`:
+registers, CPUID, MSRs, the PIT) is in `pyvmm.kvm.x86_64`. `tests/unit/kvm/test_abi.py`
+compiles the same names against the system headers and checks every size, offset and number.
 """
 
 from __future__ import annotations
@@ -17,116 +18,12 @@ from pyvmm.cdecl import declare
 ffi: Any = declare(
     "kvm",
     """
-    struct kvm_regs {
-        uint64_t rax, rbx, rcx, rdx;
-        uint64_t rsi, rdi, rsp, rbp;
-        uint64_t r8,  r9,  r10, r11;
-        uint64_t r12, r13, r14, r15;
-        uint64_t rip, rflags;
-    };
-
-    struct kvm_segment {
-        uint64_t base;
-        uint32_t limit;
-        uint16_t selector;
-        uint8_t  type;
-        uint8_t  present, dpl, db, s, l, g, avl;
-        uint8_t  unusable;
-        uint8_t  padding;
-    };
-
-    struct kvm_dtable {
-        uint64_t base;
-        uint16_t limit;
-        uint16_t padding[3];
-    };
-
-    struct kvm_sregs {
-        struct kvm_segment cs, ds, es, fs, gs, ss;
-        struct kvm_segment tr, ldt;
-        struct kvm_dtable gdt, idt;
-        uint64_t cr0, cr2, cr3, cr4, cr8;
-        uint64_t efer;
-        uint64_t apic_base;
-        uint64_t interrupt_bitmap[4];
-    };
-
-    struct kvm_fpu {
-        uint8_t  fpr[8][16];
-        uint16_t fcw;
-        uint16_t fsw;
-        uint8_t  ftwx;
-        uint8_t  pad1;
-        uint16_t last_opcode;
-        uint64_t last_ip;
-        uint64_t last_dp;
-        uint8_t  xmm[16][16];
-        uint32_t mxcsr;
-        uint32_t pad2;
-    };
-
-    struct kvm_msr_entry {
-        uint32_t index;
-        uint32_t reserved;
-        uint64_t data;
-    };
-
-    struct kvm_msrs {
-        uint32_t nmsrs;
-        uint32_t pad;
-        struct kvm_msr_entry entries[];
-    };
-
-    struct kvm_msr_list {
-        uint32_t nmsrs;
-        uint32_t indices[];
-    };
-
-    struct kvm_cpuid_entry2 {
-        uint32_t function;
-        uint32_t index;
-        uint32_t flags;
-        uint32_t eax;
-        uint32_t ebx;
-        uint32_t ecx;
-        uint32_t edx;
-        uint32_t padding[3];
-    };
-
-    struct kvm_cpuid2 {
-        uint32_t nent;
-        uint32_t padding;
-        struct kvm_cpuid_entry2 entries[];
-    };
-
-    struct kvm_xcr {
-        uint32_t xcr;
-        uint32_t reserved;
-        uint64_t value;
-    };
-
-    struct kvm_xcrs {
-        uint32_t nr_xcrs;
-        uint32_t flags;
-        struct kvm_xcr xcrs[16];
-        uint64_t padding[16];
-    };
-
-    struct kvm_lapic_state {
-        char regs[1024];
-    };
-
     struct kvm_userspace_memory_region {
         uint32_t slot;
         uint32_t flags;
         uint64_t guest_phys_addr;
         uint64_t memory_size;
         uint64_t userspace_addr;
-    };
-
-    struct kvm_pit_config {
-        uint32_t flags;
-        uint32_t pad[15];
     };
 
     struct kvm_irq_level {
@@ -206,6 +103,11 @@ ffi: Any = declare(
         struct kvm_irq_routing_entry entries[];
     };
 
+    struct kvm_one_reg {
+        uint64_t id;
+        uint64_t addr;
+    };
+
     struct kvm_run {
         uint8_t  request_interrupt_window;
         uint8_t  immediate_exit;
@@ -279,64 +181,40 @@ def struct_for(ctype: str, *fields: str) -> struct.Struct:
 
 
 KVMIO = 0xAE
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
 
 
-def _ioc(direction: int, nr: int, size: int) -> int:
+def ioc(direction: int, nr: int, size: int = 0) -> int:
+    """A KVM ioctl request number (the kernel's _IOC(direction, KVMIO, nr, size))."""
     return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
 
 
 def _io(nr: int) -> int:
-    return _ioc(_IOC_NONE, nr, 0)
-
-
-def _ior(nr: int, ctype: str) -> int:
-    return _ioc(_IOC_READ, nr, ffi.sizeof(ctype))
+    return ioc(IOC_NONE, nr)
 
 
 def _iow(nr: int, ctype: str) -> int:
-    return _ioc(_IOC_WRITE, nr, ffi.sizeof(ctype))
-
-
-def _iowr(nr: int, ctype: str) -> int:
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, ffi.sizeof(ctype))
+    return ioc(IOC_WRITE, nr, ffi.sizeof(ctype))
 
 
 class Ioctl(enum.IntEnum):
-    """ioctl request numbers, named as in <linux/kvm.h>."""
+    """ioctl request numbers every architecture has, named as in <linux/kvm.h>."""
 
     KVM_GET_API_VERSION = _io(0x00)
     KVM_CREATE_VM = _io(0x01)
-    KVM_GET_MSR_INDEX_LIST = _iowr(0x02, "struct kvm_msr_list")
     KVM_CHECK_EXTENSION = _io(0x03)
     KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
-    KVM_GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
     KVM_CREATE_VCPU = _io(0x41)
     KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
-    KVM_SET_TSS_ADDR = _io(0x47)
-    KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
     KVM_CREATE_IRQCHIP = _io(0x60)
     KVM_IRQ_LINE = _iow(0x61, "struct kvm_irq_level")
     KVM_SET_GSI_ROUTING = _iow(0x6A, "struct kvm_irq_routing")
     KVM_IRQFD = _iow(0x76, "struct kvm_irqfd")
-    KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
     KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
     KVM_REGISTER_COALESCED_MMIO = _iow(0x67, "struct kvm_coalesced_mmio_zone")
     KVM_RUN = _io(0x80)
-    KVM_GET_REGS = _ior(0x81, "struct kvm_regs")
-    KVM_SET_REGS = _iow(0x82, "struct kvm_regs")
-    KVM_GET_SREGS = _ior(0x83, "struct kvm_sregs")
-    KVM_SET_SREGS = _iow(0x84, "struct kvm_sregs")
-    KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
-    KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
-    KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
-    KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
-    KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
-    KVM_SET_LAPIC = _iow(0x8F, "struct kvm_lapic_state")
-    KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
-    KVM_GET_CPUID2 = _iowr(0x91, "struct kvm_cpuid2")
-    KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
-    KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
+    KVM_GET_ONE_REG = _iow(0xAB, "struct kvm_one_reg")
+    KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
 
 
 class Cap(enum.IntEnum):
@@ -387,17 +265,11 @@ class ExitReason(enum.IntEnum):
 KVM_API_VERSION = 12
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
-KVM_PIT_SPEAKER_DUMMY = 1
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 KVM_MEM_READONLY = 1 << 1
-KVM_MAX_CPUID_ENTRIES = 256
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQ_ROUTING_MSI = 2
-KVM_IRQCHIP_PIC_MASTER = 0
-KVM_IRQCHIP_PIC_SLAVE = 1
-KVM_IRQCHIP_IOAPIC = 2
-KVM_IOAPIC_NUM_PINS = 24

@@ -1,27 +1,24 @@
-"""The KVM system object: /dev/kvm, its API version, capabilities and supported CPUID."""
+"""The KVM system object: /dev/kvm, its API version and capabilities."""
 
 from __future__ import annotations
 
-import errno
 import os
-from typing import Any
+from collections.abc import Sequence
 
-from pyvmm.kvm.abi import KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, Cap, Ioctl, ffi
-from pyvmm.kvm.cpuid import CpuidEntry
+from pyvmm.kvm.abi import KVM_API_VERSION, Cap, Ioctl
 from pyvmm.kvm.errors import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.kvm.ioctl import ioctl
 
 DEFAULT_KVM_PATH = "/dev/kvm"
 
-# What every pyvmm VM relies on: in-kernel irqchip and PIT, irqfd/ioeventfd data paths (level
-# PCI interrupts through resampling irqfds), memory slots from user memory, CPUID2 and the
-# ability to kick vCPUs out of KVM_RUN.
+# What every pyvmm VM relies on, whatever the architecture: an in-kernel irqchip, irqfd and
+# ioeventfd data paths (level PCI interrupts through resampling irqfds), memory slots from user
+# memory, GSI routing for MSIs and the ability to kick vCPUs out of KVM_RUN. Each architecture
+# adds its own (`pyvmm.kvm.x86_64.REQUIRED_CAPS`).
 REQUIRED_CAPS = (
     Cap.KVM_CAP_IRQCHIP,
-    Cap.KVM_CAP_HLT,
     Cap.KVM_CAP_USER_MEMORY,
-    Cap.KVM_CAP_EXT_CPUID,
-    Cap.KVM_CAP_PIT2,
+    Cap.KVM_CAP_IRQ_ROUTING,
     Cap.KVM_CAP_IRQFD,
     Cap.KVM_CAP_IRQFD_RESAMPLE,
     Cap.KVM_CAP_IOEVENTFD,
@@ -32,7 +29,8 @@ REQUIRED_CAPS = (
 class Kvm:
     """An open /dev/kvm with its API version and required capabilities checked."""
 
-    def __init__(self, path: str = DEFAULT_KVM_PATH) -> None:
+    def __init__(self, path: str = DEFAULT_KVM_PATH, arch_caps: Sequence[Cap] = ()) -> None:
+        """Open `path` and check it offers REQUIRED_CAPS and the architecture's `arch_caps`."""
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -56,7 +54,7 @@ class Kvm:
             raise KvmUnavailableError(
                 f"{path}: KVM API version {version}, pyvmm needs {KVM_API_VERSION}"
             )
-        for cap in REQUIRED_CAPS:
+        for cap in (*REQUIRED_CAPS, *arch_caps):
             if not self.check_extension(cap):
                 os.close(self.fd)
                 raise MissingCapabilityError(f"{path}: KVM lacks {cap.name}, which pyvmm needs")
@@ -76,20 +74,6 @@ class Kvm:
         return self.check_extension(Cap.KVM_CAP_MAX_VCPUS) or self.check_extension(
             Cap.KVM_CAP_NR_VCPUS
         )
-
-    def supported_cpuid(self) -> list[CpuidEntry]:
-        """KVM_GET_SUPPORTED_CPUID as a list of plain entries the arch code may edit."""
-        cpuid: Any = ffi.new("struct kvm_cpuid2 *", {"entries": KVM_MAX_CPUID_ENTRIES})
-        cpuid.nent = KVM_MAX_CPUID_ENTRIES
-        try:
-            ioctl(self.fd, Ioctl.KVM_GET_SUPPORTED_CPUID, cpuid)
-        except KvmError as e:
-            if e.errno == errno.E2BIG:
-                raise MissingCapabilityError(
-                    f"{self.path}: more than {KVM_MAX_CPUID_ENTRIES} CPUID entries"
-                ) from None
-            raise
-        return [CpuidEntry.from_c(cpuid.entries[i]) for i in range(cpuid.nent)]
 
     def create_vm_fd(self) -> int:
         return ioctl(self.fd, Ioctl.KVM_CREATE_VM, 0)

@@ -1,4 +1,7 @@
-"""A KVM vCPU: register state and `run()`, which returns a typed exit."""
+"""A KVM vCPU on any architecture: `run()`, which returns a typed exit, and ONE_REG access.
+
+What only x86 has (regs, sregs, CPUID, MSRs, the LAPIC) is in `pyvmm.kvm.x86_64`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Any
 
 from pyvmm.kvm.abi import KVM_EXIT_IO_OUT, ExitReason, Ioctl, ffi, libc, struct_for
 from pyvmm.kvm.coalesced import CoalescedRing
-from pyvmm.kvm.cpuid import CpuidEntry, to_kvm_cpuid2
 from pyvmm.kvm.errors import KvmError
 from pyvmm.kvm.ioctl import ioctl
 
@@ -107,75 +109,23 @@ class Vcpu:
             os.close(self.fd)
             self.fd = -1
 
-    def get_regs(self) -> Any:
-        regs: Any = ffi.new("struct kvm_regs *")
-        ioctl(self.fd, Ioctl.KVM_GET_REGS, regs)
-        return regs
+    def get_one_reg(self, reg_id: int, size: int) -> int:
+        """KVM_GET_ONE_REG: the register `reg_id` (arch-encoded, with its size in the id) read
+        as a `size`-byte little-endian value; how arm64 reads its core and system registers."""
+        value: Any = ffi.new("uint8_t[]", size)
+        reg: Any = ffi.new("struct kvm_one_reg *")
+        reg.id = reg_id
+        reg.addr = int(ffi.cast("uintptr_t", value))
+        ioctl(self.fd, Ioctl.KVM_GET_ONE_REG, reg)
+        return int.from_bytes(ffi.buffer(value), "little")
 
-    def set_regs(self, regs: Any) -> None:
-        ioctl(self.fd, Ioctl.KVM_SET_REGS, regs)
-
-    def get_sregs(self) -> Any:
-        sregs: Any = ffi.new("struct kvm_sregs *")
-        ioctl(self.fd, Ioctl.KVM_GET_SREGS, sregs)
-        return sregs
-
-    def set_sregs(self, sregs: Any) -> None:
-        ioctl(self.fd, Ioctl.KVM_SET_SREGS, sregs)
-
-    def get_fpu(self) -> Any:
-        fpu: Any = ffi.new("struct kvm_fpu *")
-        ioctl(self.fd, Ioctl.KVM_GET_FPU, fpu)
-        return fpu
-
-    def set_fpu(self, fpu: Any) -> None:
-        ioctl(self.fd, Ioctl.KVM_SET_FPU, fpu)
-
-    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
-        ioctl(self.fd, Ioctl.KVM_SET_CPUID2, to_kvm_cpuid2(entries))
-
-    def set_msrs(self, msrs: dict[int, int]) -> None:
-        c: Any = ffi.new("struct kvm_msrs *", {"entries": len(msrs)})
-        c.nmsrs = len(msrs)
-        for i, (index, value) in enumerate(msrs.items()):
-            c.entries[i].index = index
-            c.entries[i].data = value
-        written = ioctl(self.fd, Ioctl.KVM_SET_MSRS, c)
-        if written != len(msrs):
-            bad = list(msrs)[written]
-            raise KvmError(f"KVM_SET_MSRS: MSR {bad:#x} refused", errno.EINVAL)
-
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        c: Any = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
-        c.nmsrs = len(indices)
-        for i, index in enumerate(indices):
-            c.entries[i].index = index
-        n = ioctl(self.fd, Ioctl.KVM_GET_MSRS, c)
-        return {c.entries[i].index: c.entries[i].data for i in range(n)}
-
-    def set_xcr0(self, value: int) -> None:
-        xcrs: Any = ffi.new("struct kvm_xcrs *")
-        xcrs.nr_xcrs = 1
-        xcrs.xcrs[0].xcr = 0
-        xcrs.xcrs[0].value = value
-        ioctl(self.fd, Ioctl.KVM_SET_XCRS, xcrs)
-
-    def get_xcr0(self) -> int:
-        xcrs: Any = ffi.new("struct kvm_xcrs *")
-        ioctl(self.fd, Ioctl.KVM_GET_XCRS, xcrs)
-        for i in range(xcrs.nr_xcrs):
-            if xcrs.xcrs[i].xcr == 0:
-                value: int = xcrs.xcrs[i].value
-                return value
-        return 0
-
-    def get_lapic(self) -> Any:
-        lapic: Any = ffi.new("struct kvm_lapic_state *")
-        ioctl(self.fd, Ioctl.KVM_GET_LAPIC, lapic)
-        return lapic
-
-    def set_lapic(self, lapic: Any) -> None:
-        ioctl(self.fd, Ioctl.KVM_SET_LAPIC, lapic)
+    def set_one_reg(self, reg_id: int, size: int, value: int) -> None:
+        """KVM_SET_ONE_REG: write `value` as the `size`-byte register `reg_id`."""
+        data: Any = ffi.new("uint8_t[]", value.to_bytes(size, "little"))
+        reg: Any = ffi.new("struct kvm_one_reg *")
+        reg.id = reg_id
+        reg.addr = int(ffi.cast("uintptr_t", data))
+        ioctl(self.fd, Ioctl.KVM_SET_ONE_REG, reg)
 
     def request_exit(self) -> None:
         """Make the current or next KVM_RUN return at once (pair with a signal to the thread)."""

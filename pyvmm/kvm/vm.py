@@ -1,4 +1,5 @@
-"""A KVM virtual machine: memory slots, in-kernel irqchip and PIT, ioeventfds, irqfds, vCPUs."""
+"""A KVM virtual machine on any architecture: memory slots, irqfds, ioeventfds, coalesced
+zones, vCPUs. The architecture adds its own state (`pyvmm.kvm.x86_64.configure_vm`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pyvmm.kvm.abi import (
     KVM_IRQFD_FLAG_DEASSIGN,
     KVM_IRQFD_FLAG_RESAMPLE,
     KVM_MEM_READONLY,
-    KVM_PIT_SPEAKER_DUMMY,
     Ioctl,
     ffi,
 )
@@ -20,25 +20,18 @@ from pyvmm.kvm.ioctl import ioctl
 from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import Vcpu
 
-# Three pages just below the 4 GiB boundary that Intel's VMX needs for its real-mode TSS and
-# identity map; ignored elsewhere. They lie in the PCI hole, never in guest RAM.
-TSS_ADDRESS = 0xFFFB_D000
-IDENTITY_MAP_ADDRESS = 0xFFFB_C000
-
 
 class Vm:
-    """A VM file descriptor with the in-kernel interrupt controllers and PIT created."""
+    """A VM file descriptor."""
 
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
         self.fd = kvm.create_vm_fd()
         self._vcpu_mmap_size = kvm.vcpu_mmap_size()
-        ioctl(self.fd, Ioctl.KVM_SET_TSS_ADDR, TSS_ADDRESS)
-        ioctl(self.fd, Ioctl.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", IDENTITY_MAP_ADDRESS))
+
+    def create_irqchip(self) -> None:
+        """The architecture's default in-kernel interrupt controller (KVM_CREATE_IRQCHIP)."""
         ioctl(self.fd, Ioctl.KVM_CREATE_IRQCHIP)
-        pit: Any = ffi.new("struct kvm_pit_config *")
-        pit.flags = KVM_PIT_SPEAKER_DUMMY
-        ioctl(self.fd, Ioctl.KVM_CREATE_PIT2, pit)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pyvmm.kvm.cpuid import CpuidEntry
+from pyvmm.kvm.x86_64 import CpuidEntry
 
 LEAF_FEATURES = 0x1
 LEAF_CACHE_PARAMS = 0x4

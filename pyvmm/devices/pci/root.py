@@ -1,13 +1,12 @@
-"""PCI bus 0: the host bridge, configuration mechanism #1 and the BAR windows on the MMIO bus.
+"""PCI bus 0: its slots (one function each, the host bridge in slot 0), configuration accesses
+by (slot, function, register), and the BAR windows on the MMIO bus.
 
-Ports 0xCF8-0xCFF: a 32-bit write to 0xCF8 selects (enable, bus, device, function, register);
-accesses to 0xCFC-0xCFF then reach that function's configuration space. One function per slot.
-0xCF9 is the chipset's reset control register, which Linux's `reboot=pci` uses.
+How the guest reaches configuration space is the architecture's (x86: ports 0xCF8-0xCFF,
+`pyvmm.arch.x86_64.pci_cf8`; arm64: an ECAM window); it calls `config_read`/`config_write`.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 
@@ -18,25 +17,12 @@ from pyvmm.ratelimit import GuestLog
 
 log = logging.getLogger(__name__)
 
-CONFIG_ADDRESS_PORT = 0xCF8
-CONFIG_PORTS_LEN = 8
-CONFIG_ADDRESS_LEN = 4  # the address register, 0xcf8-0xcfb
 NUM_SLOTS = 32
-ENABLE_BIT = 1 << 31
-RESET_CONTROL_OFFSET = 1  # 0xCF9
-RESET_CPU = 1 << 2
 HOST_BRIDGE_ID = PciId(vendor=0x8086, device=0x1237, class_code=0x060000)
 
 
 class PciRootError(Exception):
     """The bus is full."""
-
-
-class ConfigAddress(enum.IntEnum):
-    REGISTER_SHIFT = 0
-    FUNCTION_SHIFT = 8
-    DEVICE_SHIFT = 11
-    BUS_SHIFT = 16
 
 
 class HostBridge(PciDevice):
@@ -61,18 +47,11 @@ class _BarWindow:
 
 
 class PciRoot:
-    """Bus 0 and its devices; also the port-I/O device for 0xCF8-0xCFF."""
+    """Bus 0 and its devices."""
 
-    def __init__(
-        self,
-        mmio_bus: Bus,
-        allocate_mmio: Callable[[int, str], int],
-        on_reset: Callable[[], None],
-    ) -> None:
+    def __init__(self, mmio_bus: Bus, allocate_mmio: Callable[[int, str], int]) -> None:
         self.mmio_bus = mmio_bus
         self._allocate_mmio = allocate_mmio
-        self._on_reset = on_reset
-        self._address = 0
         self._guest_log = GuestLog(log, "PCI")
         self.slots: list[PciDevice | None] = [None] * NUM_SLOTS
         # Per slot: the BAR windows the device last said it decodes, and those mapped.
@@ -90,44 +69,28 @@ class PciRoot:
         self.slots[slot] = device
         return slot
 
-    def _selected(self) -> tuple[PciDevice | None, int]:
-        addr = self._address
-        if not addr & ENABLE_BIT:
-            return None, 0
-        bus = (addr >> ConfigAddress.BUS_SHIFT) & 0xFF
-        slot = (addr >> ConfigAddress.DEVICE_SHIFT) & 0x1F
-        function = (addr >> ConfigAddress.FUNCTION_SHIFT) & 0x7
-        if bus != 0 or function != 0:
-            return None, 0
-        return self.slots[slot], slot
+    def _function(self, slot: int, function: int) -> PciDevice | None:
+        if not 0 <= slot < NUM_SLOTS or function != 0:
+            return None
+        return self.slots[slot]
 
-    # Port-I/O BusDevice for 0xCF8-0xCFF.
-    def read(self, offset: int, data: memoryview) -> None:
-        if offset < 4:
-            value = self._address.to_bytes(4, "little")
-            data[:] = (value[offset:] + b"\xff" * 4)[: len(data)]
-            return
-        device, _ = self._selected()
+    def config_read(self, slot: int, function: int, register: int, data: memoryview) -> None:
+        """Fill `data` from the configuration space of bus 0 `slot`.`function`; an absent
+        function reads as all ones."""
+        device = self._function(slot, function)
         if device is None:
             data[:] = b"\xff" * len(data)
             return
-        register = (self._address & 0xFC) + (offset - 4)
         device.config_read(register, data)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        if offset == 0 and len(data) == 4:
-            self._address = int.from_bytes(data, "little") & 0x80FF_FFFC
-            return
-        if offset == RESET_CONTROL_OFFSET and len(data) == 1:
-            if data[0] & RESET_CPU:
-                self._on_reset()
-            return
-        if offset < 4:
-            return  # other partial writes to the address register are ignored, as chipsets do
-        device, slot = self._selected()
+    def config_write(
+        self, slot: int, function: int, register: int, data: bytes | memoryview
+    ) -> None:
+        """Give a configuration write to bus 0 `slot`.`function` (absent: ignored), and map the
+        BAR windows the device then decodes."""
+        device = self._function(slot, function)
         if device is None:
             return
-        register = (self._address & 0xFC) + (offset - 4)
         windows = device.config_write(register, data)
         if windows is not None:
             self._wanted[slot] = windows

@@ -3,37 +3,54 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from pyvmm import vcpu_threads
+from pyvmm.kvm import abi
+from pyvmm.kvm import x86_64 as kvm_x86
 from pyvmm.kvm.abi import Cap, Ioctl, ffi, struct_for
+from pyvmm.kvm.x86_64 import X86Ioctl
 from tests.cheaders import c_facts
 
-STRUCTS = [
-    "kvm_regs",
-    "kvm_segment",
-    "kvm_dtable",
-    "kvm_sregs",
-    "kvm_fpu",
-    "kvm_msr_entry",
-    "kvm_msrs",
-    "kvm_msr_list",
-    "kvm_cpuid_entry2",
-    "kvm_cpuid2",
-    "kvm_xcr",
-    "kvm_xcrs",
-    "kvm_lapic_state",
-    "kvm_irq_routing_irqchip",
-    "kvm_irq_routing_msi",
-    "kvm_irq_routing_entry",
-    "kvm_irq_routing",
-    "kvm_userspace_memory_region",
-    "kvm_pit_config",
-    "kvm_irq_level",
-    "kvm_ioeventfd",
-    "kvm_irqfd",
-    "kvm_coalesced_mmio_zone",
-    "kvm_coalesced_mmio",
-    "kvm_coalesced_mmio_ring",
-    "kvm_run",
+# (the FFI that declares them, the structs)
+STRUCTS: list[tuple[Any, list[str]]] = [
+    (
+        ffi,
+        [
+            "kvm_irq_routing_irqchip",
+            "kvm_irq_routing_msi",
+            "kvm_irq_routing_entry",
+            "kvm_irq_routing",
+            "kvm_userspace_memory_region",
+            "kvm_irq_level",
+            "kvm_ioeventfd",
+            "kvm_irqfd",
+            "kvm_coalesced_mmio_zone",
+            "kvm_coalesced_mmio",
+            "kvm_coalesced_mmio_ring",
+            "kvm_one_reg",
+            "kvm_run",
+        ],
+    ),
+    (
+        kvm_x86.ffi,
+        [
+            "kvm_regs",
+            "kvm_segment",
+            "kvm_dtable",
+            "kvm_sregs",
+            "kvm_fpu",
+            "kvm_msr_entry",
+            "kvm_msrs",
+            "kvm_msr_list",
+            "kvm_cpuid_entry2",
+            "kvm_cpuid2",
+            "kvm_xcr",
+            "kvm_xcrs",
+            "kvm_lapic_state",
+            "kvm_pit_config",
+        ],
+    ),
 ]
 # Members of kvm_run's anonymous union and what follows it.
 KVM_RUN_EXTRA = ["io", "mmio", "hw", "fail_entry", "ex", "internal", "system_event"]
@@ -42,15 +59,16 @@ KVM_RUN_EXTRA = ["io", "mmio", "hw", "fail_entry", "ex", "internal", "system_eve
 def test_struct_sizes_and_offsets_match_linux_headers(tmp_path: Path) -> None:
     exprs: list[str] = []
     expected: list[tuple[str, int]] = []
-    for name in STRUCTS:
-        ctype = ffi.typeof(f"struct {name}")
-        exprs.append(f"sizeof(struct {name})")
-        expected.append((f"sizeof({name})", ffi.sizeof(ctype)))
-        for field, info in ctype.fields:
-            if not field:
-                continue
-            exprs.append(f"offsetof(struct {name}, {field})")
-            expected.append((f"{name}.{field}", info.offset))
+    for declared, names in STRUCTS:
+        for name in names:
+            ctype = declared.typeof(f"struct {name}")
+            exprs.append(f"sizeof(struct {name})")
+            expected.append((f"sizeof({name})", declared.sizeof(ctype)))
+            for field, info in ctype.fields:
+                if not field:
+                    continue
+                exprs.append(f"offsetof(struct {name}, {field})")
+                expected.append((f"{name}.{field}", info.offset))
     for field in KVM_RUN_EXTRA:
         exprs.append(f"offsetof(struct kvm_run, {field})")
         expected.append((f"kvm_run.{field}", ffi.offsetof("struct kvm_run", field)))
@@ -65,11 +83,41 @@ def test_struct_sizes_and_offsets_match_linux_headers(tmp_path: Path) -> None:
     assert not mismatches
 
 
+CONSTANTS = {
+    "KVM_API_VERSION": abi.KVM_API_VERSION,
+    "KVM_EXIT_IO_IN": abi.KVM_EXIT_IO_IN,
+    "KVM_EXIT_IO_OUT": abi.KVM_EXIT_IO_OUT,
+    "KVM_IOEVENTFD_FLAG_DATAMATCH": abi.KVM_IOEVENTFD_FLAG_DATAMATCH,
+    "KVM_IOEVENTFD_FLAG_PIO": abi.KVM_IOEVENTFD_FLAG_PIO,
+    "KVM_IOEVENTFD_FLAG_DEASSIGN": abi.KVM_IOEVENTFD_FLAG_DEASSIGN,
+    "KVM_IRQFD_FLAG_DEASSIGN": abi.KVM_IRQFD_FLAG_DEASSIGN,
+    "KVM_IRQFD_FLAG_RESAMPLE": abi.KVM_IRQFD_FLAG_RESAMPLE,
+    "KVM_MEM_READONLY": abi.KVM_MEM_READONLY,
+    "KVM_IRQ_ROUTING_IRQCHIP": abi.KVM_IRQ_ROUTING_IRQCHIP,
+    "KVM_IRQ_ROUTING_MSI": abi.KVM_IRQ_ROUTING_MSI,
+    "KVM_IRQCHIP_PIC_MASTER": kvm_x86.KVM_IRQCHIP_PIC_MASTER,
+    "KVM_IRQCHIP_PIC_SLAVE": kvm_x86.KVM_IRQCHIP_PIC_SLAVE,
+    "KVM_IRQCHIP_IOAPIC": kvm_x86.KVM_IRQCHIP_IOAPIC,
+    "KVM_IOAPIC_NUM_PINS": kvm_x86.KVM_IOAPIC_NUM_PINS,
+    "KVM_PIT_SPEAKER_DUMMY": kvm_x86.KVM_PIT_SPEAKER_DUMMY,
+    "KVM_CPUID_FLAG_SIGNIFCANT_INDEX": kvm_x86.KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    "KVM_SYSTEM_EVENT_SHUTDOWN": vcpu_threads.SYSTEM_EVENT_SHUTDOWN,
+    "KVM_SYSTEM_EVENT_RESET": vcpu_threads.SYSTEM_EVENT_RESET,
+    "KVM_SYSTEM_EVENT_CRASH": vcpu_threads.SYSTEM_EVENT_CRASH,
+}
+
+
+def test_constants_match_linux_headers(tmp_path: Path) -> None:
+    actual = c_facts(tmp_path, ["linux/kvm.h"], list(CONSTANTS))
+    assert dict(zip(CONSTANTS, actual, strict=True)) == CONSTANTS
+
+
 def test_ioctl_numbers_match_linux_headers(tmp_path: Path) -> None:
-    actual = c_facts(tmp_path, ["linux/kvm.h"], [i.name for i in Ioctl])
+    ioctls = [*Ioctl, *X86Ioctl]
+    actual = c_facts(tmp_path, ["linux/kvm.h"], [i.name for i in ioctls])
     mismatches = [
         f"{i.name}: pyvmm {i.value:#x}, header {n:#x}"
-        for i, n in zip(Ioctl, actual, strict=True)
+        for i, n in zip(ioctls, actual, strict=True)
         if i.value != n
     ]
     assert not mismatches

@@ -1,5 +1,5 @@
-"""GsiRouter against the real KVM: MSI GSIs are handed out after the IOAPIC pins and every
-table it writes is one KVM accepts."""
+"""GsiRouter against the real KVM (an x86 VM with its PIC/IOAPIC routes): MSI routes beside the
+irqchip pins, and every table it writes is one KVM accepts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvmm.kvm import Kvm, Vm
+from pyvmm.kvm import x86_64 as kvm_x86
 from pyvmm.kvm.routing import GsiRouter, RoutingError
 
 KVM_PATH = "/dev/kvm"
@@ -38,8 +39,13 @@ def kvm() -> Iterator[Kvm]:
 @pytest.fixture
 def vm(kvm: Kvm) -> Iterator[Vm]:
     v = Vm(kvm)
+    kvm_x86.configure_vm(v)
     yield v
     v.close()
+
+
+def _router(vm: Vm) -> GsiRouter:
+    return GsiRouter(vm.fd, kvm_x86.irqchip_routes())
 
 
 def _next(router: GsiRouter) -> int:
@@ -59,7 +65,7 @@ def _fresh_gsis() -> None:
 
 
 def test_an_ioapic_pin_or_a_gsi_routed_twice_is_refused(vm: Vm) -> None:
-    router = GsiRouter(vm.fd)
+    router = _router(vm)
     assert router.add_msi(24) == 24
     with pytest.raises(RoutingError, match="GSI 24 is already routed"):
         router.add_msi(24)
@@ -68,7 +74,7 @@ def test_an_ioapic_pin_or_a_gsi_routed_twice_is_refused(vm: Vm) -> None:
 
 
 def test_set_msi_commits_and_can_be_repeated(vm: Vm) -> None:
-    router = GsiRouter(vm.fd)
+    router = _router(vm)
     gsi = _next(router)
     router.set_msi(gsi, 0xFEE0_0000, 0x4021)
     router.set_msi(gsi, 0xFEE0_0000, 0x4021)
@@ -79,7 +85,7 @@ def test_set_msi_commits_and_can_be_repeated(vm: Vm) -> None:
 
 
 def test_an_msi_gsi_takes_an_irqfd(vm: Vm) -> None:
-    router = GsiRouter(vm.fd)
+    router = _router(vm)
     gsi = _next(router)
     router.set_msi(gsi, 0xFEE0_0000, 0x4021)
     fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -93,20 +99,20 @@ def test_an_msi_gsi_takes_an_irqfd(vm: Vm) -> None:
 
 
 def test_two_hundred_vectors(vm: Vm) -> None:
-    router = GsiRouter(vm.fd)
+    router = _router(vm)
     gsis = [_next(router) for _ in range(200)]
     for n, gsi in enumerate(gsis):
         router.set_msi(gsi, 0xFEE0_0000 | (n % 4) << 12, 0x4000 | (0x30 + n % 200))
 
 
 def test_unknown_gsi_is_refused(vm: Vm) -> None:
-    router = GsiRouter(vm.fd)
+    router = _router(vm)
     with pytest.raises(KeyError):
         router.set_msi(24, 0xFEE0_0000, 0x4021)
 
 
 def test_running_out_of_gsis_is_a_routing_error_and_harmless(vm: Vm) -> None:
-    router = GsiRouter(vm.fd)  # slow: each allocation rewrites the whole table (~7 s in all)
+    router = _router(vm)  # slow: each allocation rewrites the whole table (~7 s in all)
     gsis: list[int] = []
     with pytest.raises(RoutingError):
         for _ in range(5000):

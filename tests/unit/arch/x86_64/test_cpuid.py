@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pyvmm.arch.x86_64.cpuid import vcpu_cpuid, xsave_features
-from pyvmm.kvm.cpuid import CpuidEntry
+from pyvmm.kvm.x86_64 import CpuidEntry
 
 SUPPORTED = [
     CpuidEntry(0x1, 0, 0, 0x806F8, 0x00000800, 0, 0x10000000),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyvmm.arch.x86_64.gdt import BOOT_GDT, Selector, segment_from_entry, write_gdt
 from pyvmm.arch.x86_64.layout import GDT_START, PML4_START
 from pyvmm.arch.x86_64.paging import write_page_tables
-from pyvmm.kvm.abi import ffi
+from pyvmm.kvm.x86_64 import ffi
 from pyvmm.memory import GuestMemory
 
 MiB = 1 << 20

@@ -1,5 +1,6 @@
-"""PCI bus 0 through configuration mechanism #1 (ports 0xCF8-0xCFF) and the MMIO bus: config
-reads and writes as a guest does them, BAR windows following the guest's programming, reset."""
+"""PCI bus 0 through x86's configuration mechanism #1 (ports 0xCF8-0xCFF) and the MMIO bus:
+config reads and writes as a guest does them, BAR windows following the guest's programming,
+the chipset reset at 0xCF9."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import struct
 import pytest
 
 from pyvmm.allocator import AllocationError, SystemAllocator
+from pyvmm.arch.x86_64.pci_cf8 import ConfigMechanism1
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.pci.config import Command, InterruptPin, PciConfigSpace, PciId, Reg
 from pyvmm.devices.pci.device import PciDevice
@@ -55,8 +57,8 @@ class Machine:
         self.io = Bus("io")
         self.resets = 0
         self.allocator = SystemAllocator(MMIO_START, MMIO_END, 24, 4096, 32)
-        self.root = PciRoot(self.mmio, self.allocator.allocate_mmio, self._reset)
-        self.io.insert(self.root, CF8, 8, "pci")
+        self.root = PciRoot(self.mmio, self.allocator.allocate_mmio)
+        self.io.insert(ConfigMechanism1(self.root, self._reset), CF8, 8, "pci")
 
     def _reset(self) -> None:
         self.resets += 1
@@ -192,7 +194,7 @@ def test_devices_get_the_next_slots_and_aligned_bars_in_the_window(m: Machine) -
 
 def test_a_bar_that_does_not_fit_is_refused() -> None:
     allocator = SystemAllocator(MMIO_START, MMIO_START + 0x8000, 24, 4096, 32)
-    root = PciRoot(Bus("mmio"), allocator.allocate_mmio, lambda: None)
+    root = PciRoot(Bus("mmio"), allocator.allocate_mmio)
     root.add_device(BarDevice({0: 0x4000}))
     with pytest.raises(AllocationError, match="big BAR0: no room for 0x8000 bytes of MMIO"):
         root.add_device(BarDevice({0: 0x8000}, "big"))
