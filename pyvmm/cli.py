@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from pyvmm import __version__
+from pyvmm.arch.host import UnsupportedArchError
 from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
 from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
 from pyvmm.disk import DiskError
@@ -40,6 +41,7 @@ USER_ERRORS = (
     ControlError,
     DiskError,
     HelperError,
+    UnsupportedArchError,
 )
 
 

@@ -11,13 +11,11 @@ from pyvmm.arch.x86_64.mptable import MAX_PCI_IRQS, max_cpus
 from pyvmm.control.protocol import socket_is_live
 from pyvmm.devices.pci.root import NUM_SLOTS
 from pyvmm.files import FileKindError, check_kind
+from pyvmm.memory import MAX_MEM_MIB
 
 DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1
 MIN_MEM_MIB = 2
-# Guest RAM above 4 GiB is not limited by pyvmm; this keeps typos like `-m 1000000` from
-# reserving a terabyte of address space.
-MAX_MEM_MIB = 1 << 20
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 SOCKET_FLAG = "-s/--socket"

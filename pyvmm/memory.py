@@ -23,6 +23,9 @@ from typing import Any
 from pyvmm.kvm.abi import ffi
 
 PAGE_SIZE = 4096
+# The most guest RAM pyvmm maps, in MiB (what -m/--mem accepts). Guest RAM above 4 GiB is not
+# limited otherwise; this keeps typos like `-m 1000000000` from reserving absurd address space.
+MAX_MEM_MIB = 1 << 20
 # The most bytes fill() and zero() write at once: their host buffer never grows with the range.
 FILL_CHUNK = 1 << 20
 _ZEROES = bytes(FILL_CHUNK)

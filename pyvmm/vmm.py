@@ -14,7 +14,8 @@ import threading
 import time
 from typing import BinaryIO
 
-from pyvmm.arch.interface import Arch, GuestImage, Platform, host_arch
+from pyvmm.arch.host import host_arch
+from pyvmm.arch.interface import Arch, GuestImage, Platform
 from pyvmm.config import VmConfig
 from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus

@@ -11,7 +11,6 @@ device's INTx line is, and the initial state of each vCPU.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
@@ -26,10 +25,6 @@ from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import Vm
 from pyvmm.loader import KernelImage
 from pyvmm.memory import GuestMemory
-
-
-class UnsupportedArchError(Exception):
-    """pyvmm has no support for this host's architecture."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +114,3 @@ class Arch(Protocol):
 
     def coalesced_zones(self) -> list[CoalescedZone]:
         """Ranges whose writes need no exit of their own."""
-
-
-def host_arch() -> Arch:
-    """The architecture of the machine pyvmm runs on (guests are of the same architecture)."""
-    machine = os.uname().machine
-    if machine == "x86_64":
-        from pyvmm.arch.x86_64.machine import X86_64
-
-        return X86_64()
-    raise UnsupportedArchError(f"pyvmm does not run on {machine} hosts yet (x86_64 only)")

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 
 from pyvmm.arch.x86_64.layout import FIRST_ADDR_PAST_32BITS, PCI_HOLE_START, MiB
-from pyvmm.config import MAX_MEM_MIB
 from pyvmm.files import FileKindError, open_file
 from pyvmm.loader.errors import (
     CmdlineError,
@@ -24,7 +23,7 @@ from pyvmm.loader.errors import (
     KernelTooLargeError,
     NotAKernelError,
 )
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import MAX_MEM_MIB, GuestMemory
 
 # Bytes read at most per preadv() when copying a file into guest RAM.
 READ_CHUNK = 16 * MiB
