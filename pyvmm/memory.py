@@ -2,10 +2,10 @@
 
 All guest memory access in pyvmm goes through `GuestMemory`. A guest physical address and length
 either lie wholly inside one region or the access raises `GuestMemoryError`; no guest-supplied
-number ever becomes a host pointer unchecked. Device processes map the same memfd (a
-`GuestMemory` built from it), so the data a device writes is the data the guest sees, with no
-copies. Besides RAM, a file can be mapped into guest-physical memory (pmem): such a region is
-not RAM (not in the e820 map) and may be read-only.
+number ever becomes a host pointer unchecked. Device processes (multiprocess mode, to come)
+will map the same memfd (a `GuestMemory` built from it), so the data a device writes is the
+data the guest sees, with no copies. Besides RAM, a file can be mapped into guest-physical
+memory (pmem): such a region is not RAM (not in the e820 map) and may be read-only.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class GuestMemory:
         memfd: int | None = None,
     ) -> None:
         """RAM for `ranges` of (guest address, size), page-aligned: in a new memfd, or in
-        `memfd` (of exactly that size) when a device process maps the VM's RAM. The object owns
+        `memfd` (of exactly that size), as a device process will map the VM's RAM. The object owns
         the memfd either way and closes it in `close`."""
         ordered = _check_ranges(ranges)
         total = sum(size for _, size in ordered)
@@ -120,7 +120,7 @@ class GuestMemory:
             memfd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.ftruncate(memfd, total)
-                # Its size is fixed from here on: a device process that maps it can rely on it.
+                # Its size is fixed from here on: whoever else maps it can rely on it.
                 fcntl_seal(memfd)
             except BaseException:
                 os.close(memfd)

@@ -1,7 +1,8 @@
 """What a disk image gives virtio-blk, whatever its format: the `Disk` protocol and its error.
 
 A disk is opened once, before the guest starts, and then only read and written at byte offsets
-straight into and out of guest memory; a device process is handed the open fd (`keep_fds`)."""
+straight into and out of guest memory; in multiprocess mode (to come) a device process will be
+handed the open fd (`keep_fds`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Disk(Protocol):
 
     @property
     def fd(self) -> int:
-        """The open image file (what a device process needs to hold)."""
+        """The open image file (what a device process will need to hold)."""
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> int:
         """Fill `buffers` from the disk at `offset`; the bytes read (short only at the end)."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvmm.cdecl import declare
-from pyvmm.disk.image import SECTOR_SIZE, DiskError
+from pyvmm.disk.image import DiskError
 from pyvmm.files import FileKindError, open_file
 
 _ffi: Any = declare("fallocate", "int fallocate(int fd, int mode, int64_t offset, int64_t len);")
@@ -61,15 +61,11 @@ class RawDisk:
     @classmethod
     def from_fd(cls, fd: int, path: str, writable: bool) -> RawDisk:
         """A raw disk on an image already open (and locked) as `fd`, named `path` in messages;
-        the disk owns the fd from now on (a device process receives it this way)."""
+        the disk owns the fd from now on (how a device process will receive it)."""
         disk = cls.__new__(cls)
         disk.path, disk.writable, disk.fd = path, writable, fd
         disk.size = _size_of(fd, path)
         return disk
-
-    @property
-    def sectors(self) -> int:
-        return self.size // SECTOR_SIZE
 
     def close(self) -> None:
         if self.fd >= 0:

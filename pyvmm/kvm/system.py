@@ -70,10 +70,5 @@ class Kvm:
     def vcpu_mmap_size(self) -> int:
         return ioctl(self.fd, Ioctl.KVM_GET_VCPU_MMAP_SIZE)
 
-    def max_vcpus(self) -> int:
-        return self.check_extension(Cap.KVM_CAP_MAX_VCPUS) or self.check_extension(
-            Cap.KVM_CAP_NR_VCPUS
-        )
-
     def create_vm_fd(self) -> int:
         return ioctl(self.fd, Ioctl.KVM_CREATE_VM, 0)

@@ -51,12 +51,6 @@ class Vm:
         region.userspace_addr = host_addr
         ioctl(self.fd, Ioctl.KVM_SET_USER_MEMORY_REGION, region)
 
-    def set_irq_line(self, irq: int, level: bool) -> None:
-        line: Any = ffi.new("struct kvm_irq_level *")
-        line.irq = irq
-        line.level = int(level)
-        ioctl(self.fd, Ioctl.KVM_IRQ_LINE, line)
-
     def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
         """Writes to `eventfd` raise interrupt `gsi` in the kernel, no exit needed: an edge, or
         with `resample_fd` a level held until the guest's EOI, after which KVM lowers it and

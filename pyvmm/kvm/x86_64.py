@@ -312,31 +312,12 @@ def set_msrs(vcpu: Vcpu, msrs: dict[int, int]) -> None:
         raise KvmError(f"KVM_SET_MSRS: MSR {bad:#x} refused", errno.EINVAL)
 
 
-def get_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
-    c: Any = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
-    c.nmsrs = len(indices)
-    for i, index in enumerate(indices):
-        c.entries[i].index = index
-    n = ioctl(vcpu.fd, X86Ioctl.KVM_GET_MSRS, c)
-    return {c.entries[i].index: c.entries[i].data for i in range(n)}
-
-
 def set_xcr0(vcpu: Vcpu, value: int) -> None:
     xcrs: Any = ffi.new("struct kvm_xcrs *")
     xcrs.nr_xcrs = 1
     xcrs.xcrs[0].xcr = 0
     xcrs.xcrs[0].value = value
     ioctl(vcpu.fd, X86Ioctl.KVM_SET_XCRS, xcrs)
-
-
-def get_xcr0(vcpu: Vcpu) -> int:
-    xcrs: Any = ffi.new("struct kvm_xcrs *")
-    ioctl(vcpu.fd, X86Ioctl.KVM_GET_XCRS, xcrs)
-    for i in range(xcrs.nr_xcrs):
-        if xcrs.xcrs[i].xcr == 0:
-            value: int = xcrs.xcrs[i].value
-            return value
-    return 0
 
 
 def get_lapic(vcpu: Vcpu) -> Any:

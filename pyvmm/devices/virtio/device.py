@@ -120,8 +120,8 @@ class VirtioDevice(abc.ABC):
         return {}
 
     def keep_fds(self) -> list[int]:
-        """The host fds the device holds (backing files, sockets): what a device process
-        needs besides guest memory and its queues' eventfds."""
+        """The host fds the device holds (backing files, sockets): what a device process will
+        need besides guest memory and its queues' eventfds."""
         return []
 
     @abc.abstractmethod

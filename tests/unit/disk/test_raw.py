@@ -39,16 +39,10 @@ def open_disk(opened: list[RawDisk], path: Path, writable: bool) -> RawDisk:
 # --- opening ------------------------------------------------------------------------------------
 
 
-def test_size_and_sectors(image: Path, opened: list[RawDisk]) -> None:
+def test_size(image: Path, opened: list[RawDisk]) -> None:
     disk = open_disk(opened, image, writable=False)
-    assert (disk.size, disk.sectors) == (8192, 16)
+    assert disk.size == 8192
     assert not disk.writable
-
-
-def test_a_partial_last_sector_is_not_a_sector(tmp_path: Path, opened: list[RawDisk]) -> None:
-    path = tmp_path / "odd.img"
-    path.write_bytes(b"x" * (SECTOR_SIZE * 3 + 100))
-    assert open_disk(opened, path, writable=False).sectors == 3
 
 
 @pytest.mark.parametrize("writable", [False, True])

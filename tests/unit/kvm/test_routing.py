@@ -93,7 +93,12 @@ def test_an_msi_gsi_takes_an_irqfd(vm: Vm) -> None:
         vm.register_irqfd(fd, gsi)
         router.set_msi(gsi, 0xFEE0_1000, 0x4022)  # re-routing keeps the irqfd
         os.eventfd_write(fd, 1)
+        # KVM took the interrupt: its irqfd consumed the count as it injected the MSI.
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fd)
         vm.unregister_irqfd(fd, gsi)
+        os.eventfd_write(fd, 1)  # no longer KVM's: the count stays for whoever reads it
+        assert os.eventfd_read(fd) == 1
     finally:
         os.close(fd)
 

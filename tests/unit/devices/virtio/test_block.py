@@ -521,3 +521,15 @@ def test_a_bad_head_index_needs_a_reset(blk: Block, driver: Driver) -> None:
     with pytest.raises(DeviceError):
         blk.process_queue(0, driver.queue)
     assert driver.used() == []
+
+
+def test_a_partial_last_sector_is_not_part_of_the_capacity(tmp_path: Path) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"x" * (512 * 3 + 100))
+    dev = Block(RawDisk(str(path), False, "-d"), "vda", SERIAL)
+    try:
+        buf = bytearray(8)
+        dev.config_read(0, memoryview(buf))  # capacity, in 512-byte sectors
+        assert int.from_bytes(buf, "little") == 3
+    finally:
+        dev.close()
