@@ -13,6 +13,7 @@ import enum
 import struct
 from typing import Any
 
+from pyvmm import cdecl
 from pyvmm.cdecl import declare
 
 ffi: Any = declare(
@@ -154,30 +155,10 @@ ffi: Any = declare(
 
 libc: Any = ffi.dlopen(None)
 
-_STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
 
 def struct_for(ctype: str, *fields: str) -> struct.Struct:
-    """A `struct.Struct` that unpacks the given unsigned integer fields (and byte arrays, as
-    bytes) of `ctype` in one call, starting at the first field's offset. Offsets and sizes come
-    from the cffi declaration, so hot paths can decode kernel structs from a buffer without
-    hand-written offsets."""
-    first = ffi.offsetof(ctype, *fields[0].split("."))
-    fmt = "<"
-    pos = first
-    for f in fields:
-        path = f.split(".")
-        offset = ffi.offsetof(ctype, *path)
-        if offset < pos:
-            raise ValueError(f"{ctype}: field {f} is out of order")
-        field_type = ffi.typeof(ctype)
-        for name in path:
-            field_type = dict(field_type.fields)[name].type
-        size = ffi.sizeof(field_type.cname)
-        is_bytes = field_type.kind == "array" and field_type.item.cname == "uint8_t"
-        fmt += "x" * (offset - pos) + (f"{size}s" if is_bytes else _STRUCT_CODES[size])
-        pos = offset + size
-    return struct.Struct(fmt)
+    """`pyvmm.cdecl.struct_for` for a KVM struct."""
+    return cdecl.struct_for(ffi, ctype, *fields)
 
 
 KVMIO = 0xAE

@@ -59,3 +59,45 @@ def test_a_missing_build_falls_back_to_parsing() -> None:
     ffi = cdecl.declare("nonexistent_for_test", "struct pair { int a; int b; };")
     assert ffi.sizeof("struct pair") == 8
     del cdecl._declared["nonexistent_for_test"]
+
+
+LAYOUT = """
+struct elem { uint32_t id; uint32_t len; };
+struct ring { uint16_t flags; uint16_t idx; struct elem first; uint16_t entries[]; };
+"""
+
+
+def test_field_type_follows_dotted_members() -> None:
+    ffi = cdecl.parse(LAYOUT)
+    assert cdecl.field_type(ffi, "struct ring", "first.len").cname == "uint32_t"
+    assert cdecl.field_type(ffi, "struct ring", "entries").cname == "uint16_t[]"
+
+
+def test_int_format_of_integers_and_their_arrays() -> None:
+    ffi = cdecl.parse(LAYOUT)
+    assert cdecl.int_format(ffi, "uint64_t") == "Q"
+    assert cdecl.int_format(ffi, cdecl.field_type(ffi, "struct ring", "entries")) == "H"
+    with pytest.raises(ValueError, match="not an integer"):
+        cdecl.int_format(ffi, "struct elem")
+
+
+def test_field_index_is_the_offset_in_units_of_the_field() -> None:
+    ffi = cdecl.parse(LAYOUT)
+    view = memoryview(bytearray(ffi.sizeof("struct ring") + 4))
+    ring = ffi.cast("struct ring *", ffi.from_buffer(view))
+    ring.idx, ring.first.len = 7, 9
+    ring.entries[1] = 5
+    u16, u32 = view.cast("H"), view.cast("I")
+    assert u16[cdecl.field_index(ffi, "struct ring", "idx")] == 7
+    assert u16[cdecl.field_index(ffi, "struct ring", "entries") + 1] == 5
+    assert u32[cdecl.field_index(ffi, "struct ring", "first.len")] == 9
+    packed = cdecl.parse("struct odd { uint8_t a; uint16_t b; };", packed=True)
+    with pytest.raises(ValueError, match="not aligned"):
+        cdecl.field_index(packed, "struct odd", "b")
+
+
+def test_struct_for_skips_what_lies_between_fields() -> None:
+    ffi = cdecl.parse(LAYOUT)
+    assert cdecl.struct_for(ffi, "struct ring", "flags", "first.len").format == "<HxxxxxxI"
+    with pytest.raises(ValueError, match="out of order"):
+        cdecl.struct_for(ffi, "struct ring", "idx", "flags")
