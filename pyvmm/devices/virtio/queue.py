@@ -18,21 +18,55 @@ Behaviour the device code relies on:
 
 The ring indexes are read and written as single 16-bit native loads and stores (a torn used.idx
 would make the driver see a bogus index); hosts are little-endian, as virtio 1.x rings are. Their
-order against the rest of the rings comes from `pyvmm.native.fences`, at each place below.
+order against the rest of the rings comes from `pyvmm.native.fences`, at each place below. The
+layouts are the cffi declarations below, which tests/unit/devices/virtio/test_headers.py checks
+against <linux/virtio_ring.h>.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
+from pyvmm.cdecl import declare, field_index, field_type, int_format, struct_for
 from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.native import fences
 
 if sys.byteorder != "little":  # pragma: no cover - x86_64 and aarch64 hosts only
     raise ImportError("pyvmm virtqueues need a little-endian host")
+
+
+# The header's names (vring_*) for what virtio 1.2 section 2.7 calls virtq_desc, virtq_avail,
+# virtq_used_elem and virtq_used. Each ring is followed by an event field that C cannot declare:
+# used_event is avail->ring[size] and avail_event a u16 where used->ring[size] would be (the
+# header's vring_used_event and vring_avail_event).
+ffi: Any = declare(
+    "virtio_ring",
+    """
+    struct vring_desc {
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags;
+        uint16_t next;
+    };
+    struct vring_avail {
+        uint16_t flags;
+        uint16_t idx;
+        uint16_t ring[];
+    };
+    struct vring_used_elem {
+        uint32_t id;
+        uint32_t len;
+    };
+    struct vring_used {
+        uint16_t flags;
+        uint16_t idx;
+        struct vring_used_elem ring[];
+    };
+    """,
+)
 
 
 class VirtqFlags(enum.IntFlag):
@@ -52,16 +86,50 @@ UNLIMITED = sys.maxsize
 MAX_CHAIN_BYTES = (1 << 32) - 1
 MAX_USED_LEN = (1 << 32) - 1
 
-DESC_SIZE = 16
 DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
-USED_ELEM_SIZE = 8
-RING_HEADER_SIZE = 4  # flags and idx, u16 each
-EVENT_FIELD_SIZE = 2  # used_event / avail_event after the ring entries
 IDX_MASK = 0xFFFF
 
-_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC_SIZE: int = ffi.sizeof("struct vring_desc")
+USED_ELEM_SIZE: int = ffi.sizeof("struct vring_used_elem")
+_AVAIL_RING_AT: int = ffi.offsetof("struct vring_avail", "ring")
+_USED_RING_AT: int = ffi.offsetof("struct vring_used", "ring")
+_AVAIL_ENTRY = field_type(ffi, "struct vring_avail", "ring").item
+_USED_WORD = field_type(ffi, "struct vring_used_elem", "id")
+_AVAIL_ENTRY_SIZE: int = ffi.sizeof(_AVAIL_ENTRY)
+_EVENT_SIZE = _AVAIL_ENTRY_SIZE  # used_event and avail_event are u16s, as ring entries are
+
+_DESC = struct_for(ffi, "struct vring_desc", "addr", "len", "flags", "next")
+
+# The avail ring is read as u16s; the used ring's flags, idx and avail_event are written as u16s
+# and its elements as u32s. Where each field is in those views:
+_U16 = int_format(ffi, _AVAIL_ENTRY)
+_U32 = int_format(ffi, _USED_WORD)
+_AVAIL_FLAGS = field_index(ffi, "struct vring_avail", "flags")
+_AVAIL_IDX = field_index(ffi, "struct vring_avail", "idx")
+_AVAIL_RING = field_index(ffi, "struct vring_avail", "ring")
+_USED_FLAGS = field_index(ffi, "struct vring_used", "flags")
+_USED_IDX = field_index(ffi, "struct vring_used", "idx")
+_USED_ID = field_index(ffi, "struct vring_used_elem", "id")
+_USED_LEN = field_index(ffi, "struct vring_used_elem", "len")
+_USED_ELEM_WORDS: int = USED_ELEM_SIZE // ffi.sizeof(_USED_WORD)
+
+
+def desc_table_size(size: int) -> int:
+    """Bytes of the descriptor table of a queue of `size` entries."""
+    return DESC_SIZE * size
+
+
+def avail_ring_size(size: int) -> int:
+    """Bytes of the avail ring of a queue of `size` entries, used_event included."""
+    return _AVAIL_RING_AT + _AVAIL_ENTRY_SIZE * size + _EVENT_SIZE
+
+
+def used_ring_size(size: int) -> int:
+    """Bytes of the used ring of a queue of `size` entries, avail_event included."""
+    return _USED_RING_AT + USED_ELEM_SIZE * size + _EVENT_SIZE
+
 
 _NEXT = int(VirtqFlags.NEXT)
 _WRITE = int(VirtqFlags.WRITE)
@@ -257,9 +325,9 @@ class SplitQueue:
         self._mem = mem
         self._size = size
         self._event_idx = event_idx
-        desc_len = DESC_SIZE * size
-        avail_len = RING_HEADER_SIZE + 2 * size + EVENT_FIELD_SIZE
-        used_len = RING_HEADER_SIZE + USED_ELEM_SIZE * size + EVENT_FIELD_SIZE
+        desc_len = desc_table_size(size)
+        avail_len = avail_ring_size(size)
+        used_len = used_ring_size(size)
         self.areas = [
             RingArea("descriptor table", desc_table, desc_table + desc_len),
             RingArea("available ring", avail_ring, avail_ring + avail_len),
@@ -274,14 +342,14 @@ class SplitQueue:
         self.avail_ring = avail_ring
         self.used_ring = used_ring
         self._desc = desc
-        # u16 views: [0] flags, [1] idx, [2 + i] ring entry i, [2 + size] used_event.
-        self._avail16 = avail.cast("H")
-        # u16 views of the used ring: [0] flags, [1] idx, [2 + 4 * size] avail_event.
-        self._used16 = used.cast("H")
-        # u32 view of the used elements: [2 * i] id, [2 * i + 1] len.
-        self._used32 = used[RING_HEADER_SIZE : RING_HEADER_SIZE + USED_ELEM_SIZE * size].cast("I")
-        self._used_event_at = 2 + size
-        self._avail_event_at = 2 + 4 * size
+        # u16 views: flags, idx, ring entries and used_event (ring entry `size`).
+        self._avail16 = avail.cast(_U16)
+        # u16 views of the used ring: flags, idx and avail_event.
+        self._used16 = used.cast(_U16)
+        # u32 view of the used elements: id and len of each.
+        self._used32 = used[_USED_RING_AT : _USED_RING_AT + USED_ELEM_SIZE * size].cast(_U32)
+        self._used_event_at = _AVAIL_RING + size
+        self._avail_event_at = (_USED_RING_AT + USED_ELEM_SIZE * size) // _EVENT_SIZE
         self._mask = size - 1
         self._next_avail = next_avail & IDX_MASK
         self._next_used = next_used & IDX_MASK
@@ -332,11 +400,11 @@ class SplitQueue:
 
     def has_pending(self) -> bool:
         """Whether the driver has made chains available that `pop` has not taken yet."""
-        return self._avail16[1] != self._next_avail
+        return self._avail16[_AVAIL_IDX] != self._next_avail
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; raises `BadAvailIndex` or an `InvalidChain`."""
-        avail_idx = self._avail16[1]
+        avail_idx = self._avail16[_AVAIL_IDX]
         ahead = (avail_idx - self._next_avail) & IDX_MASK
         if ahead == 0:
             return None
@@ -345,7 +413,7 @@ class SplitQueue:
         # The driver wrote the ring entry and the chain before avail.idx (virtio 1.2, 2.7.13.3.1):
         # read them only after the index.
         fences.acquire()
-        head = self._avail16[2 + (self._next_avail & self._mask)]
+        head = self._avail16[_AVAIL_RING + (self._next_avail & self._mask)]
         self._next_avail = (self._next_avail + 1) & IDX_MASK
         if head >= self._size:
             raise BadHeadIndex(head, self._size)
@@ -417,14 +485,14 @@ class SplitQueue:
             raise ValueError(f"used head {head} is not below the queue size {self._size}")
         if not 0 <= length <= MAX_USED_LEN:
             raise ValueError(f"used length {length} does not fit in 32 bits")
-        slot = 2 * (self._next_used & self._mask)
-        self._used32[slot] = head
-        self._used32[slot + 1] = length
+        slot = _USED_ELEM_WORDS * (self._next_used & self._mask)
+        self._used32[slot + _USED_ID] = head
+        self._used32[slot + _USED_LEN] = length
         # The element, and the data written into the chain's buffers, are visible before the
         # index that publishes them (virtio 1.2, 2.7.8.2).
         fences.release()
         self._next_used = (self._next_used + 1) & IDX_MASK
-        self._used16[1] = self._next_used
+        self._used16[_USED_IDX] = self._next_used
         self._unsignalled += 1
 
     def needs_interrupt(self) -> bool:
@@ -446,14 +514,14 @@ class SplitQueue:
         if self._event_idx:
             event = self._avail16[self._used_event_at]
             return many or ((new - event - 1) & IDX_MASK) < ((new - old) & IDX_MASK)
-        return not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not self._avail16[_AVAIL_FLAGS] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> None:
         """Ask the driver to notify on new chains; re-check `has_pending` afterwards."""
         if self._event_idx:
             self._used16[self._avail_event_at] = self._next_avail
         else:
-            self._used16[0] = 0
+            self._used16[_USED_FLAGS] = 0
         # Our request is visible before the caller re-reads avail.idx: else a chain the driver
         # made available without notifying (it saw the old request) waits (virtio 1.2, 2.7.10;
         # the re-check of 2.7.14's note, from the device's side).
@@ -462,5 +530,5 @@ class SplitQueue:
     def disable_notification(self) -> None:
         """Tell the driver notifications are not needed (a hint; it may still notify)."""
         if not self._event_idx:
-            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY
+            self._used16[_USED_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX, leaving avail_event behind next_avail suppresses further notifies.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +38,8 @@ from pyvmm.devices.virtio.queue import (
     check_rings_apart,
 )
 from pyvmm.memory import GuestMemory
+from tests.unit.devices.virtio import rings
+from tests.unit.devices.virtio.rings import DESC_SIZE
 
 MiB = 1 << 20
 HIGH = 1 << 32  # a second RAM region, not adjacent to the first
@@ -78,8 +79,8 @@ class Driver:
         self.size = size
         self.avail_idx = start & 0xFFFF
         self.free = 0
-        mem.write_u16(AVAIL + 2, self.avail_idx)
-        mem.write_u16(USED + 2, self.avail_idx)
+        mem.write_u16(AVAIL + rings.AVAIL_IDX, self.avail_idx)
+        mem.write_u16(USED + rings.USED_IDX, self.avail_idx)
 
     def queue(self, event_idx: bool = False, start: int = 0) -> SplitQueue:
         return SplitQueue(
@@ -96,7 +97,7 @@ class Driver:
     def desc(
         self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, table: int = DESC
     ) -> None:
-        self.mem.write(table + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
+        self.mem.write(table + DESC_SIZE * i, rings.descriptor(addr, length, flags, nxt))
 
     def alloc(self) -> int:
         i = self.free
@@ -119,36 +120,36 @@ class Driver:
             f = (WRITE if wr else 0) | (0 if last else NEXT)
             self.desc(n, addr, length, f, 0 if last else n + 1, table=table)
         head = self.alloc()
-        self.desc(head, table, 16 * len(bufs), INDIRECT | flags)
+        self.desc(head, table, DESC_SIZE * len(bufs), INDIRECT | flags)
         return head
 
     def publish(self, *heads: int) -> None:
         for h in heads:
-            self.mem.write_u16(AVAIL + 4 + 2 * (self.avail_idx % self.size), h)
+            self.mem.write_u16(AVAIL + rings.avail_entry(self.avail_idx % self.size), h)
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write_u16(AVAIL + 2, self.avail_idx)
+        self.mem.write_u16(AVAIL + rings.AVAIL_IDX, self.avail_idx)
 
     @property
     def used_idx(self) -> int:
-        return self.mem.read_u16(USED + 2)
+        return self.mem.read_u16(USED + rings.USED_IDX)
 
     def used_elem(self, n: int) -> tuple[int, int]:
-        at = USED + 4 + 8 * (n % self.size)
-        return self.mem.read_u32(at), self.mem.read_u32(at + 4)
+        at = USED + rings.used_elem(n % self.size)
+        return rings.used_element(self.mem.read(at, rings.USED_ELEM_SIZE))
 
     @property
     def used_flags(self) -> int:
-        return self.mem.read_u16(USED)
+        return self.mem.read_u16(USED + rings.USED_FLAGS)
 
     @property
     def avail_event(self) -> int:
-        return self.mem.read_u16(USED + 4 + 8 * self.size)
+        return self.mem.read_u16(USED + rings.used_elem(self.size))
 
     def set_used_event(self, value: int) -> None:
-        self.mem.write_u16(AVAIL + 4 + 2 * self.size, value)
+        self.mem.write_u16(AVAIL + rings.avail_entry(self.size), value)
 
     def set_avail_flags(self, value: int) -> None:
-        self.mem.write_u16(AVAIL, value)
+        self.mem.write_u16(AVAIL + rings.AVAIL_FLAGS, value)
 
 
 def pop_one(q: SplitQueue) -> DescriptorChain:
@@ -251,7 +252,7 @@ def test_direct_descriptors_then_one_indirect_make_one_chain(mem: GuestMemory) -
     table = DATA + 0x1000
     d.desc(0, DATA, 2, 0, table=table)
     d.desc(1, DATA + 2, 3, NEXT, 2)
-    d.desc(2, table, 16, INDIRECT)
+    d.desc(2, table, DESC_SIZE, INDIRECT)
     d.publish(1)
     chain = pop_one(q)
     assert (chain.head, [len(v) for v in chain.readable], chain.writable) == (1, [3, 2], [])
@@ -450,8 +451,8 @@ def test_misaligned_rings(mem: GuestMemory, desc: int, avail: int, used: int) ->
 @pytest.mark.parametrize(
     ("desc", "avail", "used"),
     [
-        (RAM_END - 16 * 8, AVAIL, USED),  # a 16-entry table runs off the end of RAM
-        (DESC, RAM_END - 20, USED),  # the avail ring's used_event field is outside RAM
+        (RAM_END - DESC_SIZE * 8, AVAIL, USED),  # a 16-entry table runs off the end of RAM
+        (DESC, RAM_END - rings.avail_entry(16), USED),  # only its used_event is outside RAM
         (DESC, AVAIL, HIGH - 8),  # straddles the hole between regions
         (DESC, AVAIL, 1 << 64),
     ],
@@ -463,8 +464,8 @@ def test_rings_outside_ram(mem: GuestMemory, desc: int, avail: int, used: int) -
 
 def test_rings_in_the_high_region(mem: GuestMemory) -> None:
     q = SplitQueue(mem, 16, HIGH, HIGH + 0x1000, HIGH + 0x2000, False)
-    mem.write(HIGH, struct.pack("<QIHH", DATA, 4, WRITE, 0))
-    mem.write_u16(HIGH + 0x1000 + 2, 1)
+    mem.write(HIGH, rings.descriptor(DATA, 4, WRITE))
+    mem.write_u16(HIGH + 0x1000 + rings.AVAIL_IDX, 1)
     assert pop_one(q).writable_len == 4
     q.release()
 
@@ -502,21 +503,21 @@ def loop_inside_indirect_table(d: Driver) -> tuple[int, type[InvalidChain]]:
 def indirect_next_out_of_table(d: Driver) -> tuple[int, type[InvalidChain]]:
     table = DATA + 0x1000
     d.desc(0, DATA, 1, NEXT, 2, table=table)  # a 2-entry table: index 2 is past it
-    d.desc(0, table, 32, INDIRECT)
+    d.desc(0, table, 2 * DESC_SIZE, INDIRECT)
     return 0, DescriptorOutOfRange
 
 
 def nested_indirect(d: Driver) -> tuple[int, type[InvalidChain]]:
     table = DATA + 0x1000
-    d.desc(0, table, 16, INDIRECT, table=table)
-    d.desc(0, table, 16, INDIRECT)
+    d.desc(0, table, DESC_SIZE, INDIRECT, table=table)
+    d.desc(0, table, DESC_SIZE, INDIRECT)
     return 0, NestedIndirect
 
 
 def indirect_with_next(d: Driver) -> tuple[int, type[InvalidChain]]:
     table = DATA + 0x1000
     d.desc(0, DATA, 1, 0, table=table)
-    d.desc(0, table, 16, INDIRECT | NEXT, 1)
+    d.desc(0, table, DESC_SIZE, INDIRECT | NEXT, 1)
     d.desc(1, DATA, 1)
     return 0, IndirectWithNext
 
@@ -527,17 +528,17 @@ def indirect_table_empty(d: Driver) -> tuple[int, type[InvalidChain]]:
 
 
 def indirect_table_ragged(d: Driver) -> tuple[int, type[InvalidChain]]:
-    d.desc(0, DATA, 24, INDIRECT)
+    d.desc(0, DATA, DESC_SIZE + DESC_SIZE // 2, INDIRECT)
     return 0, IndirectTableInvalid
 
 
 def indirect_table_too_big(d: Driver) -> tuple[int, type[InvalidChain]]:
-    d.desc(0, 0, 16 * (MAX_QUEUE_SIZE + 1), INDIRECT)
+    d.desc(0, 0, DESC_SIZE * (MAX_QUEUE_SIZE + 1), INDIRECT)
     return 0, IndirectTableInvalid
 
 
 def indirect_table_outside_ram(d: Driver) -> tuple[int, type[InvalidChain]]:
-    d.desc(0, RAM_END - 16, 32, INDIRECT)
+    d.desc(0, RAM_END - DESC_SIZE, 2 * DESC_SIZE, INDIRECT)
     return 0, DescriptorOutsideRam
 
 
@@ -567,7 +568,7 @@ def readable_after_writable_across_indirect(d: Driver) -> tuple[int, type[Invali
     table = DATA + 0x1000
     d.desc(0, DATA, 1, 0, table=table)
     d.desc(0, DATA, 1, WRITE | NEXT, 1)
-    d.desc(1, table, 16, INDIRECT)
+    d.desc(1, table, DESC_SIZE, INDIRECT)
     return 0, ReadableAfterWritable
 
 
@@ -575,8 +576,8 @@ def chain_over_4_gib(d: Driver) -> tuple[int, type[InvalidChain]]:
     # A real 1 MiB buffer, then a 4 GiB - 1 one: together one byte more than a chain may hold.
     # The sizes are added up before any view is made, so the second needs no RAM behind it.
     table = DATA + 0x1000
-    entries = struct.pack("<QIHH", 0, MiB, WRITE | NEXT, 1)
-    entries += struct.pack("<QIHH", 1 << 40, (1 << 32) - 1, WRITE, 0)
+    entries = rings.descriptor(0, MiB, WRITE | NEXT, 1)
+    entries += rings.descriptor(1 << 40, (1 << 32) - 1, WRITE)
     d.mem.write(table, entries)
     d.desc(0, table, len(entries), INDIRECT)
     return 0, ChainTooLarge
@@ -642,7 +643,7 @@ def test_bad_head_index_is_consumed_without_a_head(mem: GuestMemory) -> None:
 def test_bad_avail_index_consumes_nothing(mem: GuestMemory, ahead: int) -> None:
     d = Driver(mem, size=8)
     q = d.queue()
-    mem.write_u16(AVAIL + 2, ahead)
+    mem.write_u16(AVAIL + rings.AVAIL_IDX, ahead)
     with pytest.raises(BadAvailIndex):
         q.pop()
     with pytest.raises(BadAvailIndex):
@@ -678,7 +679,7 @@ small_len = st.integers(0, 0x100)
 lengths = st.one_of(
     small_len,
     small_len,
-    st.sampled_from([16, 32, 48, 16 * 64, 16 * 65, MiB, 0xFFFF_FFFF]),
+    st.sampled_from([DESC_SIZE * n for n in (1, 2, 3, 64, 65)] + [MiB, 0xFFFF_FFFF]),
     st.integers(0, 0xFFFF_FFFF),
 )
 flag_bits = st.sampled_from([0, 1, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7])  # NEXT-heavy, to get long chains
@@ -723,9 +724,9 @@ def test_random_rings_only_raise_queue_errors(
     for i, entry in enumerate(indirect):
         d.desc(i, *entry, table=DATA + 0x10000)
     for i, head in enumerate(ring[:size]):
-        mem.write_u16(AVAIL + 4 + 2 * i, plausible(head, size, 1))
+        mem.write_u16(AVAIL + rings.avail_entry(i), plausible(head, size, 1))
     avail_idx = plausible(avail_idx, size, 2)
-    mem.write_u16(AVAIL + 2, avail_idx)
+    mem.write_u16(AVAIL + rings.AVAIL_IDX, avail_idx)
     d.set_used_event(used_event)
     q = d.queue(event_idx)
 
@@ -771,7 +772,7 @@ def test_random_links_end_or_are_loops(
     for i, (has_next, nxt) in enumerate(links):
         d.desc(i, DATA + i, 1, NEXT if has_next else 0, nxt, table=table)
     if indirect:
-        d.desc(0, table, 16 * 16, INDIRECT)
+        d.desc(0, table, DESC_SIZE * 16, INDIRECT)
         start = 0
         d.publish(0)
     else:

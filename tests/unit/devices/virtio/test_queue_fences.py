@@ -6,7 +6,6 @@ ones that log themselves, into one log: removing or moving a fence changes the l
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from pyvmm.devices.virtio import queue
 from pyvmm.devices.virtio.queue import SplitQueue, VirtqFlags
 from pyvmm.memory import GuestMemory
 from pyvmm.native import fences
+from tests.unit.devices.virtio import rings
 
 SIZE = 8
 DESC = 0x1000
@@ -51,12 +51,25 @@ class RecordedFences:
         self.full = lambda: log.append("full")
 
 
+U16 = queue.ffi.sizeof("uint16_t")  # the unit of the u16 ring views
+
+
 def avail_field(i: int) -> str:
-    return {0: "avail.flags", 1: "avail.idx", 2 + SIZE: "used_event"}.get(i, "avail.ring")
+    fields = {
+        rings.AVAIL_FLAGS // U16: "avail.flags",
+        rings.AVAIL_IDX // U16: "avail.idx",
+        rings.avail_entry(SIZE) // U16: "used_event",
+    }
+    return fields.get(i, "avail.ring")
 
 
 def used_field(i: int) -> str:
-    return {0: "used.flags", 1: "used.idx", 2 + 4 * SIZE: "avail_event"}.get(i, "used.ring")
+    fields = {
+        rings.USED_FLAGS // U16: "used.flags",
+        rings.USED_IDX // U16: "used.idx",
+        rings.used_elem(SIZE) // U16: "avail_event",
+    }
+    return fields.get(i, "used.ring")
 
 
 @pytest.fixture
@@ -70,9 +83,9 @@ def recorded_queue(
     mem: GuestMemory, monkeypatch: pytest.MonkeyPatch, event_idx: bool
 ) -> tuple[SplitQueue, list[str]]:
     """A queue with one chain available (its one descriptor, ring entry and avail.idx)."""
-    mem.write(DESC, struct.pack("<QIHH", DATA, 16, int(VirtqFlags.WRITE), 0))
-    mem.write_u16(AVAIL + 4, 0)
-    mem.write_u16(AVAIL + 2, 1)
+    mem.write(DESC, rings.descriptor(DATA, 16, VirtqFlags.WRITE))
+    mem.write_u16(AVAIL + rings.avail_entry(0), 0)
+    mem.write_u16(AVAIL + rings.AVAIL_IDX, 1)
     q = SplitQueue(mem, SIZE, DESC, AVAIL, USED, event_idx)
     log: list[str] = []
     monkeypatch.setattr(queue, "fences", RecordedFences(log))

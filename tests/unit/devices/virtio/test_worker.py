@@ -4,7 +4,6 @@ run dry, and every wait on it is bounded."""
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,9 +11,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pyvmm.devices.virtio.device import DeviceError, DeviceType, VirtioDevice, available_chains
-from pyvmm.devices.virtio.queue import SplitQueue
+from pyvmm.devices.virtio.queue import SplitQueue, VirtqFlags
 from pyvmm.devices.virtio.worker import QueueWorker
 from pyvmm.memory import GuestMemory
+from tests.unit.devices.virtio import rings
 
 MiB = 1 << 20
 SIZE = 8
@@ -47,9 +47,9 @@ class Endless(VirtioDevice):
         for chain in available_chains(queue, self.guest_log):
             queue.add_used(chain.head, 0)
             self.done += 1
-            idx = self.mem_.read_u16(AVAIL + 2)
-            self.mem_.write_u16(AVAIL + 4 + 2 * (idx % SIZE), 0)
-            self.mem_.write_u16(AVAIL + 2, (idx + 1) & 0xFFFF)
+            idx = self.mem_.read_u16(AVAIL + rings.AVAIL_IDX)
+            self.mem_.write_u16(AVAIL + rings.avail_entry(idx % SIZE), 0)
+            self.mem_.write_u16(AVAIL + rings.AVAIL_IDX, (idx + 1) & 0xFFFF)
 
 
 class Stuck(Endless):
@@ -66,9 +66,9 @@ class Stuck(Endless):
 @pytest.fixture
 def mem() -> Iterator[GuestMemory]:
     m = GuestMemory([(0, MiB)])
-    m.write(DESC, struct.pack("<QIHH", BUF, 16, 2, 0))
-    m.write_u16(AVAIL + 4, 0)
-    m.write_u16(AVAIL + 2, 1)
+    m.write(DESC, rings.descriptor(BUF, 16, VirtqFlags.WRITE))
+    m.write_u16(AVAIL + rings.avail_entry(0), 0)
+    m.write_u16(AVAIL + rings.AVAIL_IDX, 1)
     yield m
     m.close()
 
