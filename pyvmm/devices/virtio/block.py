@@ -1,25 +1,28 @@
 """virtio-blk: a disk image as a virtio block device (virtio 1.2 section 5.2).
 
-Requests are a 16-byte header (type, priority, sector), data buffers and a one-byte status the
-device writes last. Data moves between the image and guest memory in place (preadv/pwritev on
-the chain's memoryviews). Requests past the end of the disk, writes to a read-only disk and
-malformed requests complete with IOERR; an unknown type with UNSUPP.
+Requests are a header (struct virtio_blk_outhdr: type, priority, sector), data buffers and a
+one-byte status the device writes last; discard and write-zeroes data are arrays of struct
+virtio_blk_discard_write_zeroes. Data moves between the image and guest memory in place
+(preadv/pwritev on the chain's memoryviews). Requests past the end of the disk, writes to a
+read-only disk and malformed requests complete with IOERR; an unknown type with UNSUPP. The
+layouts are declared below as <linux/virtio_blk.h> declares them
+(tests/unit/devices/virtio/test_headers.py checks them against it).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import struct
 from typing import Any
 
-from pyvmm.cdecl import declare
+from pyvmm.cdecl import declare, struct_for
 from pyvmm.devices.virtio.device import DeviceType, VirtioDevice, available_chains
 from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue
 from pyvmm.disk import SECTOR_SIZE, Disk
 
 log = logging.getLogger(__name__)
 
+# Packed as the header packs virtio_blk_config; the request structs have no padding to lose.
 ffi: Any = declare(
     "virtio_blk",
     """
@@ -27,9 +30,11 @@ ffi: Any = declare(
         uint64_t capacity;
         uint32_t size_max;
         uint32_t seg_max;
-        uint16_t cylinders;
-        uint8_t  heads;
-        uint8_t  sectors;
+        struct virtio_blk_geometry {
+            uint16_t cylinders;
+            uint8_t  heads;
+            uint8_t  sectors;
+        } geometry;
         uint32_t blk_size;
         uint8_t  physical_block_exp;
         uint8_t  alignment_offset;
@@ -49,14 +54,26 @@ ffi: Any = declare(
         uint32_t max_secure_erase_seg;
         uint32_t secure_erase_sector_alignment;
     };
+    struct virtio_blk_outhdr {
+        uint32_t type;
+        uint32_t ioprio;
+        uint64_t sector;
+    };
+    struct virtio_blk_discard_write_zeroes {
+        uint64_t sector;
+        uint32_t num_sectors;
+        uint32_t flags;
+    };
     """,
     packed=True,
 )
 
 QUEUE_SIZE = 256
 ID_BYTES = 20
-HEADER = struct.Struct("<IIQ")
-DISCARD_SEGMENT = struct.Struct("<QII")
+HEADER = struct_for(ffi, "struct virtio_blk_outhdr", "type", "ioprio", "sector")
+DISCARD_SEGMENT = struct_for(
+    ffi, "struct virtio_blk_discard_write_zeroes", "sector", "num_sectors", "flags"
+)
 MAX_DISCARD_SEGMENTS = 32
 # Largest discard/write-zeroes per segment: 4 GiB in sectors, minus one sector.
 MAX_DISCARD_SECTORS = (1 << 23) - 1

@@ -4,19 +4,20 @@ lays them out, completed into the used ring, with the image file as the other en
 from __future__ import annotations
 
 import os
-import struct
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pyvmm.devices.virtio.block import BlkFeature, Block, RequestType
+from pyvmm.devices.virtio.block import BlkFeature, Block, RequestType, ffi
 from pyvmm.devices.virtio.device import DeviceError, DeviceType
 from pyvmm.devices.virtio.queue import SplitQueue, VirtqFlags
 from pyvmm.disk.raw import RawDisk
 from pyvmm.memory import GuestMemory
+from tests.unit.devices.virtio import rings
 
 MiB = 1 << 20
 SIZE = 16
@@ -27,6 +28,21 @@ SERIAL = "pyvmm-disk-0"
 
 OK, IOERR, UNSUPP = 0, 1, 2
 NO_STATUS = 0xAA  # what the driver leaves in the status byte before submitting
+HEADER_SIZE: int = ffi.sizeof("struct virtio_blk_outhdr")
+
+
+def outhdr(rtype: int, sector: int) -> bytes:
+    """A struct virtio_blk_outhdr."""
+    hdr: Any = ffi.new("struct virtio_blk_outhdr *")
+    hdr.type, hdr.sector = rtype, sector
+    return bytes(ffi.buffer(hdr))
+
+
+def segment(sector: int, count: int, flags: int = 0) -> bytes:
+    """A struct virtio_blk_discard_write_zeroes."""
+    seg: Any = ffi.new("struct virtio_blk_discard_write_zeroes *")
+    seg.sector, seg.num_sectors, seg.flags = sector, count, flags
+    return bytes(ffi.buffer(seg))
 
 
 @dataclass
@@ -55,7 +71,7 @@ class Driver:
         return addr
 
     def desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
-        self.mem.write(DESC + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
+        self.mem.write(DESC + rings.DESC_SIZE * i, rings.descriptor(addr, length, flags, nxt))
 
     def chain(self, bufs: list[tuple[int, int, bool]]) -> int:
         idxs = []
@@ -69,9 +85,9 @@ class Driver:
         return idxs[0]
 
     def publish(self, head: int) -> None:
-        self.mem.write_u16(AVAIL + 4 + 2 * (self.avail_idx % SIZE), head)
+        self.mem.write_u16(AVAIL + rings.avail_entry(self.avail_idx % SIZE), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write_u16(AVAIL + 2, self.avail_idx)
+        self.mem.write_u16(AVAIL + rings.AVAIL_IDX, self.avail_idx)
 
     def submit(
         self,
@@ -84,9 +100,9 @@ class Driver:
     ) -> Request:
         bufs: list[tuple[int, int, bool]] = []
         if header:
-            at = self.alloc_buf(16)
-            self.mem.write(at, struct.pack("<IIQ", rtype, 0, sector))
-            bufs.append((at, 16, False))
+            at = self.alloc_buf(HEADER_SIZE)
+            self.mem.write(at, outhdr(rtype, sector))
+            bufs.append((at, HEADER_SIZE, False))
         for chunk in out or []:
             at = self.alloc_buf(len(chunk))
             self.mem.write(at, chunk)
@@ -115,11 +131,11 @@ class Driver:
 
     def used(self) -> list[tuple[int, int]]:
         """(head, length) of the chains completed since the last call, in used-ring order."""
-        idx = self.mem.read_u16(USED + 2)
+        idx = self.mem.read_u16(USED + rings.USED_IDX)
         out = []
         while self.used_seen != idx:
-            at = USED + 4 + 8 * (self.used_seen % SIZE)
-            out.append((self.mem.read_u32(at), self.mem.read_u32(at + 4)))
+            at = USED + rings.used_elem(self.used_seen % SIZE)
+            out.append(rings.used_element(self.mem.read(at, rings.USED_ELEM_SIZE)))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return out
 
@@ -164,10 +180,6 @@ def run(dev: Block, driver: Driver) -> list[tuple[int, int]]:
     return driver.used()
 
 
-def segment(sector: int, count: int, flags: int = 0) -> bytes:
-    return struct.pack("<QII", sector, count, flags)
-
-
 # --- what the driver sees before any request ------------------------------------------------------
 
 
@@ -178,12 +190,12 @@ def test_config_space_and_features(blk: Block, tmp_path: Path) -> None:
     ro_blk.close()
     assert blk.device_type == DeviceType.BLOCK
     assert blk.queue_max_sizes == [256]
-    buf = bytearray(24)
+    buf = bytearray(ffi.sizeof("struct virtio_blk_config"))
     blk.config_read(0, memoryview(buf))
-    capacity, size_max, seg_max = struct.unpack_from("<QII", buf)
-    assert (capacity, size_max, seg_max) == (SECTORS, 0, 254)
+    config: Any = ffi.from_buffer("struct virtio_blk_config *", buf)
+    assert (config.capacity, config.size_max, config.seg_max) == (SECTORS, 0, 254)
     buf4 = bytearray(4)
-    blk.config_read(20, memoryview(buf4))  # blk_size
+    blk.config_read(ffi.offsetof("struct virtio_blk_config", "blk_size"), memoryview(buf4))
     assert int.from_bytes(buf4, "little") == 512
     past = bytearray(b"\xff" * 8)
     blk.config_read(0x100, memoryview(past))
@@ -211,10 +223,11 @@ def test_read_into_one_descriptor_with_the_status_byte(
     blk: Block, driver: Driver, image: Path
 ) -> None:
     """A driver may put the data and the status in one writable buffer."""
-    hdr = driver.alloc_buf(16)
-    driver.mem.write(hdr, struct.pack("<IIQ", RequestType.IN, 0, 1))
+    hdr = driver.alloc_buf(HEADER_SIZE)
+    driver.mem.write(hdr, outhdr(RequestType.IN, 1))
     buf = driver.alloc_buf(513)
-    driver.publish(driver.chain([(hdr, 8, False), (hdr + 8, 8, False), (buf, 513, True)]))
+    half = HEADER_SIZE // 2
+    driver.publish(driver.chain([(hdr, half, False), (hdr + half, half, False), (buf, 513, True)]))
     assert run(blk, driver) == [(0, 513)]
     assert driver.mem.read(buf, 512) == image.read_bytes()[512:1024]
     assert driver.mem.read(buf + 512, 1) == bytes([OK])
@@ -424,10 +437,10 @@ def test_huge_segment_data_is_refused_before_it_is_read(
     it from the descriptor lengths, not join 14 MiB of guest memory first (4 GiB chains of
     this shape grew pyvmm by gigabytes)."""
     _, dev = big_image
-    header = driver.alloc_buf(16)
-    driver.mem.write(header, struct.pack("<IIQ", rtype, 0, 0))
+    hdr = driver.alloc_buf(HEADER_SIZE)
+    driver.mem.write(hdr, outhdr(rtype, 0))
     status = driver.alloc_buf(1)
-    bufs = [(header, 16, False), *[(0, MiB, False)] * (SIZE - 2), (status, 1, True)]
+    bufs = [(hdr, HEADER_SIZE, False), *[(0, MiB, False)] * (SIZE - 2), (status, 1, True)]
     req = Request(driver.chain(bufs), [], status)
     driver.publish(req.head)
     tracemalloc.start()
@@ -506,9 +519,11 @@ def test_queued_requests_all_complete_in_order(blk: Block, driver: Driver, image
 def test_a_chain_outside_ram_is_returned_empty_and_the_next_request_works(
     blk: Block, driver: Driver, image: Path
 ) -> None:
-    hdr = driver.alloc_buf(16)
-    driver.mem.write(hdr, struct.pack("<IIQ", RequestType.IN, 0, 0))
-    bad = driver.chain([(hdr, 16, False), (MiB - 256, 512, True), (hdr + 16, 1, True)])
+    hdr = driver.alloc_buf(HEADER_SIZE)
+    driver.mem.write(hdr, outhdr(RequestType.IN, 0))
+    bad = driver.chain(
+        [(hdr, HEADER_SIZE, False), (MiB - 256, 512, True), (hdr + HEADER_SIZE, 1, True)]
+    )
     driver.publish(bad)
     good = driver.submit(RequestType.IN, sector=1, data_in=[512])
     assert run(blk, driver) == [(bad, 0), (good.head, 513)]
