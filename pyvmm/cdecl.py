@@ -35,6 +35,7 @@ DECLARING_MODULES = [
     "pyvmm.arch.x86_64.bootparams",
     "pyvmm.arch.x86_64.mptable",
     "pyvmm.disk.raw",
+    "pyvmm.devices.pci.msix",
     "pyvmm.devices.virtio.queue",
     "pyvmm.devices.virtio.block",
     "pyvmm.devices.virtio.pci",

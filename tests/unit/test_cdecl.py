@@ -38,6 +38,7 @@ def test_every_declaration_is_built(built: list[Path]) -> None:
     names = {p.name for p in built}
     assert names == {f"{cdecl.MODULE_PREFIX}{n}.py" for n in cdecl._declared}
     assert {"_cdecl_kvm.py", "_cdecl_bootparams.py", "_cdecl_virtio_pci.py"} <= names
+    assert {"_cdecl_virtio_ring.py", "_cdecl_pci_msix.py"} <= names
 
 
 def test_a_built_declaration_lays_out_structs_as_a_parse_does(built: list[Path]) -> None:

@@ -3,7 +3,8 @@
 The space is data plus a per-byte mask of guest-writable bits (and one of write-1-to-clear bits
 for the status register), so read-only fields stay read-only however the guest writes. BARs are
 64-bit memory BARs whose low address bits are hard-wired to zero by their size, which is how the
-standard "write all ones, read back the size" probe works without special cases.
+standard "write all ones, read back the size" probe works without special cases. Offsets, bits
+and ids are <linux/pci_regs.h>'s (tests/unit/devices/pci/test_headers.py checks them).
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ class CapabilityId(enum.IntEnum):
     VENDOR = 0x09
 
 
+class CapHeader(enum.IntEnum):
+    """The bytes every capability starts with, by offset from the capability."""
+
+    ID = 0
+    NEXT = 1
+
+
+CAP_HEADER_SIZE = 2  # a capability's own registers start here
+
+
 class PciConfigError(Exception):
     """A device's config space was laid out wrongly (a pyvmm bug, not a guest error)."""
 
@@ -166,19 +177,19 @@ class PciConfigSpace:
 
     def add_capability(self, cap_id: int, body: bytes, writable: bytes | None = None) -> int:
         """Append a capability (`body` follows the id/next bytes); return its offset."""
-        length = 2 + len(body)
+        length = CAP_HEADER_SIZE + len(body)
         offset = self._next_cap
         if offset + length > CONFIG_SPACE_SIZE:
             raise PciConfigError(f"no room for capability {cap_id:#x}")
-        self.data[offset] = cap_id
-        self.data[offset + 1] = 0
-        self.data[offset + 2 : offset + length] = body
+        self.data[offset + CapHeader.ID] = cap_id
+        self.data[offset + CapHeader.NEXT] = 0
+        self.data[offset + CAP_HEADER_SIZE : offset + length] = body
         if writable is not None:
             if len(writable) != len(body):
                 raise PciConfigError("capability mask and body differ in length")
-            self.writable[offset + 2 : offset + length] = writable
+            self.writable[offset + CAP_HEADER_SIZE : offset + length] = writable
         self.data[self._last_cap_next] = offset
-        self._last_cap_next = offset + 1
+        self._last_cap_next = offset + CapHeader.NEXT
         self._next_cap = (offset + length + 3) & ~3
         status = self.get(Reg.STATUS, 2) | Status.CAPABILITIES_LIST
         self._set(Reg.STATUS, 2, status)

@@ -4,22 +4,45 @@ Each vector has a GSI whose KVM route carries the address and data the guest pro
 eventfd registered as that GSI's irqfd (an `EventFdIrq`, like every other interrupt line):
 `notify(vector)` is one eventfd write and no exit. A masked vector (or a masked or disabled
 function) records the interrupt in the PBA instead and fires it when unmasked, as the
-specification requires.
+specification requires. The capability and table entry layouts are declared below with the
+offsets <linux/pci_regs.h> gives them (tests/unit/devices/pci/test_headers.py checks them).
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
+from pyvmm.cdecl import declare, field_type
 from pyvmm.devices.irq import EventFdIrq
-from pyvmm.devices.pci.config import CapabilityId, PciConfigSpace
+from pyvmm.devices.pci.config import CAP_HEADER_SIZE, CapabilityId, PciConfigSpace
 
-TABLE_ENTRY_SIZE = 16
+# pci_regs.h has offsets, not structs: these are named after its PCI_MSIX_* macros.
+ffi: Any = declare(
+    "pci_msix",
+    """
+    struct msix_cap {
+        uint8_t  cap_id;
+        uint8_t  cap_next;
+        uint16_t flags;
+        uint32_t table;
+        uint32_t pba;
+    };
+    struct msix_table_entry {
+        uint32_t lower_addr;
+        uint32_t upper_addr;
+        uint32_t data;
+        uint32_t vector_ctrl;
+    };
+    """,
+)
+
+TABLE_ENTRY_SIZE = ffi.sizeof("struct msix_table_entry")
 MAX_VECTORS = 2048
 NO_VECTOR = 0xFFFF
+BIR_MASK = 0x7  # the BAR index in the low bits of the table and PBA offsets
 
 
 class MessageControl(enum.IntFlag):
@@ -28,14 +51,25 @@ class MessageControl(enum.IntFlag):
     ENABLE = 1 << 15
 
 
+class CapReg(enum.IntEnum):
+    """The MSI-X capability's registers, by offset from the capability."""
+
+    MESSAGE_CONTROL = ffi.offsetof("struct msix_cap", "flags")
+    TABLE = ffi.offsetof("struct msix_cap", "table")
+    PBA = ffi.offsetof("struct msix_cap", "pba")
+
+
 class EntryField(enum.IntEnum):
-    ADDRESS_LO = 0
-    ADDRESS_HI = 4
-    DATA = 8
-    VECTOR_CONTROL = 12
+    """The fields of a table entry, by offset from the entry."""
+
+    ADDRESS_LO = ffi.offsetof("struct msix_table_entry", "lower_addr")
+    ADDRESS_HI = ffi.offsetof("struct msix_table_entry", "upper_addr")
+    DATA = ffi.offsetof("struct msix_table_entry", "data")
+    VECTOR_CONTROL = ffi.offsetof("struct msix_table_entry", "vector_ctrl")
 
 
 VECTOR_MASKED = 1
+CONTROL_SIZE = ffi.sizeof(field_type(ffi, "struct msix_cap", "flags"))
 
 
 class MsixError(Exception):
@@ -58,7 +92,7 @@ class Msix:
     ) -> None:
         if not 1 <= num_vectors <= MAX_VECTORS:
             raise MsixError(f"{num_vectors} MSI-X vectors; 1 to {MAX_VECTORS} are possible")
-        if table_offset & 7 or pba_offset & 7:
+        if table_offset & BIR_MASK or pba_offset & BIR_MASK:
             raise MsixError("MSI-X table and PBA offsets must be 8-byte aligned")
         self.num_vectors = num_vectors
         self.table_offset = table_offset
@@ -68,16 +102,25 @@ class Msix:
         self._config = config
         self._set_route = set_route
         self._lock = threading.Lock()
-        self._table = bytearray(self.table_size)
-        for v in range(num_vectors):
-            struct.pack_into("<I", self._table, v * TABLE_ENTRY_SIZE + 12, VECTOR_MASKED)
+        self._entries: Any = ffi.new("struct msix_table_entry[]", num_vectors)
+        for entry in self._entries:
+            entry.vector_ctrl = VECTOR_MASKED
+        self._table = ffi.buffer(self._entries)  # the entries as the guest reads and writes them
         self._pending = [False] * num_vectors
         self.vectors = [EventFdIrq(allocate_gsi()) for _ in range(num_vectors)]
         for vector in self.vectors:
             register_irqfd(vector.fd, vector.gsi)
-        body = struct.pack("<HII", num_vectors - 1, table_offset | bar, pba_offset | bar)
-        writable = struct.pack("<HII", MessageControl.ENABLE | MessageControl.FUNCTION_MASK, 0, 0)
-        self.cap_offset = config.add_capability(CapabilityId.MSIX, body, writable)
+        cap: Any = ffi.new("struct msix_cap *")
+        cap.flags = num_vectors - 1
+        cap.table = table_offset | bar
+        cap.pba = pba_offset | bar
+        mask: Any = ffi.new("struct msix_cap *")
+        mask.flags = MessageControl.ENABLE | MessageControl.FUNCTION_MASK
+        self.cap_offset = config.add_capability(
+            CapabilityId.MSIX,
+            ffi.buffer(cap)[CAP_HEADER_SIZE:],
+            ffi.buffer(mask)[CAP_HEADER_SIZE:],
+        )
 
     @property
     def gsis(self) -> list[int]:
@@ -93,7 +136,9 @@ class Msix:
         self.vectors = []
 
     def _control(self) -> MessageControl:
-        return MessageControl(self._config.get(self.cap_offset + 2, 2))
+        return MessageControl(
+            self._config.get(self.cap_offset + CapReg.MESSAGE_CONTROL, CONTROL_SIZE)
+        )
 
     @property
     def enabled(self) -> bool:
@@ -103,8 +148,7 @@ class Msix:
         control = self._control()
         if MessageControl.ENABLE not in control or MessageControl.FUNCTION_MASK in control:
             return False
-        (vc,) = struct.unpack_from("<I", self._table, vector * TABLE_ENTRY_SIZE + 12)
-        return not vc & VECTOR_MASKED
+        return not self._entries[vector].vector_ctrl & VECTOR_MASKED
 
     def notify(self, vector: int) -> None:
         """Raise `vector` now, or mark it pending if it is masked. Out-of-range is ignored."""
@@ -147,9 +191,9 @@ class Msix:
             first = offset // TABLE_ENTRY_SIZE
             last = (end - 1) // TABLE_ENTRY_SIZE
             for vector in range(first, last + 1):
-                base = vector * TABLE_ENTRY_SIZE
-                lo, hi, msg = struct.unpack_from("<III", self._table, base)
-                self._set_route(self.gsis[vector], lo | (hi << 32), msg)
+                entry = self._entries[vector]
+                address = entry.lower_addr | (entry.upper_addr << 32)
+                self._set_route(self.gsis[vector], address, entry.data)
             self._flush_pending()
 
     def pba_read(self, offset: int, data: memoryview) -> None:

@@ -4,13 +4,20 @@ and pending bits, and the routes handed to KVM through the callback."""
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterator
 
 import pytest
 
 from pyvmm.devices.pci.config import CapabilityId, PciConfigSpace, PciId, Reg, Status
-from pyvmm.devices.pci.msix import MessageControl, Msix, MsixError
+from pyvmm.devices.pci.msix import (
+    CONTROL_SIZE,
+    TABLE_ENTRY_SIZE,
+    CapReg,
+    EntryField,
+    MessageControl,
+    Msix,
+    MsixError,
+)
 
 BAR = 2
 TABLE_OFFSET = 0x2000
@@ -19,6 +26,11 @@ VECTORS = 3
 FIRST_GSI = 24
 ADDRESS = 0xFEE0_1000
 DATA = 0x4041
+
+
+def entry(vector: int, field: EntryField = EntryField.ADDRESS_LO) -> int:
+    """Offset of `field` of table entry `vector` in the table."""
+    return TABLE_ENTRY_SIZE * vector + field
 
 
 class Host:
@@ -62,13 +74,15 @@ class Function:
         return int.from_bytes(buf, "little")
 
     def control(self) -> int:
-        return self.cfg_read(self.msix.cap_offset + 2, 2)
+        return self.cfg_read(self.msix.cap_offset + CapReg.MESSAGE_CONTROL, CONTROL_SIZE)
 
     def set_control(self, enable: bool, function_mask: bool = False) -> None:
         value = (MessageControl.ENABLE if enable else 0) | (
             MessageControl.FUNCTION_MASK if function_mask else 0
         )
-        self.config.write(self.msix.cap_offset + 2, struct.pack("<H", value))
+        self.config.write(
+            self.msix.cap_offset + CapReg.MESSAGE_CONTROL, value.to_bytes(CONTROL_SIZE, "little")
+        )
         self.msix.control_written()
 
     def table_read(self, offset: int, size: int = 4) -> int:
@@ -81,16 +95,15 @@ class Function:
 
     def program(self, vector: int, address: int, data: int) -> None:
         """What Linux's __pci_write_msi_msg does: address lo, hi, data with dword writes."""
-        base = 16 * vector
-        self.table_write(base, 4, address & 0xFFFFFFFF)
-        self.table_write(base + 4, 4, address >> 32)
-        self.table_write(base + 8, 4, data)
+        self.table_write(entry(vector, EntryField.ADDRESS_LO), 4, address & 0xFFFFFFFF)
+        self.table_write(entry(vector, EntryField.ADDRESS_HI), 4, address >> 32)
+        self.table_write(entry(vector, EntryField.DATA), 4, data)
 
     def unmask(self, vector: int) -> None:
-        self.table_write(16 * vector + 12, 4, 0)
+        self.table_write(entry(vector, EntryField.VECTOR_CONTROL), 4, 0)
 
     def mask(self, vector: int) -> None:
-        self.table_write(16 * vector + 12, 4, 1)
+        self.table_write(entry(vector, EntryField.VECTOR_CONTROL), 4, 1)
 
     def pba(self) -> int:
         buf = bytearray(8)
@@ -125,19 +138,19 @@ def test_capability_describes_table_and_pba(f: Function) -> None:
         pos = f.cfg_read(pos + 1, 1)
     assert ids[-1] == (at, 0x11)
     assert f.control() == VECTORS - 1  # table size N-1, disabled, not masked
-    assert f.cfg_read(at + 4, 4) == TABLE_OFFSET | BAR
-    assert f.cfg_read(at + 8, 4) == PBA_OFFSET | BAR
-    assert (f.msix.table_size, f.msix.pba_size) == (16 * VECTORS, 8)
+    assert f.cfg_read(at + CapReg.TABLE, 4) == TABLE_OFFSET | BAR
+    assert f.cfg_read(at + CapReg.PBA, 4) == PBA_OFFSET | BAR
+    assert (f.msix.table_size, f.msix.pba_size) == (TABLE_ENTRY_SIZE * VECTORS, 8)
 
 
 def test_only_enable_and_function_mask_are_writable(f: Function) -> None:
     at = f.msix.cap_offset
-    f.config.write(at + 2, b"\xff\xff")
+    f.config.write(at + CapReg.MESSAGE_CONTROL, b"\xff\xff")
     assert f.control() == 0xC000 | (VECTORS - 1)
-    f.config.write(at + 4, b"\xff" * 8)
-    assert f.cfg_read(at + 4, 4) == TABLE_OFFSET | BAR
-    assert f.cfg_read(at + 8, 4) == PBA_OFFSET | BAR
-    f.config.write(at + 2, b"\x00\x00")
+    f.config.write(at + CapReg.TABLE, b"\xff" * 8)
+    assert f.cfg_read(at + CapReg.TABLE, 4) == TABLE_OFFSET | BAR
+    assert f.cfg_read(at + CapReg.PBA, 4) == PBA_OFFSET | BAR
+    f.config.write(at + CapReg.MESSAGE_CONTROL, b"\x00\x00")
     assert f.control() == VECTORS - 1
     assert not f.msix.enabled
 
@@ -185,23 +198,23 @@ def test_2048_vectors_fill_the_table_size_field() -> None:
 
 def test_vectors_start_masked_and_zeroed(f: Function) -> None:
     for v in range(VECTORS):
-        assert [f.table_read(16 * v + o) for o in (0, 4, 8, 12)] == [0, 0, 0, 1]
+        assert [f.table_read(entry(v, field)) for field in EntryField] == [0, 0, 0, 1]
 
 
 def test_dword_table_writes_update_the_route(f: Function) -> None:
     f.program(1, 0x1_FEE0_0000 | 0x1000, DATA)
     assert f.host.routes[-1] == (25, 0x1_FEE0_1000, DATA)
     assert all(gsi == 25 for gsi, _, _ in f.host.routes)
-    assert f.table_read(16, 8) == 0x1_FEE0_1000
-    assert f.table_read(24) == DATA
+    assert f.table_read(entry(1), 8) == 0x1_FEE0_1000
+    assert f.table_read(entry(1, EntryField.DATA)) == DATA
 
 
 def test_qword_table_writes_update_the_route(f: Function) -> None:
-    f.table_write(32, 8, ADDRESS)
+    f.table_write(entry(2), 8, ADDRESS)
     assert f.host.routes == [(26, ADDRESS, 0)]
-    f.table_write(40, 8, 0 << 32 | DATA)  # data and vector control (unmasks)
+    f.table_write(entry(2, EntryField.DATA), 8, 0 << 32 | DATA)  # data and vector control (unmasks)
     assert f.host.routes[-1] == (26, ADDRESS, DATA)
-    assert f.table_read(44) == 0
+    assert f.table_read(entry(2, EntryField.VECTOR_CONTROL)) == 0
 
 
 @pytest.mark.parametrize(("offset", "size"), [(0, 1), (0, 2), (8, 2), (12, 1), (0, 16)])
@@ -212,15 +225,15 @@ def test_other_widths_are_ignored(f: Function, offset: int, size: int) -> None:
 
 
 def test_writes_past_the_table_are_ignored(f: Function) -> None:
-    f.table_write(16 * VECTORS, 4, 0)
-    f.table_write(16 * VECTORS - 4, 8, 0)
+    f.table_write(entry(VECTORS), 4, 0)
+    f.table_write(entry(VECTORS) - 4, 8, 0)
     assert f.host.routes == []
-    assert f.table_read(16 * VECTORS - 4) == 1  # last vector still masked
+    assert f.table_read(entry(VECTORS - 1, EntryField.VECTOR_CONTROL)) == 1  # still masked
 
 
 def test_reads_past_the_table_or_pba_are_all_ones(f: Function) -> None:
-    assert f.table_read(16 * VECTORS) == 0xFFFF_FFFF
-    assert f.table_read(16 * VECTORS - 4, 8) == 0xFFFF_FFFF_FFFF_FFFF  # straddles the end
+    assert f.table_read(entry(VECTORS)) == 0xFFFF_FFFF
+    assert f.table_read(entry(VECTORS) - 4, 8) == 0xFFFF_FFFF_FFFF_FFFF  # straddles the end
     buf = bytearray(8)
     f.msix.pba_read(8, memoryview(buf))
     assert buf == b"\xff" * 8
