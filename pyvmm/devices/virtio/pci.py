@@ -6,7 +6,9 @@ notifications are ioeventfds on the notify addresses (KVM signals them without a
 userspace); used-buffer interrupts leave through MSI-X irqfds, or INTx when MSI-X is off.
 The driver must follow the status sequence of virtio 1.2 section 3.1: a driver that accepts
 features the device did not offer, lacks VERSION_1, or sets DRIVER_OK without FEATURES_OK is
-refused (FEATURES_OK does not stick; DEVICE_NEEDS_RESET is set).
+refused (FEATURES_OK does not stick; DEVICE_NEEDS_RESET is set). The capability and common
+configuration layouts are declared below as <linux/virtio_pci.h> declares them
+(tests/unit/devices/virtio/test_headers.py checks them against it).
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from pyvmm.cdecl import declare
+from pyvmm.cdecl import declare, field_type
 from pyvmm.devices.irq import LevelIrq
-from pyvmm.devices.pci.config import CapabilityId, InterruptPin, PciConfigSpace, PciId
+from pyvmm.devices.pci.config import (
+    CAP_HEADER_SIZE,
+    CapabilityId,
+    InterruptPin,
+    PciConfigSpace,
+    PciId,
+)
 from pyvmm.devices.pci.device import BarWindows, PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
 from pyvmm.devices.virtio.device import DeviceStatus, Feature, VirtioDevice
@@ -68,6 +75,14 @@ ffi: Any = declare(
         uint32_t offset;
         uint32_t length;
     };
+    struct virtio_pci_notify_cap {
+        struct virtio_pci_cap cap;
+        uint32_t notify_off_multiplier;
+    };
+    struct virtio_pci_cfg_cap {
+        struct virtio_pci_cap cap;
+        uint8_t  pci_cfg_data[4];
+    };
     """,
 )
 
@@ -99,15 +114,76 @@ class CfgType(enum.IntEnum):
     PCI = 5
 
 
+# The structure each capability is, by type; the others are a plain struct virtio_pci_cap.
+_CAP_STRUCTS = {
+    CfgType.NOTIFY: "struct virtio_pci_notify_cap",
+    CfgType.PCI: "struct virtio_pci_cfg_cap",
+}
+_CFG_CAP_SIZE = ffi.sizeof("struct virtio_pci_cfg_cap")
+_CFG_DATA_AT = ffi.offsetof("struct virtio_pci_cfg_cap", "pci_cfg_data")
+
+
 def _common(field: str) -> int:
     offset: int = ffi.offsetof("struct virtio_pci_common_cfg", field)
     return offset
 
 
-COMMON_FIELD_AT = {
-    _common(name): (name, ffi.sizeof(field.type))
-    for name, field in ffi.typeof("struct virtio_pci_common_cfg").fields
+class CommonReg(enum.IntEnum):
+    """The common configuration registers (virtio 1.2, 4.1.4.3), by offset; each is named after
+    its field of struct virtio_pci_common_cfg."""
+
+    DEVICE_FEATURE_SELECT = _common("device_feature_select")
+    DEVICE_FEATURE = _common("device_feature")
+    GUEST_FEATURE_SELECT = _common("guest_feature_select")
+    GUEST_FEATURE = _common("guest_feature")
+    MSIX_CONFIG = _common("msix_config")
+    NUM_QUEUES = _common("num_queues")
+    DEVICE_STATUS = _common("device_status")
+    CONFIG_GENERATION = _common("config_generation")
+    QUEUE_SELECT = _common("queue_select")
+    QUEUE_SIZE = _common("queue_size")
+    QUEUE_MSIX_VECTOR = _common("queue_msix_vector")
+    QUEUE_ENABLE = _common("queue_enable")
+    QUEUE_NOTIFY_OFF = _common("queue_notify_off")
+    QUEUE_DESC_LO = _common("queue_desc_lo")
+    QUEUE_DESC_HI = _common("queue_desc_hi")
+    QUEUE_AVAIL_LO = _common("queue_avail_lo")
+    QUEUE_AVAIL_HI = _common("queue_avail_hi")
+    QUEUE_USED_LO = _common("queue_used_lo")
+    QUEUE_USED_HI = _common("queue_used_hi")
+
+
+# Each register's size: the only access size it answers to.
+COMMON_WIDTH: dict[CommonReg, int] = {
+    reg: ffi.sizeof(field_type(ffi, "struct virtio_pci_common_cfg", reg.name.lower()))
+    for reg in CommonReg
 }
+
+
+def _common_reg(offset: int, size: int) -> CommonReg | None:
+    """The register a `size`-byte access at `offset` reaches: only a naturally sized access to
+    a whole register reaches one (virtio 1.2, 4.1.3.1)."""
+    try:
+        reg = CommonReg(offset)
+    except ValueError:
+        return None
+    return reg if COMMON_WIDTH[reg] == size else None
+
+
+def _low(value: int) -> int:
+    return value & 0xFFFFFFFF
+
+
+def _high(value: int) -> int:
+    return (value >> 32) & 0xFFFFFFFF
+
+
+def _with_low(value: int, low: int) -> int:
+    return (value & ~0xFFFFFFFF) | low
+
+
+def _with_high(value: int, high: int) -> int:
+    return (value & 0xFFFFFFFF) | (high << 32)
 
 
 class _Queue:
@@ -158,14 +234,12 @@ class VirtioPciDevice(PciDevice):
         self._lock = threading.RLock()
         config.add_bar64(BAR, BAR_SIZE)
         self._add_virtio_cap(CfgType.COMMON, COMMON_OFFSET, COMMON_SIZE)
-        self._add_virtio_cap(
-            CfgType.NOTIFY, NOTIFY_OFFSET, REGION_SIZE, struct.pack("<I", NOTIFY_MULTIPLIER)
-        )
+        self._add_virtio_cap(CfgType.NOTIFY, NOTIFY_OFFSET, REGION_SIZE)
         self._add_virtio_cap(CfgType.ISR, ISR_OFFSET, 1)
         self._add_virtio_cap(CfgType.DEVICE, DEVICE_OFFSET, REGION_SIZE)
         # VIRTIO_PCI_CAP_PCI_CFG: a window onto BAR0 through config space (bar, offset,
         # length and 4 data bytes, all driver-writable); accesses to it are trapped below.
-        self._pci_cfg_cap = self._add_virtio_cap(CfgType.PCI, 0, 0, b"\x00" * 4, writable_tail=True)
+        self._pci_cfg_cap = self._add_virtio_cap(CfgType.PCI, 0, 0)
         self.queues = [_Queue(size) for size in device.queue_max_sizes]
         self.msix = Msix(
             config,
@@ -185,30 +259,28 @@ class VirtioPciDevice(PciDevice):
         self.guest_log = GuestLog(log, f"virtio {device.name}")
         self._reset_state()
 
-    def _add_virtio_cap(
-        self,
-        cfg_type: CfgType,
-        offset: int,
-        length: int,
-        extra: bytes = b"",
-        writable_tail: bool = False,
-    ) -> int:
-        cap: Any = ffi.new("struct virtio_pci_cap *")
-        cap.cap_len = ffi.sizeof("struct virtio_pci_cap") + len(extra)
+    def _add_virtio_cap(self, cfg_type: CfgType, offset: int, length: int) -> int:
+        """Add the vendor capability for the `length` bytes at `offset` in BAR; its offset."""
+        ctype = _CAP_STRUCTS.get(cfg_type, "struct virtio_pci_cap")
+        full: Any = ffi.new(f"{ctype} *")
+        cap: Any = ffi.cast("struct virtio_pci_cap *", full)  # each capability starts with one
+        cap.cap_len = ffi.sizeof(ctype)
         cap.cfg_type = cfg_type
         cap.bar = BAR
         cap.offset = offset
         cap.length = length
-        body = bytes(ffi.buffer(cap))[2:] + extra
         writable = None
-        if writable_tail:
-            # bar (byte 4 of the cap), offset, length and the data bytes are driver-writable.
-            mask = bytearray(len(body))
-            bar_at = ffi.offsetof("struct virtio_pci_cap", "bar") - 2
-            mask[bar_at] = 0xFF
-            tail = ffi.offsetof("struct virtio_pci_cap", "offset") - 2
-            mask[tail:] = b"\xff" * (len(body) - tail)
-            writable = bytes(mask)
+        if cfg_type == CfgType.NOTIFY:
+            full.notify_off_multiplier = NOTIFY_MULTIPLIER
+        elif cfg_type == CfgType.PCI:
+            # The driver aims the access window with bar, offset and length, and moves data
+            # through pci_cfg_data (virtio 1.2, 4.1.4.9).
+            mask: Any = ffi.new(f"{ctype} *")
+            mask.cap.bar = 0xFF
+            mask.cap.offset = mask.cap.length = 0xFFFFFFFF
+            mask.pci_cfg_data = [0xFF] * len(mask.pci_cfg_data)
+            writable = ffi.buffer(mask)[CAP_HEADER_SIZE:]
+        body = ffi.buffer(full)[CAP_HEADER_SIZE:]
         return self.config.add_capability(CapabilityId.VENDOR, body, writable)
 
     def _reset_state(self) -> None:
@@ -233,13 +305,11 @@ class VirtioPciDevice(PciDevice):
 
     # PCI config space: trap the VIRTIO_PCI_CAP_PCI_CFG data window.
     def _pci_cfg_window(self) -> tuple[int, int, int, int]:
-        cap = self._pci_cfg_cap
-        bar = self.config.data[cap + ffi.offsetof("struct virtio_pci_cap", "bar")]
-        off, length = struct.unpack_from(
-            "<II", self.config.data, cap + ffi.offsetof("struct virtio_pci_cap", "offset")
+        at = self._pci_cfg_cap
+        window: Any = ffi.from_buffer(
+            "struct virtio_pci_cfg_cap *", self.config.data[at : at + _CFG_CAP_SIZE]
         )
-        data_at = cap + ffi.sizeof("struct virtio_pci_cap")
-        return bar, off, length, data_at
+        return window.cap.bar, window.cap.offset, window.cap.length, at + _CFG_DATA_AT
 
     def config_read(self, offset: int, data: memoryview) -> None:
         bar, off, length, data_at = self._pci_cfg_window()
@@ -307,95 +377,113 @@ class VirtioPciDevice(PciDevice):
             return self.queues[self.queue_select]
         return None
 
-    def _common_value(self, name: str) -> int:
+    def _common_value(self, reg: CommonReg) -> int:
+        match reg:
+            case CommonReg.DEVICE_FEATURE_SELECT:
+                return self.device_feature_select
+            case CommonReg.DEVICE_FEATURE:
+                if self.device_feature_select > 1:
+                    return 0
+                return (self.offered_features >> (32 * self.device_feature_select)) & 0xFFFFFFFF
+            case CommonReg.GUEST_FEATURE_SELECT:
+                return self.driver_feature_select
+            case CommonReg.GUEST_FEATURE:
+                if self.driver_feature_select > 1:
+                    return 0
+                return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
+            case CommonReg.MSIX_CONFIG:
+                return self.interrupt.config_vector
+            case CommonReg.NUM_QUEUES:
+                return len(self.queues)
+            case CommonReg.DEVICE_STATUS:
+                return int(self.interrupt.status)
+            case CommonReg.CONFIG_GENERATION:
+                return self.interrupt.config_generation
+            case CommonReg.QUEUE_SELECT:
+                return self.queue_select
+        return self._queue_value(reg)
+
+    def _queue_value(self, reg: CommonReg) -> int:
         q = self._selected_queue()
-        if name == "device_feature_select":
-            return self.device_feature_select
-        if name == "device_feature":
-            if self.device_feature_select > 1:
-                return 0
-            return (self.offered_features >> (32 * self.device_feature_select)) & 0xFFFFFFFF
-        if name == "guest_feature_select":
-            return self.driver_feature_select
-        if name == "guest_feature":
-            if self.driver_feature_select > 1:
-                return 0
-            return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
-        if name == "msix_config":
-            return self.interrupt.config_vector
-        if name == "num_queues":
-            return len(self.queues)
-        if name == "device_status":
-            return int(self.interrupt.status)
-        if name == "config_generation":
-            return self.interrupt.config_generation
-        if name == "queue_select":
-            return self.queue_select
         if q is None:
             return 0
-        if name == "queue_size":
-            return q.size
-        if name == "queue_msix_vector":
-            return q.msix_vector
-        if name == "queue_enable":
-            return q.enable
-        if name == "queue_notify_off":
-            return self.queue_select
-        fields = {
-            "queue_desc_lo": q.desc,
-            "queue_desc_hi": q.desc >> 32,
-            "queue_avail_lo": q.avail,
-            "queue_avail_hi": q.avail >> 32,
-            "queue_used_lo": q.used,
-            "queue_used_hi": q.used >> 32,
-        }
-        return fields.get(name, 0) & 0xFFFFFFFF
+        match reg:
+            case CommonReg.QUEUE_SIZE:
+                return q.size
+            case CommonReg.QUEUE_MSIX_VECTOR:
+                return q.msix_vector
+            case CommonReg.QUEUE_ENABLE:
+                return q.enable
+            case CommonReg.QUEUE_NOTIFY_OFF:
+                return self.queue_select
+            case CommonReg.QUEUE_DESC_LO:
+                return _low(q.desc)
+            case CommonReg.QUEUE_DESC_HI:
+                return _high(q.desc)
+            case CommonReg.QUEUE_AVAIL_LO:
+                return _low(q.avail)
+            case CommonReg.QUEUE_AVAIL_HI:
+                return _high(q.avail)
+            case CommonReg.QUEUE_USED_LO:
+                return _low(q.used)
+            case CommonReg.QUEUE_USED_HI:
+                return _high(q.used)
+        return 0
 
     def _common_read(self, offset: int, data: memoryview) -> None:
-        field = COMMON_FIELD_AT.get(offset)
-        if field is None or field[1] != len(data):
-            data[:] = b"\x00" * len(data)  # the spec wants naturally sized field accesses
+        reg = _common_reg(offset, len(data))
+        if reg is None:
+            data[:] = b"\x00" * len(data)
             return
-        name, size = field
-        data[:] = self._common_value(name).to_bytes(size, "little")
+        data[:] = self._common_value(reg).to_bytes(len(data), "little")
 
     def _common_write(self, offset: int, data: bytes) -> None:
-        field = COMMON_FIELD_AT.get(offset)
-        if field is None or field[1] != len(data):
+        reg = _common_reg(offset, len(data))
+        if reg is None:
             return
-        name, _ = field
         value = int.from_bytes(data, "little")
+        match reg:
+            case CommonReg.DEVICE_FEATURE_SELECT:
+                self.device_feature_select = value
+            case CommonReg.GUEST_FEATURE_SELECT:
+                self.driver_feature_select = value
+            case CommonReg.GUEST_FEATURE:
+                if DeviceStatus.FEATURES_OK not in self.status and self.driver_feature_select <= 1:
+                    shift = 32 * self.driver_feature_select
+                    mask = 0xFFFFFFFF << shift
+                    self.driver_features = (self.driver_features & ~mask) | (value << shift)
+            case CommonReg.MSIX_CONFIG:
+                self.interrupt.config_vector = value
+            case CommonReg.DEVICE_STATUS:
+                self._set_status(value)
+            case CommonReg.QUEUE_SELECT:
+                self.queue_select = value
+            case _:  # a queue's registers; writes to the read-only ones change nothing
+                self._queue_write(reg, value)
+
+    def _queue_write(self, reg: CommonReg, value: int) -> None:
         q = self._selected_queue()
-        live = DeviceStatus.DRIVER_OK in self.status
-        if name == "device_feature_select":
-            self.device_feature_select = value
-        elif name == "guest_feature_select":
-            self.driver_feature_select = value
-        elif name == "guest_feature":
-            if DeviceStatus.FEATURES_OK not in self.status and self.driver_feature_select <= 1:
-                shift = 32 * self.driver_feature_select
-                mask = 0xFFFFFFFF << shift
-                self.driver_features = (self.driver_features & ~mask) | (value << shift)
-        elif name == "msix_config":
-            self.interrupt.config_vector = value
-        elif name == "device_status":
-            self._set_status(value)
-        elif name == "queue_select":
-            self.queue_select = value
-        elif q is None or live:
+        if q is None or DeviceStatus.DRIVER_OK in self.status:
             return  # queue registers are fixed once the device is live
-        elif name == "queue_size":
-            q.size = value
-        elif name == "queue_msix_vector":
-            q.msix_vector = value
-        elif name == "queue_enable":
-            q.enable = value & 1
-        elif name in ("queue_desc_lo", "queue_avail_lo", "queue_used_lo"):
-            attr = name.split("_")[1]
-            setattr(q, attr, (getattr(q, attr) & ~0xFFFFFFFF) | value)
-        elif name in ("queue_desc_hi", "queue_avail_hi", "queue_used_hi"):
-            attr = name.split("_")[1]
-            setattr(q, attr, (getattr(q, attr) & 0xFFFFFFFF) | (value << 32))
+        match reg:
+            case CommonReg.QUEUE_SIZE:
+                q.size = value
+            case CommonReg.QUEUE_MSIX_VECTOR:
+                q.msix_vector = value
+            case CommonReg.QUEUE_ENABLE:
+                q.enable = value & 1
+            case CommonReg.QUEUE_DESC_LO:
+                q.desc = _with_low(q.desc, value)
+            case CommonReg.QUEUE_DESC_HI:
+                q.desc = _with_high(q.desc, value)
+            case CommonReg.QUEUE_AVAIL_LO:
+                q.avail = _with_low(q.avail, value)
+            case CommonReg.QUEUE_AVAIL_HI:
+                q.avail = _with_high(q.avail, value)
+            case CommonReg.QUEUE_USED_LO:
+                q.used = _with_low(q.used, value)
+            case CommonReg.QUEUE_USED_HI:
+                q.used = _with_high(q.used, value)
 
     def _set_status(self, value: int) -> None:
         if value == 0:

@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import os
 import select
-import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from pyvmm.devices.irq import LevelIrq
+from pyvmm.devices.pci import msix
 from pyvmm.devices.pci.config import Command, Reg
+from pyvmm.devices.pci.msix import CapReg, EntryField, MessageControl
 from pyvmm.devices.virtio.device import DeviceStatus, Feature
-from pyvmm.devices.virtio.pci import COMMON_FIELD_AT, MSIX_TABLE_OFFSET, VirtioPciDevice
+from pyvmm.devices.virtio.pci import COMMON_WIDTH, MSIX_TABLE_OFFSET, CommonReg, VirtioPciDevice
+from pyvmm.devices.virtio.queue import VirtqFlags
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.memory import GuestMemory
+from tests.unit.devices.virtio import rings
 
 MiB = 1 << 20
 BAR_ADDR = 0xC000_0000
 DESC, AVAIL, USED, BUF = 0x10000, 0x11000, 0x12000, 0x20000
-FIELD = {name: (offset, size) for offset, (name, size) in COMMON_FIELD_AT.items()}
+
+
+def msix_control(value: int) -> bytes:
+    """The MSI-X message control register holding `value`."""
+    return value.to_bytes(msix.CONTROL_SIZE, "little")
 
 
 class Harness:
@@ -42,48 +50,50 @@ class Harness:
             unregister_ioeventfd=lambda fd, addr, n: self.ioeventfds.pop(addr),
         )
         self.dev.config.set_bar_address(0, BAR_ADDR)
-        self.dev.config_write(Reg.COMMAND, struct.pack("<H", Command.MEMORY_SPACE))
+        self.dev.config_write(Reg.COMMAND, Command.MEMORY_SPACE.to_bytes(2, "little"))
         self.dev.bars_changed({0: BAR_ADDR})
 
     def _allocate(self) -> int:
         self._next_gsi += 1
         return self._next_gsi - 1
 
-    def read(self, name: str) -> int:
-        offset, size = FIELD[name]
-        buf = bytearray(size)
-        self.dev.bar_read(0, offset, memoryview(buf))
+    def read(self, reg: CommonReg) -> int:
+        buf = bytearray(COMMON_WIDTH[reg])
+        self.dev.bar_read(0, reg, memoryview(buf))
         return int.from_bytes(buf, "little")
 
-    def write(self, name: str, value: int) -> None:
-        offset, size = FIELD[name]
-        self.dev.bar_write(0, offset, value.to_bytes(size, "little"))
+    def write(self, reg: CommonReg, value: int) -> None:
+        self.dev.bar_write(0, reg, value.to_bytes(COMMON_WIDTH[reg], "little"))
 
     def negotiate(self, features: int) -> int:
-        self.write("device_status", 0)
-        self.write("device_status", DeviceStatus.ACKNOWLEDGE)
-        self.write("device_status", DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+        self.write(CommonReg.DEVICE_STATUS, 0)
+        self.write(CommonReg.DEVICE_STATUS, DeviceStatus.ACKNOWLEDGE)
+        self.write(CommonReg.DEVICE_STATUS, DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
         for half in (0, 1):
-            self.write("guest_feature_select", half)
-            self.write("guest_feature", (features >> (32 * half)) & 0xFFFFFFFF)
+            self.write(CommonReg.GUEST_FEATURE_SELECT, half)
+            self.write(CommonReg.GUEST_FEATURE, (features >> (32 * half)) & 0xFFFFFFFF)
         status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-        self.write("device_status", status)
-        return self.read("device_status")
+        self.write(CommonReg.DEVICE_STATUS, status)
+        return self.read(CommonReg.DEVICE_STATUS)
 
     def setup_queue(self, vector: int, used: int = USED) -> None:
-        self.write("queue_select", 0)
-        self.write("queue_size", 8)
-        self.write("queue_msix_vector", vector)
-        for name, addr in (("desc", DESC), ("avail", AVAIL), ("used", used)):
-            self.write(f"queue_{name}_lo", addr)
-            self.write(f"queue_{name}_hi", 0)
-        self.write("queue_enable", 1)
+        self.write(CommonReg.QUEUE_SELECT, 0)
+        self.write(CommonReg.QUEUE_SIZE, 8)
+        self.write(CommonReg.QUEUE_MSIX_VECTOR, vector)
+        for low, high, addr in (
+            (CommonReg.QUEUE_DESC_LO, CommonReg.QUEUE_DESC_HI, DESC),
+            (CommonReg.QUEUE_AVAIL_LO, CommonReg.QUEUE_AVAIL_HI, AVAIL),
+            (CommonReg.QUEUE_USED_LO, CommonReg.QUEUE_USED_HI, used),
+        ):
+            self.write(low, addr)
+            self.write(high, 0)
+        self.write(CommonReg.QUEUE_ENABLE, 1)
 
     def submit(self, length: int) -> None:
-        self.mem.write(DESC, struct.pack("<QIHH", BUF, length, 2, 0))  # one WRITE descriptor
-        idx = self.mem.read_u16(AVAIL + 2)
-        self.mem.write_u16(AVAIL + 4 + 2 * (idx % 8), 0)
-        self.mem.write_u16(AVAIL + 2, idx + 1)
+        self.mem.write(DESC, rings.descriptor(BUF, length, VirtqFlags.WRITE))
+        idx = self.mem.read_u16(AVAIL + rings.AVAIL_IDX)
+        self.mem.write_u16(AVAIL + rings.avail_entry(idx % 8), 0)
+        self.mem.write_u16(AVAIL + rings.AVAIL_IDX, idx + 1)
         notify = self.ioeventfds[BAR_ADDR + 0x3000]
         os.eventfd_write(notify, 1)
 
@@ -103,10 +113,10 @@ def _wait_readable(fd: int, timeout: float = 5.0) -> bool:
 
 
 def test_features_offered_include_version_1_and_ring_features(harness: Harness) -> None:
-    harness.write("device_feature_select", 1)
-    assert harness.read("device_feature") & 1  # VERSION_1 is bit 32
-    harness.write("device_feature_select", 0)
-    low = harness.read("device_feature")
+    harness.write(CommonReg.DEVICE_FEATURE_SELECT, 1)
+    assert harness.read(CommonReg.DEVICE_FEATURE) & 1  # VERSION_1 is bit 32
+    harness.write(CommonReg.DEVICE_FEATURE_SELECT, 0)
+    low = harness.read(CommonReg.DEVICE_FEATURE)
     assert low & Feature.RING_INDIRECT_DESC and low & Feature.RING_EVENT_IDX
 
 
@@ -120,11 +130,12 @@ def test_a_driver_without_version_1_is_refused(harness: Harness) -> None:
 
 
 def test_driver_ok_without_features_ok_needs_reset(harness: Harness) -> None:
-    harness.write("device_status", DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+    harness.write(CommonReg.DEVICE_STATUS, DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
     harness.write(
-        "device_status", DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK
+        CommonReg.DEVICE_STATUS,
+        DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK,
     )
-    status = harness.read("device_status")
+    status = harness.read(CommonReg.DEVICE_STATUS)
     assert status & DeviceStatus.DEVICE_NEEDS_RESET
     assert not status & DeviceStatus.DRIVER_OK
 
@@ -132,21 +143,25 @@ def test_driver_ok_without_features_ok_needs_reset(harness: Harness) -> None:
 def test_request_completes_with_an_msix_interrupt(harness: Harness) -> None:
     assert harness.negotiate(Feature.VERSION_1) & DeviceStatus.FEATURES_OK
     harness.setup_queue(vector=0)
-    assert harness.read("queue_msix_vector") == 0
+    assert harness.read(CommonReg.QUEUE_MSIX_VECTOR) == 0
     # MSI-X table entry 0 -> LAPIC vector 0x41, unmasked; then enable MSI-X.
-    entry = struct.pack("<IIII", 0xFEE0_0000, 0, 0x41, 0)
-    harness.dev.bar_write(0, MSIX_TABLE_OFFSET, entry[:8])
-    harness.dev.bar_write(0, MSIX_TABLE_OFFSET + 8, entry[8:])
-    control = harness.dev.msix.cap_offset + 2
-    harness.dev.config_write(control, struct.pack("<H", 1 << 15))
+    entry: Any = msix.ffi.new("struct msix_table_entry *")
+    entry.lower_addr, entry.data = 0xFEE0_0000, 0x41
+    entry_bytes = msix.ffi.buffer(entry)[:]
+    harness.dev.bar_write(0, MSIX_TABLE_OFFSET, entry_bytes[: EntryField.DATA])
+    harness.dev.bar_write(0, MSIX_TABLE_OFFSET + EntryField.DATA, entry_bytes[EntryField.DATA :])
+    control = harness.dev.msix.cap_offset + CapReg.MESSAGE_CONTROL
+    harness.dev.config_write(control, msix_control(MessageControl.ENABLE))
     status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
     harness.submit(64)
     gsi = harness.dev.msix.gsis[0]
     assert harness.routes[gsi] == (0xFEE0_0000, 0x41)
     assert _wait_readable(harness.irqfds[gsi]), "no MSI-X interrupt"
-    assert harness.mem.read_u16(USED + 2) == 1
-    head, length = struct.unpack("<II", harness.mem.read(USED + 4, 8))
+    assert harness.mem.read_u16(USED + rings.USED_IDX) == 1
+    head, length = rings.used_element(
+        harness.mem.read(USED + rings.used_elem(0), rings.USED_ELEM_SIZE)
+    )
     assert (head, length) == (0, 64)
     assert harness.mem.read(BUF, 64) != bytes(64)
 
@@ -154,21 +169,21 @@ def test_request_completes_with_an_msix_interrupt(harness: Harness) -> None:
 def test_masked_vector_is_held_pending_then_delivered(harness: Harness) -> None:
     harness.negotiate(Feature.VERSION_1)
     harness.setup_queue(vector=0)
-    control = harness.dev.msix.cap_offset + 2
-    harness.dev.config_write(control, struct.pack("<H", 1 << 15))  # enabled, entry 0 masked
+    control = harness.dev.msix.cap_offset + CapReg.MESSAGE_CONTROL
+    harness.dev.config_write(control, msix_control(MessageControl.ENABLE))  # entry 0 masked
     status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
     harness.submit(16)
     gsi = harness.dev.msix.gsis[0]
     for _ in range(500):
-        if harness.mem.read_u16(USED + 2) == 1:
+        if harness.mem.read_u16(USED + rings.USED_IDX) == 1:
             break
         select.select([], [], [], 0.01)
     assert not _wait_readable(harness.irqfds[gsi], 0.2), "a masked vector fired"
     pba = bytearray(8)
     harness.dev.bar_read(0, 0x5000, memoryview(pba))
     assert pba[0] & 1
-    harness.dev.bar_write(0, MSIX_TABLE_OFFSET + 12, struct.pack("<I", 0))  # unmask
+    harness.dev.bar_write(0, MSIX_TABLE_OFFSET + EntryField.VECTOR_CONTROL, bytes(4))  # unmask
     assert _wait_readable(harness.irqfds[gsi], 1.0)
 
 
@@ -176,10 +191,10 @@ def test_reset_stops_the_queue_and_clears_status(harness: Harness) -> None:
     harness.negotiate(Feature.VERSION_1)
     harness.setup_queue(vector=0xFFFF)
     status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
-    harness.write("device_status", 0)
-    assert harness.read("device_status") == 0
-    assert harness.read("queue_enable") == 0
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
+    harness.write(CommonReg.DEVICE_STATUS, 0)
+    assert harness.read(CommonReg.DEVICE_STATUS) == 0
+    assert harness.read(CommonReg.QUEUE_ENABLE) == 0
 
 
 def test_a_used_ring_over_the_avail_ring_is_refused_at_driver_ok(
@@ -190,20 +205,22 @@ def test_a_used_ring_over_the_avail_ring_is_refused_at_driver_ok(
     harness.negotiate(Feature.VERSION_1)
     harness.setup_queue(vector=0xFFFF, used=AVAIL + 4)
     status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
-    assert harness.read("device_status") & DeviceStatus.DEVICE_NEEDS_RESET
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
+    assert harness.read(CommonReg.DEVICE_STATUS) & DeviceStatus.DEVICE_NEEDS_RESET
     assert "queue 0: used ring overlaps available ring" in caplog.text
-    harness.write("device_status", 0)
-    assert harness.read("device_status") == 0
+    harness.write(CommonReg.DEVICE_STATUS, 0)
+    assert harness.read(CommonReg.DEVICE_STATUS) == 0
     harness.negotiate(Feature.VERSION_1)
     harness.setup_queue(vector=0xFFFF)
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
     harness.submit(32)
     for _ in range(500):
-        if harness.mem.read_u16(USED + 2) == 1:
+        if harness.mem.read_u16(USED + rings.USED_IDX) == 1:
             break
         select.select([], [], [], 0.01)
-    assert harness.mem.read_u16(USED + 2) == 1, "the device did not work after the reset"
+    assert harness.mem.read_u16(USED + rings.USED_IDX) == 1, (
+        "the device did not work after the reset"
+    )
 
 
 def _read_isr(harness: Harness) -> int:
@@ -219,7 +236,7 @@ def test_intx_is_a_level_the_isr_holds_until_read(harness: Harness) -> None:
     harness.negotiate(Feature.VERSION_1)
     harness.setup_queue(vector=0xFFFF)
     status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
     harness.submit(16)
     assert _wait_readable(harness.intx.fd), "INTx was not asserted"
     os.eventfd_read(harness.intx.fd)  # what KVM does with the assertion
@@ -236,12 +253,12 @@ def test_a_failed_device_raises_a_config_interrupt_and_needs_reset(harness: Harn
     harness.negotiate(Feature.VERSION_1)
     harness.setup_queue(vector=0xFFFF)
     status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
-    harness.write("device_status", status | DeviceStatus.DRIVER_OK)
-    generation = harness.read("config_generation")
+    harness.write(CommonReg.DEVICE_STATUS, status | DeviceStatus.DRIVER_OK)
+    generation = harness.read(CommonReg.CONFIG_GENERATION)
     # avail.idx far ahead of what the device consumed: only a reset can recover.
-    harness.mem.write_u16(AVAIL + 2, 100)
+    harness.mem.write_u16(AVAIL + rings.AVAIL_IDX, 100)
     os.eventfd_write(harness.ioeventfds[BAR_ADDR + 0x3000], 1)
     assert _wait_readable(harness.intx.fd), "no configuration interrupt"
-    assert harness.read("device_status") & DeviceStatus.DEVICE_NEEDS_RESET
-    assert harness.read("config_generation") == (generation + 1) & 0xFF
+    assert harness.read(CommonReg.DEVICE_STATUS) & DeviceStatus.DEVICE_NEEDS_RESET
+    assert harness.read(CommonReg.CONFIG_GENERATION) == (generation + 1) & 0xFF
     assert _read_isr(harness) == 2  # CONFIG
