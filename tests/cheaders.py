@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,3 +24,35 @@ def c_facts(tmp_path: Path, headers: list[str], exprs: list[str]) -> list[int]:
     subprocess.run(["gcc", "-o", str(exe), str(c)], check=True, capture_output=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
+
+
+def layout_facts(ffi: Any, structs: list[str]) -> list[tuple[str, int]]:
+    """(C expression, cffi's value) for the size of each struct and the offset and size of each
+    field, members of nested structs included (`a.b`), named as the header names them."""
+    facts: list[tuple[str, int]] = []
+
+    def add_fields(name: str, ctype: Any, prefix: str) -> None:
+        for field, info in ctype.fields:
+            path = f"{prefix}{field}"
+            offset = ffi.offsetof(f"struct {name}", *path.split("."))
+            facts.append((f"offsetof(struct {name}, {path})", offset))
+            if info.type.kind == "array" and info.type.length is None:
+                continue  # a flexible array has no size
+            facts.append((f"sizeof(((struct {name} *)0)->{path})", ffi.sizeof(info.type)))
+            if info.type.kind == "struct":
+                add_fields(name, info.type, f"{path}.")
+
+    for name in structs:
+        facts.append((f"sizeof(struct {name})", ffi.sizeof(f"struct {name}")))
+        add_fields(name, ffi.typeof(f"struct {name}"), "")
+    return facts
+
+
+def mismatches(tmp_path: Path, headers: list[str], facts: list[tuple[str, int]]) -> list[str]:
+    """Each fact whose value differs from what the C compiler makes of its expression."""
+    actual = c_facts(tmp_path, headers, [expr for expr, _ in facts])
+    return [
+        f"{expr}: pyvmm {mine}, header {theirs}"
+        for (expr, mine), theirs in zip(facts, actual, strict=True)
+        if mine != theirs
+    ]
