@@ -121,6 +121,8 @@ class Msix:
             ffi.buffer(cap)[CAP_HEADER_SIZE:],
             ffi.buffer(mask)[CAP_HEADER_SIZE:],
         )
+        # Read on every interrupt: worked out once (an enum member costs a lookup each time).
+        self._control_at = self.cap_offset + int(CapReg.MESSAGE_CONTROL)
 
     @property
     def gsis(self) -> list[int]:
@@ -136,9 +138,7 @@ class Msix:
         self.vectors = []
 
     def _control(self) -> MessageControl:
-        return MessageControl(
-            self._config.get(self.cap_offset + CapReg.MESSAGE_CONTROL, CONTROL_SIZE)
-        )
+        return MessageControl(self._config.get(self._control_at, CONTROL_SIZE))
 
     @property
     def enabled(self) -> bool:
