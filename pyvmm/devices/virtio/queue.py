@@ -346,8 +346,10 @@ class SplitQueue:
         self._avail16 = avail.cast(_U16)
         # u16 views of the used ring: flags, idx and avail_event.
         self._used16 = used.cast(_U16)
-        # u32 view of the used elements: id and len of each.
-        self._used32 = used[_USED_RING_AT : _USED_RING_AT + USED_ELEM_SIZE * size].cast(_U32)
+        # u32 views of the used elements' ids and lens: element i's at [i] of each.
+        elems = used[_USED_RING_AT : _USED_RING_AT + USED_ELEM_SIZE * size].cast(_U32)
+        self._used_id = elems[_USED_ID::_USED_ELEM_WORDS]
+        self._used_len = elems[_USED_LEN::_USED_ELEM_WORDS]
         self._used_event_at = _AVAIL_RING + size
         self._avail_event_at = (_USED_RING_AT + USED_ELEM_SIZE * size) // _EVENT_SIZE
         self._mask = size - 1
@@ -395,7 +397,7 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop this queue's views of guest RAM (so the memory can be unmapped); ends its use."""
-        for view in (self._used32, self._used16, self._avail16, self._desc):
+        for view in (self._used_id, self._used_len, self._used16, self._avail16, self._desc):
             view.release()
 
     def has_pending(self) -> bool:
@@ -485,9 +487,9 @@ class SplitQueue:
             raise ValueError(f"used head {head} is not below the queue size {self._size}")
         if not 0 <= length <= MAX_USED_LEN:
             raise ValueError(f"used length {length} does not fit in 32 bits")
-        slot = _USED_ELEM_WORDS * (self._next_used & self._mask)
-        self._used32[slot + _USED_ID] = head
-        self._used32[slot + _USED_LEN] = length
+        slot = self._next_used & self._mask
+        self._used_id[slot] = head
+        self._used_len[slot] = length
         # The element, and the data written into the chain's buffers, are visible before the
         # index that publishes them (virtio 1.2, 2.7.8.2).
         fences.release()

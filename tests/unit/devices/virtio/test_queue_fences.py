@@ -91,7 +91,8 @@ def recorded_queue(
     monkeypatch.setattr(queue, "fences", RecordedFences(log))
     monkeypatch.setattr(q, "_avail16", RecordedView(q._avail16, log, avail_field))
     monkeypatch.setattr(q, "_used16", RecordedView(q._used16, log, used_field))
-    monkeypatch.setattr(q, "_used32", RecordedView(q._used32, log, lambda i: "used.elem"))
+    monkeypatch.setattr(q, "_used_id", RecordedView(q._used_id, log, lambda i: "used.elem"))
+    monkeypatch.setattr(q, "_used_len", RecordedView(q._used_len, log, lambda i: "used.elem"))
     return q, log
 
 
