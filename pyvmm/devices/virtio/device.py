@@ -7,6 +7,7 @@ import enum
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
@@ -70,6 +71,15 @@ class DeviceInterrupt(Protocol):
 EventHandler = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class SharedMemoryRegion:
+    """A range of memory the device shares with the driver (virtio 1.2, 2.10): `size` bytes,
+    known to the driver by `id` (virtio-fs maps file contents there; virtio-pmem, its image)."""
+
+    id: int
+    size: int
+
+
 class VirtioDevice(abc.ABC):
     """A device backend. Its queues are processed on the device's worker thread; everything
     it touches is guest memory and its own file descriptors, so it can run in another process."""
@@ -118,6 +128,14 @@ class VirtioDevice(abc.ABC):
         """Other fds the worker should wait on while the device is active (a TAP, a socket, a
         timer), each with what to call when it is readable. Called once after `activate`."""
         return {}
+
+    def shared_memory_regions(self) -> list[SharedMemoryRegion]:
+        """The device's shared memory regions, fixed for its life; none by default."""
+        return []
+
+    def shared_memory_moved(self, placed: dict[int, int | None]) -> None:  # noqa: B027
+        """Where the guest now has each shared memory region, by id (None: not reachable); the
+        device maps its memory there."""
 
     def keep_fds(self) -> list[int]:
         """The host fds the device holds (backing files, sockets): what a device process will

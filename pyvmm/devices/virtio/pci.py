@@ -31,11 +31,11 @@ from pyvmm.devices.pci.config import (
 )
 from pyvmm.devices.pci.device import BarWindows, PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
-from pyvmm.devices.virtio.device import DeviceStatus, Feature, VirtioDevice
+from pyvmm.devices.virtio.device import DeviceStatus, Feature, SharedMemoryRegion, VirtioDevice
 from pyvmm.devices.virtio.interrupt import Interrupt
 from pyvmm.devices.virtio.queue import QueueError, SplitQueue, check_rings_apart
 from pyvmm.devices.virtio.worker import PAUSE_TIMEOUT_S, QueueWorker
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import PAGE_SIZE, GuestMemory
 from pyvmm.ratelimit import GuestLog
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ ffi: Any = declare(
         struct virtio_pci_cap cap;
         uint8_t  pci_cfg_data[4];
     };
+    struct virtio_pci_cap64 {
+        struct virtio_pci_cap cap;
+        uint32_t offset_hi;
+        uint32_t length_hi;
+    };
     """,
 )
 
@@ -95,6 +100,8 @@ CLASS_OTHER = 0xFF0000
 
 BAR = 0
 BAR_SIZE = 0x8000
+# The device's shared memory regions (virtio 1.2, 2.10), if it has any, are in this 64-bit BAR.
+SHARED_MEMORY_BAR = 2
 COMMON_OFFSET = 0x0000
 ISR_OFFSET = 0x1000
 DEVICE_OFFSET = 0x2000
@@ -112,6 +119,7 @@ class CfgType(enum.IntEnum):
     ISR = 3
     DEVICE = 4
     PCI = 5
+    SHARED_MEMORY = 8
 
 
 # The structure each capability is, by type; the others are a plain struct virtio_pci_cap.
@@ -240,6 +248,7 @@ class VirtioPciDevice(PciDevice):
         # VIRTIO_PCI_CAP_PCI_CFG: a window onto BAR0 through config space (bar, offset,
         # length and 4 data bytes, all driver-writable); accesses to it are trapped below.
         self._pci_cfg_cap = self._add_virtio_cap(CfgType.PCI, 0, 0)
+        self._shared_memory = self._add_shared_memory(device.shared_memory_regions())
         self.queues = [_Queue(size) for size in device.queue_max_sizes]
         self.msix = Msix(
             config,
@@ -282,6 +291,29 @@ class VirtioPciDevice(PciDevice):
             writable = ffi.buffer(mask)[CAP_HEADER_SIZE:]
         body = ffi.buffer(full)[CAP_HEADER_SIZE:]
         return self.config.add_capability(CapabilityId.VENDOR, body, writable)
+
+    def _add_shared_memory(self, regions: list[SharedMemoryRegion]) -> dict[int, int]:
+        """Lay the device's shared memory regions out in their own BAR, each described by a
+        shared memory capability; {region id: offset in the BAR}."""
+        if not regions:
+            return {}
+        offsets: dict[int, int] = {}
+        end = 0
+        for region in regions:
+            align = max(PAGE_SIZE, 1 << (region.size - 1).bit_length())
+            offset = -(-end // align) * align
+            offsets[region.id] = offset
+            end = offset + region.size
+            cap: Any = ffi.new("struct virtio_pci_cap64 *")
+            cap.cap.cap_len = ffi.sizeof(cap[0])
+            cap.cap.cfg_type = CfgType.SHARED_MEMORY
+            cap.cap.bar = SHARED_MEMORY_BAR
+            cap.cap.id = region.id
+            cap.cap.offset, cap.offset_hi = offset & 0xFFFFFFFF, offset >> 32
+            cap.cap.length, cap.length_hi = region.size & 0xFFFFFFFF, region.size >> 32
+            self.config.add_capability(CapabilityId.VENDOR, ffi.buffer(cap)[CAP_HEADER_SIZE:])
+        self.config.add_bar64(SHARED_MEMORY_BAR, 1 << (end - 1).bit_length(), prefetchable=True)
+        return offsets
 
     def _reset_state(self) -> None:
         """The registers of a freshly reset device (the interrupt resets its own state)."""
@@ -330,6 +362,11 @@ class VirtioPciDevice(PciDevice):
 
     # BAR0.
     def bars_changed(self, mapped: dict[int, int]) -> None:
+        if self._shared_memory:
+            base = mapped.get(SHARED_MEMORY_BAR)
+            self.device.shared_memory_moved(
+                {i: None if base is None else base + off for i, off in self._shared_memory.items()}
+            )
         with self._lock:
             base = mapped.get(BAR)
             new = None if base is None else base + NOTIFY_OFFSET

@@ -27,6 +27,7 @@ PCI_STRUCTS = [
     "virtio_pci_cap",
     "virtio_pci_notify_cap",
     "virtio_pci_cfg_cap",
+    "virtio_pci_cap64",
     "virtio_pci_common_cfg",
 ]
 # pyvmm's names where they are not the header's.

@@ -14,8 +14,16 @@ from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci import msix
 from pyvmm.devices.pci.config import Command, Reg
 from pyvmm.devices.pci.msix import CapReg, EntryField, MessageControl
-from pyvmm.devices.virtio.device import DeviceStatus, Feature
-from pyvmm.devices.virtio.pci import COMMON_WIDTH, MSIX_TABLE_OFFSET, CommonReg, VirtioPciDevice
+from pyvmm.devices.virtio.device import DeviceStatus, Feature, SharedMemoryRegion
+from pyvmm.devices.virtio.pci import (
+    COMMON_WIDTH,
+    MSIX_TABLE_OFFSET,
+    SHARED_MEMORY_BAR,
+    CfgType,
+    CommonReg,
+    VirtioPciDevice,
+    ffi,
+)
 from pyvmm.devices.virtio.queue import VirtqFlags
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.memory import GuestMemory
@@ -262,3 +270,55 @@ def test_a_failed_device_raises_a_config_interrupt_and_needs_reset(harness: Harn
     assert harness.read(CommonReg.DEVICE_STATUS) & DeviceStatus.DEVICE_NEEDS_RESET
     assert harness.read(CommonReg.CONFIG_GENERATION) == (generation + 1) & 0xFF
     assert _read_isr(harness) == 2  # CONFIG
+
+
+class SharedMemoryDevice(Rng):
+    """A device with two shared memory regions (as virtio-fs's DAX window would be)."""
+
+    def __init__(self) -> None:
+        self.placed: list[dict[int, int | None]] = []
+
+    def shared_memory_regions(self) -> list[SharedMemoryRegion]:
+        return [SharedMemoryRegion(0, MiB), SharedMemoryRegion(1, 3 * MiB)]
+
+    def shared_memory_moved(self, placed: dict[int, int | None]) -> None:
+        self.placed.append(placed)
+
+
+def test_shared_memory_regions_get_a_bar_and_a_capability_each() -> None:
+    mem = GuestMemory([(0, MiB)])
+    intx = LevelIrq(16)
+    backend = SharedMemoryDevice()
+    dev = VirtioPciDevice(
+        backend,
+        mem,
+        intx,
+        allocate_gsi=lambda: 24,
+        set_msi_route=lambda gsi, a, d: None,
+        register_irqfd=lambda fd, gsi: None,
+        register_ioeventfd=lambda fd, addr, n: None,
+        unregister_ioeventfd=lambda fd, addr, n: None,
+    )
+    try:
+        # The capability list, as a driver walks it: the two shared memory capabilities.
+        caps = []
+        at = dev.config.data[Reg.CAPABILITIES]
+        while at:
+            raw = bytes(dev.config.data[at : at + ffi.sizeof("struct virtio_pci_cap64")])
+            cap = ffi.from_buffer("struct virtio_pci_cap64 *", raw)
+            if cap.cap.cfg_type == CfgType.SHARED_MEMORY:
+                offset = cap.cap.offset | cap.offset_hi << 32
+                length = cap.cap.length | cap.length_hi << 32
+                caps.append((cap.cap.id, cap.cap.bar, offset, length))
+            at = dev.config.data[at + 1]
+        assert caps == [(0, 2, 0, MiB), (1, 2, 4 * MiB, 3 * MiB)]
+        assert dev.config.bar_sizes[SHARED_MEMORY_BAR] == 8 * MiB
+        dev.allocate_bars(lambda size, what: 0x1_0000_0000 if size == 8 * MiB else BAR_ADDR)
+        dev.bars_changed({0: BAR_ADDR, SHARED_MEMORY_BAR: 0x1_0000_0000})
+        assert backend.placed[-1] == {0: 0x1_0000_0000, 1: 0x1_0040_0000}
+        dev.bars_changed({0: BAR_ADDR})
+        assert backend.placed[-1] == {0: None, 1: None}
+    finally:
+        dev.close()
+        intx.close()
+        mem.close()
