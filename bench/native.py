@@ -25,11 +25,23 @@ RAND_BLOCK = 4 << 10
 @dataclass(frozen=True)
 class Run:
     wall_s: float
-    cpu_s: float  # the VMM process's user + system time
     first_byte_s: float | None
     peak_rss_mib: float
-    # When each line of the guest's serial output arrived, seconds after the start.
-    lines: list[tuple[float, str]]
+    # Each line of the guest's serial output: when it arrived (seconds after the start), the
+    # VMM's CPU time (all threads) by then, and the text.
+    lines: list[tuple[float, float, str]]
+
+
+def process_cpu_s(pid: int) -> float:
+    """Seconds all of a live process's threads have run so far (nanosecond schedstat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended between the listing and the read
+    return total / 1e9
 
 
 def run_vmm(argv: list[str]) -> Run:
@@ -39,20 +51,22 @@ def run_vmm(argv: list[str]) -> Run:
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     first_byte = time.perf_counter() - start if first else None
-    lines: list[tuple[float, str]] = []
+    lines: list[tuple[float, float, str]] = []
     pending = first
     for raw in proc.stdout:
-        lines.append((time.perf_counter() - start, (pending + raw).decode(errors="replace")))
+        now = time.perf_counter() - start
+        cpu = process_cpu_s(proc.pid)  # the process is not reaped yet: /proc still has it
+        lines.append((now, cpu, (pending + raw).decode(errors="replace")))
         pending = b""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = code = os.waitstatus_to_exitcode(status)
-    failed = [text.strip() for _, text in lines if " FAIL " in text]
+    failed = [text.strip() for _, _, text in lines if " FAIL " in text]
     if code != 0 or failed:
         raise RuntimeError(
             f"{argv[0]} ... exited {code}: {failed or lines[-3:]}\n  {' '.join(argv)}"
         )
-    return Run(wall, usage.ru_utime + usage.ru_stime, first_byte, usage.ru_maxrss / 1024, lines)
+    return Run(wall, first_byte, usage.ru_maxrss / 1024, lines)
 
 
 def _jobs(
@@ -99,16 +113,14 @@ def startup(runs: int, qemu: bool) -> list[Row]:
 
 def exits(runs: int, count: int, qemu: bool) -> list[Row]:
     """The probe's `outloop`: `count` writes to port 0x80 from CPL3, each a VM exit handled by
-    the VMM; a run with 0 writes is subtracted. Wall time and VMM CPU time per exit."""
+    the VMM. Wall time and VMM CPU time (all its threads) per exit, taken between the loop's
+    `start` and `ok` lines, so the VMM's start-up and exit stay out of the figures."""
 
     def make(argv_for: ArgvFor) -> Callable[[], dict[str, float]]:
         def job() -> dict[str, float]:
-            base = run_vmm(argv_for(PROBE, ["probe=outloop", "probe.count=0"]))
-            loop = run_vmm(argv_for(PROBE, ["probe=outloop", f"probe.count={count}"]))
-            return {
-                "wall": (loop.wall_s - base.wall_s) / count * 1e6,
-                "cpu": (loop.cpu_s - base.cpu_s) / count * 1e6,
-            }
+            run = run_vmm(argv_for(PROBE, ["probe=outloop", f"probe.count={count}"]))
+            wall, cpu = _between(run, "PROBE outloop start", "PROBE outloop ok")
+            return {"wall": wall / count * 1e6, "cpu": cpu / count * 1e6}
 
         return job
 
@@ -119,11 +131,12 @@ def exits(runs: int, count: int, qemu: bool) -> list[Row]:
     return _fill(rows, interleave(runs, _jobs(make, qemu)), ["wall", "cpu"])
 
 
-def _between(run: Run, start: str, end: str) -> float:
-    """Seconds between the serial lines starting with `start` and with `end`."""
-    begin = next(t for t, text in run.lines if text.startswith(start))
-    finish = next(t for t, text in run.lines if text.startswith(end))
-    return finish - begin
+def _between(run: Run, start: str, end: str) -> tuple[float, float]:
+    """(wall seconds, VMM CPU seconds) between the serial lines starting with `start` and with
+    `end`."""
+    begin = next((t, c) for t, c, text in run.lines if text.startswith(start))
+    finish = next((t, c) for t, c, text in run.lines if text.startswith(end))
+    return finish[0] - begin[0], finish[1] - begin[1]
 
 
 def host_preadv(image: Path, seq_bytes: int, rand_reqs: int) -> tuple[float, float]:
@@ -169,7 +182,7 @@ def blk(runs: int, image_bytes: int, rand_bytes: int, qemu: bool) -> list[Row]:
                 ):
                     params = ["probe=blkbench", f"probe.bench={mode}", f"probe.bytes={nbytes}"]
                     run = run_vmm(argv_for(PROBE, params, disk=image))
-                    seconds = _between(run, "PROBE blkbench start", "PROBE blkbench ok")
+                    seconds, _ = _between(run, "PROBE blkbench start", "PROBE blkbench ok")
                     out[mode] = (
                         nbytes / seconds / 1e6 if mode == "seq" else nbytes / block / seconds
                     )

@@ -23,10 +23,10 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_startup_and_exit_rows_for_both_vmms(tmp_path: Path) -> None:
-    # Enough exits (~1.3 s of them) that the per-exit figures, a difference of two runs, stand
-    # clear of the noise in the VMMs' start-up (QEMU's alone varies by ~0.1 s).
+    # The per-exit figures are taken between two lines of the guest's own output, so even a
+    # short loop gives every row a positive figure.
     out = tmp_path / "bench.json"
-    proc = bench("--runs", "1", "--only", "startup,exit", "--exits", "20000", "--json", str(out))
+    proc = bench("--runs", "1", "--only", "startup,exit", "--exits", "5000", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["group"], r["name"]): r for r in report["rows"]}
