@@ -1,8 +1,9 @@
 """A stock Debian kernel uses pyvmm's virtio disks, virtio-rng and control socket: an ext4 root
 on a read-only disk (-r), data written to a writable disk (--rwdisk), fstrim on a writable disk,
-entropy from /dev/hwrng, and `pyvmm stop` ending a running VM.
+entropy from /dev/hwrng, `pyvmm stop` ending a running VM, and, booted with `pci=nomsi`, two
+disks and the rng driven through shared level-triggered INTx lines under sustained I/O.
 
-Both boots run in one go (natively or in one test VM boot) and each test judges one boot's report
+The boots run in one go (natively or in one test VM boot) and each test judges one boot's report
 and the files it left behind.
 """
 
@@ -34,6 +35,24 @@ MIN_TRIMMED = 32 * MiB
 STOP_MARKER = "GUEST wait ready"
 DISK_CHECKS = ["root", "disks", "rwdisk", "trim", "hwrng", "dmesg"]
 
+# The INTx boot (pci=nomsi). pyvmm wires PCI device N (disks in command-line order, then the rng)
+# to IO-APIC pin 16 + N % 8. With nine disks every busy device shares its pin with another busy
+# one: vda and vdi share pin 16, vdb and the rng (device 9) pin 17; vdc-vdh are idle read-only
+# fillers. (The MP table has room for 16 PCI interrupts: the rng cannot be device 16, on pin 16.)
+INTX_DISKS = ("vda", "vdb", "vdi")  # each copies its first half to the next one's second half
+INTX_FILLERS = 6
+INTX_MIB = 12  # half a busy disk: the first seeded by the host, the second written by the guest
+# The copies go in rounds of INTX_MIB / INTX_ROUNDS MiB: at each round's end every line falls
+# quiet, where a lost last interrupt would leave its job waiting for ever.
+INTX_ROUNDS = 6
+# Two vCPUs: one takes an interrupt while the other submits the next request, as in any SMP guest
+# (with one vCPU a device's own next completion can never race its interrupt's handler).
+INTX_CPUS = 2
+INTX_WAIT_S = 90  # the guest's bound on each I/O phase: a job still running then has stalled
+INTX_CHECKS = ["intx", "intxio", "dmesg"]
+INTX_DEVICES = [*(f"vd{chr(ord('a') + i)}" for i in range(len(INTX_DISKS) + INTX_FILLERS)), "rng"]
+INTX_BUSY = (*INTX_DISKS, "rng")
+
 
 @dataclass
 class Disks:
@@ -48,10 +67,20 @@ class Disks:
 
 
 @dataclass
+class IntxDisks:
+    """The INTx boot's busy disks: what the host seeded and the images after the boots."""
+
+    seeds: dict[str, bytes]  # disk -> its first INTX_MIB MiB, as the host wrote them
+    images: dict[str, bytes]
+
+
+@dataclass
 class Boots:
     disks: BootResult
     stop: BootResult
+    intx: BootResult
     files: Disks
+    intx_files: IntxDisks
 
 
 def _trim_image(directory: Path) -> Path:
@@ -85,11 +114,21 @@ def boots() -> Iterator[Boots]:
             f.truncate(DATA_MIB * MiB)
         trim_img = _trim_image(dirs.local)  # hole punching needs a local filesystem
         socket = dirs.local / "ctl.sock"  # as does a Unix socket
+        intx_seeds = {
+            disk: random.Random(f"{SEED}-{disk}").randbytes(INTX_MIB * MiB) for disk in INTX_DISKS
+        }
+        intx_imgs = {disk: dirs.shared / f"intx-{disk}.img" for disk in INTX_DISKS}
+        for disk, path in intx_imgs.items():
+            with open(path, "wb") as f:
+                f.write(intx_seeds[disk])
+                f.truncate(2 * INTX_MIB * MiB)
+        filler = dirs.local / "filler.img"  # read-only, so one image can be every filler
+        with open(filler, "wb") as f:
+            f.truncate(MiB)
 
-        def pyvmm(*extra: str) -> list[str]:
-            return harness.pyvmm_argv(
-                "-c", "1", "-m", str(MEM_MIB), "-p", "quiet", "-i", str(files.initramfs), *extra
-            )
+        def pyvmm(*extra: str, cpus: int = 1) -> list[str]:
+            common = ["-c", str(cpus), "-m", str(MEM_MIB), "-p", "quiet"]
+            return harness.pyvmm_argv(*common, "-i", str(files.initramfs), *extra)
 
         specs = [
             BootSpec(
@@ -120,13 +159,34 @@ def boots() -> Iterator[Boots]:
                 on_line={STOP_MARKER: harness.pyvmm_control_argv("stop", socket)},
                 watch=[str(socket)],
             ),
+            BootSpec(
+                "intx",
+                pyvmm(
+                    "-p",
+                    "pci=nomsi",
+                    *["--rwdisk", str(intx_imgs["vda"]), "--rwdisk", str(intx_imgs["vdb"])],
+                    *["-d", str(filler)] * INTX_FILLERS,
+                    *["--rwdisk", str(intx_imgs["vdi"])],
+                    "-p",
+                    f"pyvmm.check={','.join(INTX_CHECKS)}",
+                    "-p",
+                    f"pyvmm.intx_disks={','.join(INTX_DISKS)} pyvmm.intx_mib={INTX_MIB} "
+                    f"pyvmm.intx_rounds={INTX_ROUNDS} pyvmm.intx_wait={INTX_WAIT_S}",
+                    str(files.bzimage),
+                    cpus=INTX_CPUS,
+                ),
+                # Boot, two I/O phases, a stall's report: the guest ends by itself within this.
+                timeout=120 + 2 * INTX_WAIT_S,
+            ),
         ]
-        disks, stop = harness.run(specs)
+        disks, stop, intx = harness.run(specs)
         data = data_img.read_bytes()
         yield Boots(
             disks,
             stop,
+            intx,
             Disks(root, source, data, data_img.stat().st_size, str(trim_img), str(socket)),
+            IntxDisks(intx_seeds, {disk: path.read_bytes() for disk, path in intx_imgs.items()}),
         )
 
 
@@ -225,3 +285,62 @@ def test_pyvmm_stop_ends_the_vm_in_an_orderly_way(boots: Boots) -> None:
     before, after = result.watched[boots.files.socket]
     assert before is None
     assert after is None, "pyvmm left its control socket behind"
+
+
+def _intx_pins(details: str) -> dict[str, int]:
+    """device -> IO-APIC pin, from `GUEST intx ok vda@16 vdb@17 ...; shared 16=vda+vdi ...`."""
+    devices, _, _ = details.partition(";")
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+)@(\d+)", devices)}
+
+
+def test_intx_boot_runs_every_check_and_resets(boots: Boots) -> None:
+    result = boots.intx
+    _completed(result)
+    for name in INTX_CHECKS:
+        _check(result, name)
+    assert "GUEST done" in result.output, f"init did not finish:\n{result.output[-3000:]}"
+
+
+def _intx_copies() -> list[tuple[str, str]]:
+    """(from, to) for each copy the guest makes: a busy disk's first half to the next's second."""
+    return list(zip(INTX_DISKS, INTX_DISKS[1:] + INTX_DISKS[:1], strict=True))
+
+
+def test_pci_nomsi_puts_the_virtio_devices_on_shared_intx_lines(boots: Boots) -> None:
+    details = _check(boots.intx, "intx")  # the guest checked: no MSI, level-triggered IO-APIC
+    pins = _intx_pins(details)
+    assert sorted(pins) == sorted(INTX_DEVICES), details
+    assert all(16 <= pin <= 23 for pin in pins.values()), f"not PCI's IO-APIC pins: {details}"
+    for device in INTX_BUSY:
+        mates = [d for d in INTX_BUSY if d != device and pins[d] == pins[device]]
+        assert mates, f"{device} shares its INTx line with no other busy device: {details}"
+
+
+def test_sustained_io_on_shared_intx_lines_completes_and_reaches_the_images(
+    boots: Boots,
+) -> None:
+    details = _check(boots.intx, "intxio")  # FAIL says which I/O job stalled, and how
+    seeds = boots.intx_files.seeds
+    sums = dict(re.findall(r"(\w+>\w+):([0-9a-f]{32})", details))
+    assert sums == {
+        f"{source}>{target}": hashlib.md5(seeds[source]).hexdigest()
+        for source, target in _intx_copies()
+    }, f"the guest read back other data than the host seeded: {details}"
+    half = INTX_MIB * MiB
+    for source, target in _intx_copies():
+        image = boots.intx_files.images[target]
+        assert len(image) == 2 * half, f"{target}'s image changed size"
+        assert image[:half] == seeds[target], f"{target}'s first {INTX_MIB} MiB changed"
+        assert image[half:] == seeds[source], (
+            f"{target}'s second {INTX_MIB} MiB on the host are not {source}'s first, copied"
+        )
+
+
+def test_the_shared_intx_lines_carried_the_interrupts(boots: Boots) -> None:
+    pins = _intx_pins(_check(boots.intx, "intx"))
+    details = _check(boots.intx, "intxio")
+    taken = {int(pin): int(n) for pin, n in re.findall(r"(\d+) [\w+]+ \+(\d+)", details)}
+    for device in INTX_BUSY:
+        assert taken.get(pins[device], 0) > 0, (
+            f"no interrupt on {device}'s IO-APIC pin {pins[device]} during the I/O: {details}"
+        )
