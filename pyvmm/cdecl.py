@@ -32,7 +32,7 @@ _declared: dict[str, tuple[str, bool]] = {}
 DECLARING_MODULES = [
     "pyvmm.kvm.abi",
     "pyvmm.kvm.x86_64",
-    "pyvmm.arch.x86_64.bootparams",
+    "pyvmm.loader.bootparams",
     "pyvmm.arch.x86_64.mptable",
     "pyvmm.disk.raw",
     "pyvmm.devices.pci.msix",

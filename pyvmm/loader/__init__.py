@@ -1,9 +1,12 @@
 """Kernel loading: detect the image format by content and load it into guest memory.
 
-`load_kernel` is the entry point; `elf` and `bzimage` hold the two formats, `initrd` and `cmdline`
-the other things the boot contract places in guest RAM (DESIGN.md, "Boot contract"). The helpers
-here (opening an image, reading it straight into guest RAM, checking a range is RAM) are shared by
-those modules.
+`load_kernel` is the entry point; `elf` and `bzimage` hold the two formats, `bootparams` the
+Linux boot protocol's structures, `initrd` and `cmdline` the other things the boot contract places
+in guest RAM (DESIGN.md, "Boot contract"). The helpers here (opening an image, reading it straight
+into guest RAM, checking a range is RAM) are shared by those modules.
+
+The loader knows file formats, not a machine: the architecture hands it a `LoadArea` saying where
+in guest-physical memory a kernel and an initrd may go.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import errno
 import os
 from dataclasses import dataclass
 
-from pyvmm.arch.x86_64.layout import FIRST_ADDR_PAST_32BITS, PCI_HOLE_START, MiB
 from pyvmm.files import FileKindError, open_file
 from pyvmm.loader.errors import (
     CmdlineError,
@@ -25,6 +27,7 @@ from pyvmm.loader.errors import (
 )
 from pyvmm.memory import MAX_MEM_MIB, GuestMemory
 
+MiB = 1 << 20
 # Bytes read at most per preadv() when copying a file into guest RAM.
 READ_CHUNK = 16 * MiB
 # Enough of the file to recognise either format (the bzImage setup header starts at 0x1f1).
@@ -35,11 +38,27 @@ __all__ = [
     "InitrdError",
     "KernelImage",
     "KernelLoadError",
+    "LoadArea",
     "build_cmdline",
     "load_initrd",
     "load_kernel",
     "write_cmdline",
 ]
+
+
+@dataclass(frozen=True)
+class LoadArea:
+    """Where, in an architecture's guest-physical map, a kernel and an initrd may lie."""
+
+    floor: int
+    """The lowest address either may use."""
+    below_floor: str
+    """What the VMM keeps below `floor`, for error messages."""
+    hole_start: int
+    """[hole_start, hole_end) is never RAM; RAM past hole_start continues at hole_end."""
+    hole_end: int
+    hole_name: str
+    """What the hole is, for error messages (x86: "the PCI hole")."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +81,17 @@ class KernelImage:
     """"elf" or "bzImage"."""
 
 
-def load_kernel(mem: GuestMemory, path: str) -> KernelImage:
-    """Load the ELF vmlinux or bzImage at `path` into `mem`; the format is detected by content."""
+def load_kernel(mem: GuestMemory, path: str, area: LoadArea) -> KernelImage:
+    """Load the ELF vmlinux or bzImage at `path` into `mem`, inside `area`; the format is
+    detected by content."""
     label = f"kernel {path}"
     fd = open_image(path, label, KernelFileError)
     try:
         head = read_head(fd, DETECT_SIZE, label, KernelFileError)
         if is_elf(head):
-            return load_elf(mem, fd, path)
+            return load_elf(mem, fd, path, area)
         if is_bzimage(head):
-            return load_bzimage(mem, fd, path)
+            return load_bzimage(mem, fd, path, area)
         raise NotAKernelError(f"{label}: neither an ELF vmlinux nor a bzImage")
     finally:
         os.close(fd)
@@ -151,23 +171,25 @@ def format_size(n: int) -> str:
     return f"{n} byte{'' if n == 1 else 's'}"
 
 
-def ram_needed_for(end: int) -> int:
-    """The smallest -m (in bytes) whose RAM layout covers guest-physical addresses below `end`."""
-    if end <= PCI_HOLE_START:
+def ram_needed_for(end: int, area: LoadArea) -> int:
+    """The smallest -m (in bytes) whose RAM covers guest-physical addresses below `end`."""
+    if end <= area.hole_start:
         return end
-    return end - FIRST_ADDR_PAST_32BITS + PCI_HOLE_START
+    return end - area.hole_end + area.hole_start
 
 
-def check_kernel_ram(mem: GuestMemory, start: int, end: int, label: str, what: str) -> None:
+def check_kernel_ram(
+    mem: GuestMemory, area: LoadArea, start: int, end: int, label: str, what: str
+) -> None:
     """Raise unless guest RAM holds [start, end); the error says how to fix it."""
     if end <= start or mem.is_ram(start, end - start):
         return
-    if start < PCI_HOLE_START < end or PCI_HOLE_START <= start < FIRST_ADDR_PAST_32BITS:
+    if start < area.hole_start < end or area.hole_start <= start < area.hole_end:
         raise KernelOutsideRamError(
-            f"{label}: {what} [{start:#x}, {end:#x}) reaches into the PCI hole "
-            f"[{PCI_HOLE_START:#x}, {FIRST_ADDR_PAST_32BITS:#x}), which is never RAM"
+            f"{label}: {what} [{start:#x}, {end:#x}) reaches into {area.hole_name} "
+            f"[{area.hole_start:#x}, {area.hole_end:#x}), which is never RAM"
         )
-    needed = ram_needed_for(end)
+    needed = ram_needed_for(end, area)
     if needed > MAX_MEM_MIB * MiB:
         raise KernelTooLargeError(
             f"{label}: {what} [{start:#x}, {end:#x}) needs RAM up to {format_mib(needed)}, more "

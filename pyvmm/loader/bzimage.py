@@ -9,15 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyvmm.arch.x86_64.bootparams import (
+from pyvmm.loader import (
+    KernelImage,
+    LoadArea,
+    check_kernel_ram,
+    file_size,
+    format_size,
+    read_head,
+    read_into_guest,
+)
+from pyvmm.loader.bootparams import (
     BOOT_FLAG_MAGIC,
     HDRS_MAGIC,
     SETUP_HEADER_OFFSET,
     XLF_KERNEL_64,
     ffi,
 )
-from pyvmm.arch.x86_64.layout import HIGH_MEMORY_START
-from pyvmm.loader import KernelImage, check_kernel_ram, file_size, read_head, read_into_guest
 from pyvmm.loader.errors import (
     BzImageHeaderError,
     BzImageProtocolError,
@@ -69,7 +76,7 @@ def is_bzimage(head: bytes) -> bool:
     return bool(hdr.boot_flag == BOOT_FLAG_MAGIC and hdr.header == HDRS_MAGIC)
 
 
-def load_bzimage(mem: GuestMemory, fd: int, path: str) -> KernelImage:
+def load_bzimage(mem: GuestMemory, fd: int, path: str, area: LoadArea) -> KernelImage:
     """Load the bzImage open on `fd` (named `path` in errors) into `mem`."""
     label = f"kernel {path}"
     size = file_size(fd, label, KernelFileError)
@@ -117,14 +124,14 @@ def load_bzimage(mem: GuestMemory, fd: int, path: str) -> KernelImage:
     # syssize may round the payload down to a whole paragraph.
     payload_size = size - payload_offset
     load_addr = int(hdr.pref_address)
-    if load_addr < HIGH_MEMORY_START:
+    if load_addr < area.floor:
         raise KernelOutsideRamError(
-            f"{label}: bzImage pref_address {load_addr:#x} is below 1 MiB ({HIGH_MEMORY_START:#x}),"
-            " where pyvmm keeps the zero page, page tables and command line"
+            f"{label}: bzImage pref_address {load_addr:#x} is below {format_size(area.floor)} "
+            f"({area.floor:#x}), where pyvmm keeps {area.below_floor}"
         )
     load_end = load_addr + max(int(hdr.init_size), payload_size)
     check_kernel_ram(
-        mem, load_addr, load_end, label, "bzImage load range (pref_address + init_size)"
+        mem, area, load_addr, load_end, label, "bzImage load range (pref_address + init_size)"
     )
     got = read_into_guest(fd, mem, load_addr, payload_size, payload_offset, label, KernelFileError)
     if got != payload_size:

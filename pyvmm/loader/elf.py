@@ -13,12 +13,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from pyvmm.arch.x86_64.layout import HIGH_MEMORY_START
 from pyvmm.loader import (
     KernelImage,
+    LoadArea,
     check_kernel_ram,
     describe_os_error,
     file_size,
+    format_size,
     read_into_guest,
 )
 from pyvmm.loader.errors import (
@@ -79,7 +80,7 @@ def is_elf(head: bytes) -> bool:
     return head.startswith(ELF_MAGIC)
 
 
-def load_elf(mem: GuestMemory, fd: int, path: str) -> KernelImage:
+def load_elf(mem: GuestMemory, fd: int, path: str, area: LoadArea) -> KernelImage:
     """Load the ELF kernel open on `fd` (named `path` in errors) into `mem`."""
     label = f"kernel {path}"
     size = file_size(fd, label, KernelFileError)
@@ -87,7 +88,7 @@ def load_elf(mem: GuestMemory, fd: int, path: str) -> KernelImage:
     if not segments:
         raise ElfNoLoadableSegmentError(f"{label}: ELF has no PT_LOAD segment; nothing to load")
     for seg in segments:
-        _check_segment(seg, size, label)
+        _check_segment(seg, size, label, area)
     ordered = sorted(segments, key=lambda s: s.paddr)
     for lower, upper in itertools.pairwise(ordered):
         if lower.end > upper.paddr:
@@ -96,7 +97,7 @@ def load_elf(mem: GuestMemory, fd: int, path: str) -> KernelImage:
             )
     # Highest first, so that a too-small -m is reported with the RAM the whole kernel needs.
     for seg in sorted(segments, key=lambda s: s.end, reverse=True):
-        check_kernel_ram(mem, seg.paddr, seg.end, label, f"PT_LOAD segment {seg.index}")
+        check_kernel_ram(mem, area, seg.paddr, seg.end, label, f"PT_LOAD segment {seg.index}")
     if not any(s.paddr <= entry < s.end for s in segments):
         raise ElfEntryError(
             f"{label}: ELF entry point e_entry={entry:#x} is not inside any PT_LOAD segment "
@@ -215,7 +216,7 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _check_segment(seg: _Segment, size: int, label: str) -> None:
+def _check_segment(seg: _Segment, size: int, label: str, area: LoadArea) -> None:
     if seg.filesz > seg.memsz:
         raise ElfSegmentSizeError(
             f"{label}: {seg.describe()} has p_filesz {seg.filesz:#x} > p_memsz {seg.memsz:#x}"
@@ -225,8 +226,8 @@ def _check_segment(seg: _Segment, size: int, label: str) -> None:
             f"{label}: truncated ELF: {seg.describe()} needs file bytes up to "
             f"{seg.offset + seg.filesz:#x}, the file has {size:#x}"
         )
-    if seg.paddr < HIGH_MEMORY_START:
+    if seg.paddr < area.floor:
         raise KernelOutsideRamError(
-            f"{label}: {seg.describe()} starts below 1 MiB ({HIGH_MEMORY_START:#x}), where pyvmm "
-            "keeps the zero page, page tables and command line"
+            f"{label}: {seg.describe()} starts below {format_size(area.floor)} ({area.floor:#x}), "
+            f"where pyvmm keeps {area.below_floor}"
         )

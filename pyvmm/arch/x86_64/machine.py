@@ -20,6 +20,8 @@ from pyvmm.arch.x86_64.gdt import write_gdt
 from pyvmm.arch.x86_64.layout import (
     CMDLINE_MAX_SIZE,
     CMDLINE_START,
+    FIRST_ADDR_PAST_32BITS,
+    HIGH_MEMORY_START,
     IOAPIC_START,
     PCI_HOLE_START,
     PCI_MMIO_START,
@@ -47,7 +49,7 @@ from pyvmm.kvm.routing import MAX_ROUTES
 from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import Vm
-from pyvmm.loader import load_initrd, load_kernel, write_cmdline
+from pyvmm.loader import LoadArea, load_initrd, load_kernel, write_cmdline
 from pyvmm.memory import GuestMemory
 
 SERIAL_PORT = 0x3F8
@@ -61,6 +63,14 @@ CMOS_PORT_LEN = 2
 # PCI INTA# lines go to IOAPIC pins 16-23, clear of the ISA interrupts.
 PCI_INTX_FIRST_GSI = 16
 PCI_INTX_GSIS = 8
+# Kernel and initrd go above 1 MiB, RAM around the PCI hole (layout.py).
+LOAD_AREA = LoadArea(
+    floor=HIGH_MEMORY_START,
+    below_floor="the zero page, page tables and command line",
+    hole_start=PCI_HOLE_START,
+    hole_end=FIRST_ADDR_PAST_32BITS,
+    hole_name="the PCI hole",
+)
 # KVM has had at least this many memory slots since it could say how many (KVM_CAP_NR_MEMSLOTS).
 MIN_MEMSLOTS = 32
 
@@ -98,12 +108,12 @@ class X86_64:
     def load_guest(
         self, mem: GuestMemory, kernel: str, cmdline: str, initrd: str | None
     ) -> GuestImage:
-        image = load_kernel(mem, kernel)
+        image = load_kernel(mem, kernel, LOAD_AREA)
         write_cmdline(mem, CMDLINE_START, cmdline, min(image.cmdline_max, CMDLINE_MAX_SIZE - 1))
         placed = None
         if initrd is not None:
             low_ram_end = min(mem.ram_regions[0].end, PCI_HOLE_START)
-            placed = load_initrd(mem, initrd, image, low_ram_end)
+            placed = load_initrd(mem, initrd, image, low_ram_end, LOAD_AREA)
         return GuestImage(image, CMDLINE_START, len(cmdline) + 1, placed)
 
     def add_platform_devices(

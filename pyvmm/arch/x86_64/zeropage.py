@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pyvmm.arch.x86_64.bootparams import (
-    BOOT_FLAG_MAGIC,
-    E820_MAX_ENTRIES_ZEROPAGE,
-    HDRS_MAGIC,
-    LOADER_TYPE_UNDEFINED,
-    ffi,
-)
 from pyvmm.arch.x86_64.layout import (
     E820_RAM,
     E820_RESERVED,
     EBDA_START,
     HIGH_MEMORY_START,
     ZERO_PAGE_START,
+)
+from pyvmm.loader.bootparams import (
+    BOOT_FLAG_MAGIC,
+    E820_MAX_ENTRIES_ZEROPAGE,
+    HDRS_MAGIC,
+    LOADER_TYPE_UNDEFINED,
+    ffi,
 )
 from pyvmm.memory import GuestMemory
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyvmm.arch.x86_64.bootparams import (
+from pyvmm.loader.bootparams import (
     BOOT_FLAG_MAGIC,
     HDRS_MAGIC,
     SETUP_HEADER_OFFSET,

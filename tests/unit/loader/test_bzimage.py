@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from pyvmm.arch.x86_64.bootparams import SETUP_HEADER_OFFSET, ffi
+from pyvmm.arch.x86_64.machine import LOAD_AREA
 from pyvmm.loader import load_kernel
+from pyvmm.loader.bootparams import SETUP_HEADER_OFFSET, ffi
 from pyvmm.loader.errors import (
     BzImageHeaderError,
     BzImageProtocolError,
@@ -31,12 +32,12 @@ DEFAULT = BzParams()
 
 
 def load(mem: GuestMemory, tmp_path: Path, params: BzParams) -> object:
-    return load_kernel(mem, write_image(tmp_path, make_bzimage(params)))
+    return load_kernel(mem, write_image(tmp_path, make_bzimage(params)), LOAD_AREA)
 
 
 def test_loads_payload_at_pref_address(mem: GuestMemory, tmp_path: Path) -> None:
     image = make_bzimage(DEFAULT)
-    kernel = load_kernel(mem, write_image(tmp_path, image))
+    kernel = load_kernel(mem, write_image(tmp_path, image), LOAD_AREA)
     assert kernel.kind == "bzImage"
     assert kernel.entry == 16 * MiB + 0x200
     assert kernel.load_start == 16 * MiB
@@ -54,14 +55,14 @@ def test_loads_payload_at_pref_address(mem: GuestMemory, tmp_path: Path) -> None
 def test_short_header_is_returned_as_declared(mem: GuestMemory, tmp_path: Path) -> None:
     end = SETUP_HEADER_OFFSET + ffi.offsetof("struct setup_header", "handover_offset")
     image = make_bzimage(replace(DEFAULT, header_end=end))
-    kernel = load_kernel(mem, write_image(tmp_path, image))
+    kernel = load_kernel(mem, write_image(tmp_path, image), LOAD_AREA)
     assert kernel.setup_header == image[SETUP_HEADER_OFFSET:end]
 
 
 def test_setup_sects_zero_means_four(mem: GuestMemory, tmp_path: Path) -> None:
     image = bytearray(make_bzimage(replace(DEFAULT, setup_sects=4)))
     image[SETUP_HEADER_OFFSET] = 0
-    kernel = load_kernel(mem, write_image(tmp_path, bytes(image)))
+    kernel = load_kernel(mem, write_image(tmp_path, bytes(image)), LOAD_AREA)
     assert mem.read(kernel.load_start, len(DEFAULT.payload)) == DEFAULT.payload
 
 
@@ -74,7 +75,9 @@ def test_loads_bytes_after_syssize(mem: GuestMemory, tmp_path: Path) -> None:
 
 
 def test_payload_larger_than_init_size_counts(mem: GuestMemory, tmp_path: Path) -> None:
-    kernel = load_kernel(mem, write_image(tmp_path, make_bzimage(replace(DEFAULT, init_size=16))))
+    kernel = load_kernel(
+        mem, write_image(tmp_path, make_bzimage(replace(DEFAULT, init_size=16))), LOAD_AREA
+    )
     assert kernel.load_end == 16 * MiB + len(DEFAULT.payload)
 
 
@@ -99,14 +102,14 @@ def test_rejects_bad_header_length(mem: GuestMemory, tmp_path: Path, end: int) -
 def test_rejects_cut_header(mem: GuestMemory, tmp_path: Path) -> None:
     path = write_image(tmp_path, make_bzimage(DEFAULT)[:0x230])
     with pytest.raises(KernelTruncatedError, match="the setup header ends at 0x26c"):
-        load_kernel(mem, path)
+        load_kernel(mem, path, LOAD_AREA)
 
 
 def test_rejects_truncated_payload(mem: GuestMemory, tmp_path: Path) -> None:
     image = make_bzimage(DEFAULT)
     path = write_image(tmp_path, image[:-1])
     with pytest.raises(KernelTruncatedError, match=r"truncated bzImage: setup_sects 4"):
-        load_kernel(mem, path)
+        load_kernel(mem, path, LOAD_AREA)
 
 
 def test_rejects_zero_syssize(mem: GuestMemory, tmp_path: Path) -> None:

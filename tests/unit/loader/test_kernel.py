@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.arch.x86_64.layout import ram_ranges
+from pyvmm.arch.x86_64.machine import LOAD_AREA
 from pyvmm.loader import KernelLoadError, format_size, load_kernel
 from pyvmm.loader.errors import KernelFileError, NotAKernelError
 from pyvmm.memory import GuestMemory
@@ -20,12 +21,12 @@ from tests.unit.loader.images import MiB, Seg, make_bzimage, make_elf, write_ima
 def test_missing_file(mem: GuestMemory, tmp_path: Path) -> None:
     path = str(tmp_path / "nope")
     with pytest.raises(KernelFileError, match=rf"^kernel {path}: no such file$"):
-        load_kernel(mem, path)
+        load_kernel(mem, path, LOAD_AREA)
 
 
 def test_directory(mem: GuestMemory, tmp_path: Path) -> None:
     with pytest.raises(KernelFileError, match=r"is a directory; expected a regular file$"):
-        load_kernel(mem, str(tmp_path))
+        load_kernel(mem, str(tmp_path), LOAD_AREA)
 
 
 @pytest.mark.timeout(20)
@@ -33,7 +34,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(mem: GuestMemory, tmp_pa
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(KernelFileError) as e:
-        load_kernel(mem, str(fifo))
+        load_kernel(mem, str(fifo), LOAD_AREA)
     assert str(e.value) == f"kernel {fifo}: is a FIFO (named pipe); expected a regular file"
 
 
@@ -42,20 +43,23 @@ def test_unreadable(mem: GuestMemory, tmp_path: Path) -> None:
     path = write_image(tmp_path, make_elf([Seg(0x100000, b"\xf4")]))
     os.chmod(path, 0)
     with pytest.raises(KernelFileError, match="permission denied"):
-        load_kernel(mem, path)
+        load_kernel(mem, path, LOAD_AREA)
 
 
 @pytest.mark.parametrize("data", [b"", b"MZ" + bytes(1000), b"\x7fEL", bytes(0x300)])
 def test_not_a_kernel(mem: GuestMemory, tmp_path: Path, data: bytes) -> None:
     path = write_image(tmp_path, data)
     with pytest.raises(NotAKernelError, match=r"neither an ELF vmlinux nor a bzImage$"):
-        load_kernel(mem, path)
+        load_kernel(mem, path, LOAD_AREA)
 
 
 def test_detects_by_content_not_name(mem: GuestMemory, tmp_path: Path) -> None:
-    assert load_kernel(mem, write_image(tmp_path, make_bzimage(), "vmlinux")).kind == "bzImage"
+    assert (
+        load_kernel(mem, write_image(tmp_path, make_bzimage(), "vmlinux"), LOAD_AREA).kind
+        == "bzImage"
+    )
     elf = make_elf([Seg(0x100000, b"\xf4")])
-    assert load_kernel(mem, write_image(tmp_path, elf, "bzImage")).kind == "elf"
+    assert load_kernel(mem, write_image(tmp_path, elf, "bzImage"), LOAD_AREA).kind == "elf"
 
 
 # Hypothesis: whatever the bytes, the loader succeeds or raises KernelLoadError - never anything
@@ -68,7 +72,7 @@ _FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(Hea
 def _try_load(data: bytes) -> None:
     path = write_image(Path(_DIR.name), data, "fuzz")
     try:
-        kernel = load_kernel(_MEM, path)
+        kernel = load_kernel(_MEM, path, LOAD_AREA)
     except KernelLoadError as exc:
         assert "\n" not in str(exc)
         assert path in str(exc)

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvmm.arch.x86_64.bootparams import HDRS_MAGIC, ffi
 from pyvmm.arch.x86_64.layout import (
     E820_RAM,
     E820_RESERVED,
@@ -17,6 +16,7 @@ from pyvmm.arch.x86_64.layout import (
     ram_ranges,
 )
 from pyvmm.arch.x86_64.zeropage import BootInfo, E820Entry, e820_map, write_zero_page
+from pyvmm.loader.bootparams import HDRS_MAGIC, ffi
 from pyvmm.memory import GuestMemory
 
 MiB = 1 << 20

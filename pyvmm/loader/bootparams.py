@@ -1,7 +1,7 @@
 """The Linux x86 boot protocol ABI: `struct setup_header` and the zero page (`boot_params`).
 
 Declared as in `<asm/bootparam.h>` (packed); fields pyvmm never touches are padding of the same
-size. `tests/unit/arch/x86_64/test_bootparams.py` checks sizes and offsets against the header.
+size. `tests/unit/loader/test_bootparams.py` checks sizes and offsets against the header.
 """
 
 from __future__ import annotations

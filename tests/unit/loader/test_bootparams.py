@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyvmm.arch.x86_64.bootparams import ffi
+from pyvmm.loader.bootparams import ffi
 from tests.cheaders import c_facts
 
 
