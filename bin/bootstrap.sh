@@ -6,8 +6,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 
 # Debian packages the build needs: gcc/make/binutils build the probe guest, the kernel
-# headers check our cffi declarations, python3-venv makes .venv.
-APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev)
+# headers check our cffi declarations, python3-venv makes .venv. The device sandbox loads
+# libseccomp and libcap; their -dev packages hold the headers its declarations are checked
+# against.
+APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 libcap2 libseccomp-dev libcap-dev)
 # What the Linux guest kit and the test VM need: kmod (depmod) and e2fsprogs for the kit,
 # QEMU for the test VM on hosts whose KVM cannot boot a stock kernel.
 LINUX_APT_PACKAGES=(kmod e2fsprogs qemu-system-x86)

@@ -1,0 +1,240 @@
+"""Seccomp filters for device processes: a policy file (`policy.py`) compiled with libseccomp.
+
+libseccomp (libseccomp.so.2, through cffi) turns the rules into BPF for this machine's
+architecture; other architectures' system call conventions (x86's 32-bit `int 0x80`, say) are
+killed outright. A call the policy does not allow kills the whole process (SECCOMP_RET_KILL_
+PROCESS), or, with `log_failures`, is allowed and logged by the kernel (SECCOMP_RET_LOG: an
+audit line naming the process, which is named after its device, and the call's number).
+
+Policies live in `seccomp/<arch>/<device>.policy` at the top of the tree (`policy_dir()`);
+`--seccomp-policy-dir` names another folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import select
+import signal
+import socket
+import termios
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyvmm.cdecl import declare
+from pyvmm.sandbox.policy import Op, Policy, PolicyError, Rule, load_policy
+
+_ffi: Any = declare(
+    "seccomp",
+    """
+    typedef void *scmp_filter_ctx;
+    struct scmp_arg_cmp {
+        unsigned int arg;
+        int op;
+        uint64_t datum_a;
+        uint64_t datum_b;
+    };
+    struct scmp_version { unsigned int major; unsigned int minor; unsigned int micro; };
+    const struct scmp_version *seccomp_version(void);
+    scmp_filter_ctx seccomp_init(uint32_t def_action);
+    void seccomp_release(scmp_filter_ctx ctx);
+    int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint64_t value);
+    int seccomp_syscall_resolve_name(const char *name);
+    int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
+                               unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
+    int seccomp_load(const scmp_filter_ctx ctx);
+    int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
+    """,
+)
+
+LIBRARY = "libseccomp.so.2"
+# From <seccomp.h> (checked against it in tests/unit/sandbox/test_seccomp.py).
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_ERRNO_BASE = 0x00050000
+SCMP_ACT_LOG = 0x7FFC0000
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_ACT_BADARCH = 2
+SCMP_FLTATR_CTL_NNP = 3
+CMP_OPS = {Op.NE: 1, Op.LT: 2, Op.LE: 3, Op.EQ: 4, Op.GE: 5, Op.GT: 6}
+SCMP_CMP_MASKED_EQ = 7
+U64_MASK = (1 << 64) - 1
+
+# Constants policies may name that Python's standard library does not export, as in the kernel
+# headers (checked against them in tests/unit/sandbox/test_seccomp.py).
+EXTRA_CONSTANTS = {
+    "AT_FDCWD": -100,
+    "AT_EMPTY_PATH": 0x1000,
+    "FUTEX_WAIT": 0,
+    "FUTEX_WAKE": 1,
+    "FUTEX_REQUEUE": 3,
+    "FUTEX_CMP_REQUEUE": 4,
+    "FUTEX_WAKE_OP": 5,
+    "FUTEX_WAIT_BITSET": 9,
+    "FUTEX_WAKE_BITSET": 10,
+    "FUTEX_PRIVATE_FLAG": 128,
+    "FUTEX_CLOCK_REALTIME": 256,
+    "CLONE_VM": 0x100,
+    "CLONE_FS": 0x200,
+    "CLONE_FILES": 0x400,
+    "CLONE_SIGHAND": 0x800,
+    "CLONE_THREAD": 0x10000,
+    "CLONE_SYSVSEM": 0x40000,
+    "CLONE_SETTLS": 0x80000,
+    "CLONE_PARENT_SETTID": 0x100000,
+    "CLONE_CHILD_CLEARTID": 0x200000,
+    "FALLOC_FL_KEEP_SIZE": 0x01,
+    "FALLOC_FL_PUNCH_HOLE": 0x02,
+    "FALLOC_FL_ZERO_RANGE": 0x10,
+    "PR_SET_PDEATHSIG": 1,
+    "PR_SET_NAME": 15,
+    "PR_GET_NAME": 16,
+    "PR_SET_NO_NEW_PRIVS": 38,
+}
+# Prefixes of the names taken from the standard library's modules (their values are this
+# machine's, as the C library's headers have them).
+_STDLIB_SOURCES: list[tuple[Any, tuple[str, ...]]] = [
+    (os, ("O_", "EFD_", "MFD_", "GRND_", "SEEK_", "RWF_", "POSIX_FADV_", "F_OK", "R_OK", "W_OK")),
+    (fcntl, ("F_", "LOCK_")),
+    (mmap, ("PROT_", "MAP_", "MADV_")),
+    (socket, ("AF_", "SOCK_", "MSG_", "SOL_", "SO_", "SCM_", "SHUT_")),
+    (select, ("EPOLL",)),
+    (termios, ("FIO", "TCGETS", "TCSETS", "TIOCGWINSZ")),
+    (signal, ("SIG",)),
+]
+
+
+class SeccompError(Exception):
+    """A policy that cannot be compiled or installed; one line naming the file."""
+
+
+def constant(name: str) -> int | None:
+    """The value of a constant a policy names, or None if pyvmm does not know it."""
+    if name in EXTRA_CONSTANTS:
+        return EXTRA_CONSTANTS[name]
+    for module, prefixes in _STDLIB_SOURCES:
+        if name.startswith(prefixes):
+            value = getattr(module, name, None)
+            if isinstance(value, int):
+                return int(value)
+    return None
+
+
+def errno_value(name: str) -> int | None:
+    value = getattr(errno, name, None)
+    return value if isinstance(value, int) and name.startswith("E") else None
+
+
+def policy_dir(override: str | None = None) -> Path:
+    """The folder of this machine's policies: `override`, else seccomp/<arch>/ in the tree."""
+    if override is not None:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "seccomp" / os.uname().machine
+
+
+def read_policy(directory: Path, device: str) -> Policy:
+    """`<directory>/<device>.policy`, parsed; a PolicyError names file and line."""
+    return load_policy(directory / f"{device}.policy", constant, errno_value)
+
+
+@dataclass
+class Filter:
+    """A compiled filter, ready to install in this process."""
+
+    ctx: Any
+    where: str  # the policy file, for errors
+
+    def install(self) -> None:
+        """Install the filter in the calling process (and every thread it starts later). It
+        sets no_new_privs, as the kernel requires; do this last, after the jail."""
+        rc = _lib().seccomp_load(self.ctx)
+        if rc < 0:
+            raise SeccompError(f"{self.where}: cannot install the filter: {os.strerror(-rc)}")
+
+    def export_bpf(self, fd: int) -> None:
+        """Write the BPF program to `fd` (what `tests` and debugging look at)."""
+        rc = _lib().seccomp_export_bpf(self.ctx, fd)
+        if rc < 0:
+            raise SeccompError(f"{self.where}: cannot export the filter: {os.strerror(-rc)}")
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            _lib().seccomp_release(self.ctx)
+            self.ctx = None
+
+
+_loaded: Any = None
+
+
+def _lib() -> Any:
+    global _loaded
+    if _loaded is None:
+        try:
+            _loaded = _ffi.dlopen(LIBRARY)
+        except OSError as exc:
+            raise SeccompError(
+                f"cannot load {LIBRARY} (install libseccomp2): {str(exc).splitlines()[0]}"
+            ) from None
+    return _loaded
+
+
+def compile_policy(policy: Policy, where: str, log_failures: bool = False) -> Filter:
+    """Compile `policy` (read from `where`) for this machine: calls it does not allow kill the
+    process, or with `log_failures` are logged and allowed."""
+    lib = _lib()
+    default = SCMP_ACT_LOG if log_failures else SCMP_ACT_KILL_PROCESS
+    ctx = lib.seccomp_init(default)
+    if ctx == _ffi.NULL:
+        raise SeccompError(f"{where}: libseccomp could not start a filter")
+    compiled = Filter(ctx, where)
+    try:
+        _check(lib.seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS), where)
+        for rule in policy.rules.values():
+            _add_rule(lib, ctx, rule, default)
+    except BaseException:
+        compiled.close()
+        raise
+    return compiled
+
+
+def load_filter(directory: Path, device: str, log_failures: bool = False) -> Filter:
+    """Read and compile `<directory>/<device>.policy`; errors name the file (and line)."""
+    try:
+        policy = read_policy(directory, device)
+    except PolicyError as exc:
+        raise SeccompError(str(exc)) from None
+    return compile_policy(policy, str(directory / f"{device}.policy"), log_failures)
+
+
+def _add_rule(lib: Any, ctx: Any, rule: Rule, default: int) -> None:
+    number = lib.seccomp_syscall_resolve_name(rule.syscall.encode())
+    if number < 0:
+        raise SeccompError(f"{rule.where}: {rule.syscall} is not a system call on this machine")
+    if rule.allowed_when is None:
+        _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 0, _ffi.NULL), rule.where)
+        return
+    for conjunction in rule.allowed_when:
+        args = _ffi.new("struct scmp_arg_cmp[]", len(conjunction))
+        for slot, comparison in zip(args, conjunction, strict=True):
+            slot.arg = comparison.arg
+            if comparison.op is Op.IN:  # no bit outside the mask: (arg & ~mask) == 0
+                slot.op = SCMP_CMP_MASKED_EQ
+                slot.datum_a = ~comparison.value & U64_MASK
+                slot.datum_b = 0
+            else:
+                slot.op = CMP_OPS[comparison.op]
+                slot.datum_a = comparison.value
+        rc = lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, len(conjunction), args)
+        _check(rc, rule.where)
+    if rule.errno_otherwise is not None:
+        # libseccomp tries a call's argument rules before its catch-all, so this one answers
+        # only the calls no alternative allowed.
+        action = SCMP_ACT_ERRNO_BASE | (rule.errno_otherwise & 0xFFFF)
+        _check(lib.seccomp_rule_add_array(ctx, action, number, 0, _ffi.NULL), rule.where)
+
+
+def _check(rc: int, where: str) -> None:
+    if rc < 0:
+        raise SeccompError(f"{where}: libseccomp refused the rule: {os.strerror(-rc)}")

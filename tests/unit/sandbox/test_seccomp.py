@@ -1,0 +1,128 @@
+"""Policies compiled with libseccomp and installed in a real process: what they allow, what
+they refuse and how, and compile errors naming the policy line."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyvmm.sandbox import seccomp
+from pyvmm.sandbox.seccomp import SeccompError, load_filter
+from tests.cheaders import mismatches
+
+# What the child below needs once the filter is in: its own exit and the write of its answer,
+# and memory for Python's allocator.
+BASE = "write: 1\nexit_group: 1\nbrk: 1\nmmap: 1\nmunmap: 1\n"
+CHILD = """
+import fcntl, os, sys
+from pathlib import Path
+from pyvmm.sandbox import seccomp
+compiled = seccomp.load_filter(Path(sys.argv[1]), "dev", log_failures=sys.argv[2] == "log")
+action, arg = sys.argv[3], int(sys.argv[4])
+compiled.install()
+try:
+    if action == "uname":
+        answer = os.uname().sysname
+    elif action == "fcntl":
+        answer = str(fcntl.fcntl(0, arg))
+    else:
+        answer = "nothing"
+except OSError as exc:
+    answer = f"errno {exc.errno}"
+os.write(1, answer.encode())
+os._exit(0)
+"""
+
+
+def run(
+    tmp_path: Path, policy: str, action: str, arg: int = 0, log: bool = False
+) -> tuple[int, str]:
+    (tmp_path / "dev.policy").write_text(BASE + policy)
+    argv = [sys.executable, "-c", CHILD, str(tmp_path), "log" if log else "kill", action, str(arg)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode, proc.stdout
+
+
+KILLED = -signal.SIGSYS
+
+
+def test_a_call_the_policy_allows_runs(tmp_path: Path) -> None:
+    assert run(tmp_path, "uname: 1\n", "uname") == (0, "Linux")
+
+
+def test_a_call_without_a_line_kills_the_process(tmp_path: Path) -> None:
+    assert run(tmp_path, "", "uname") == (KILLED, "")
+
+
+def test_a_call_whose_expression_fails_kills_it(tmp_path: Path) -> None:
+    policy = "fcntl: arg1 == F_GETFL\n"
+    assert run(tmp_path, policy, "fcntl", seccomp.constant("F_GETFL") or 0)[0] == 0
+    assert run(tmp_path, policy, "fcntl", seccomp.constant("F_GETFD") or 0) == (KILLED, "")
+
+
+def test_return_errno_fails_the_call_instead(tmp_path: Path) -> None:
+    policy = "fcntl: arg1 == F_GETFL || arg1 == F_SETFL; return EPERM\nuname: return ENOSYS\n"
+    assert run(tmp_path, policy, "fcntl", seccomp.constant("F_GETFL") or 0)[0] == 0
+    assert run(tmp_path, policy, "fcntl", seccomp.constant("F_GETFD") or 0) == (
+        0,
+        f"errno {errno.EPERM}",
+    )
+    assert run(tmp_path, policy, "uname") == (0, f"errno {errno.ENOSYS}")
+
+
+def test_in_allows_only_bits_inside_the_mask(tmp_path: Path) -> None:
+    policy = "fcntl: arg1 in 0x3; return EPERM\n"  # F_GETFD 1, F_SETFD 2, F_GETFL 3
+    assert run(tmp_path, policy, "fcntl", 3)[0] == 0
+    assert run(tmp_path, policy, "fcntl", 4) == (0, f"errno {errno.EPERM}")  # F_SETFL
+
+
+def test_log_failures_lets_a_refused_call_through(tmp_path: Path) -> None:
+    assert run(tmp_path, "", "uname", log=True) == (0, "Linux")
+
+
+def test_a_policy_naming_no_real_system_call_is_refused_at_its_line(tmp_path: Path) -> None:
+    (tmp_path / "dev.policy").write_text("read: 1\nno_such_call: 1\n")
+    with pytest.raises(SeccompError) as info:
+        load_filter(tmp_path, "dev")
+    assert str(info.value) == (
+        f"{tmp_path}/dev.policy:2: no_such_call is not a system call on this machine"
+    )
+
+
+def test_a_malformed_policy_is_a_seccomp_error_naming_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "dev.policy").write_text("read: 1\nwrite: arg0 ==\n")
+    with pytest.raises(SeccompError, match=rf"^{tmp_path}/dev.policy:2: "):
+        load_filter(tmp_path, "dev")
+
+
+def test_every_shipped_policy_compiles() -> None:
+    directory = seccomp.policy_dir()
+    policies = sorted(p.stem for p in directory.glob("*.policy"))
+    if not policies:
+        pytest.skip(f"no policies for this machine in {directory}")
+    for name in policies:
+        load_filter(directory, name).close()
+
+
+def test_constants_match_the_system_headers(tmp_path: Path) -> None:
+    if not Path("/usr/include/seccomp.h").exists():
+        pytest.skip("libseccomp's header is not installed (apt-get install libseccomp-dev)")
+    mask = (1 << 64) - 1
+    facts = [
+        ("SCMP_ACT_KILL_PROCESS", seccomp.SCMP_ACT_KILL_PROCESS),
+        ("SCMP_ACT_ERRNO(0)", seccomp.SCMP_ACT_ERRNO_BASE),
+        ("SCMP_ACT_LOG", seccomp.SCMP_ACT_LOG),
+        ("SCMP_ACT_ALLOW", seccomp.SCMP_ACT_ALLOW),
+        ("SCMP_FLTATR_ACT_BADARCH", seccomp.SCMP_FLTATR_ACT_BADARCH),
+        ("SCMP_FLTATR_CTL_NNP", seccomp.SCMP_FLTATR_CTL_NNP),
+        ("SCMP_CMP_MASKED_EQ", seccomp.SCMP_CMP_MASKED_EQ),
+        *((f"SCMP_CMP_{op.name}", value) for op, value in seccomp.CMP_OPS.items()),
+        *((name, value & mask) for name, value in seccomp.EXTRA_CONSTANTS.items()),
+    ]
+    headers = ["seccomp.h", "linux/fcntl.h", "linux/futex.h", "linux/sched.h", "linux/falloc.h"]
+    assert not mismatches(tmp_path, ["sys/prctl.h", *headers], facts)
