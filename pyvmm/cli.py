@@ -18,6 +18,7 @@ from pyvmm import __version__
 from pyvmm.arch.host import UnsupportedArchError
 from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
 from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
+from pyvmm.devices.proxy import DeviceProcessError
 from pyvmm.disk import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
@@ -42,6 +43,7 @@ USER_ERRORS = (
     DiskError,
     HelperError,
     UnsupportedArchError,
+    DeviceProcessError,
 )
 
 
@@ -112,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen for control commands on a Unix socket at PATH "
         "(PATH/pyvmm-<pid>.sock if PATH is a directory)",
     )
+    run.add_argument(
+        "--disable-sandbox",
+        action="store_true",
+        help="run each device as a thread in the VMM process instead of a process of its own",
+    )
+    run.add_argument(
+        "--seccomp-policy-dir",
+        metavar="DIR",
+        help="read the device processes' seccomp policies from DIR (default: seccomp/<arch>/)",
+    )
+    run.add_argument(
+        "--seccomp-log-failures",
+        action="store_true",
+        help="log a system call a device's policy does not allow instead of killing the device",
+    )
     for name, summary in COMMANDS.items():
         control = sub.add_parser(name, help=summary, description=f"{summary.capitalize()}.")
         control.add_argument("socket", metavar="SOCKET", help="the VM's control socket")
@@ -132,6 +149,9 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         kvm_path=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"),
         socket=args.socket,
         disks=tuple(sorted(args.disks, key=lambda d: not d.root)),
+        sandbox=not args.disable_sandbox,
+        seccomp_policy_dir=args.seccomp_policy_dir,
+        seccomp_log_failures=args.seccomp_log_failures,
     ).validate()
 
 

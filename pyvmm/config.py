@@ -55,6 +55,11 @@ class VmConfig:
     # The control socket's path; validate() turns a directory into a file name in it.
     socket: str | None = None
     disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
+    # Each virtio device in a process of its own (multiprocess mode), or a thread in this one.
+    sandbox: bool = True
+    # Where the devices' seccomp policies are; None: seccomp/<arch>/ in pyvmm's tree.
+    seccomp_policy_dir: str | None = None
+    seccomp_log_failures: bool = False
 
     @property
     def mem_bytes(self) -> int:

@@ -19,13 +19,16 @@ from pyvmm.arch.interface import Arch, GuestImage, Platform
 from pyvmm.config import VmConfig
 from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
+from pyvmm.devices.child import DeviceSpec, DiskSpec
 from pyvmm.devices.irq import LevelIrq
+from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.root import PciRoot
+from pyvmm.devices.proxy import ProxyDevice, start_device
 from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import VirtioPciDevice
 from pyvmm.devices.virtio.rng import Rng
-from pyvmm.disk import open_disk
+from pyvmm.disk import Disk, open_disk
 from pyvmm.kvm import Kvm, Vcpu, Vm
 from pyvmm.kvm.abi import Cap
 from pyvmm.kvm.coalesced import CoalescedRing
@@ -160,12 +163,13 @@ class Vmm:
         return ring
 
     def _build_pci(self) -> None:
-        """PCI bus 0 with a virtio device per disk, then virtio-rng."""
+        """PCI bus 0 with a virtio device per disk, then virtio-rng: each in a device process
+        of its own (multiprocess mode), or in this process."""
         self.gsi_router = GsiRouter(self.vm.fd, self.arch.irqchip_routes())
         self.pci = PciRoot(self.mmio_bus, self.allocator.allocate_mmio)
         self.arch.attach_pci(self.pci, (self.io_bus, self.mmio_bus), self._on_guest_reset)
         self.pci_irqs: list[tuple[int, int]] = []
-        self.virtio_devices: list[VirtioPciDevice] = []
+        self.virtio_devices: list[VirtioPciDevice | ProxyDevice] = []
         self._intx_lines: list[LevelIrq] = []
         any_length = bool(self.kvm.check_extension(Cap.KVM_CAP_IOEVENTFD_ANY_LENGTH))
         notify_len = 0 if any_length else 2
@@ -176,37 +180,62 @@ class Vmm:
         def remove_ioeventfd(fd: int, addr: int, length: int) -> None:
             self.vm.unregister_ioeventfd(fd, addr, notify_len)
 
-        backends: list[VirtioDevice] = [*self._disks(), Rng()]
-        for index, backend in enumerate(backends):
+        disks = self._open_disks()
+        names = [*(disk_name(i) for i in range(len(disks))), "rng"]
+        for index, name in enumerate(names):
             gsi = self.arch.pci_intx_gsi(index)
             # Each function gets its own level line on the (shared) pin: KVM ORs them.
             intx = LevelIrq(gsi)
             self._intx_lines.append(intx)
             self.vm.register_irqfd(intx.fd, gsi, resample_fd=intx.resample_fd)
-            device = VirtioPciDevice(
-                backend,
-                self.mem,
-                intx,
-                allocate_gsi=functools.partial(self._allocate_msi, backend.name),
+            services = VmCalls(
+                allocate_gsi=functools.partial(self._allocate_msi, name),
                 set_msi_route=self.gsi_router.set_msi,
                 register_irqfd=self.vm.register_irqfd,
                 register_ioeventfd=add_ioeventfd,
                 unregister_ioeventfd=remove_ioeventfd,
             )
-            slot = self.pci.add_device(device)
-            self.virtio_devices.append(device)
-            self.pci_irqs.append((slot, gsi))
+            disk = disks[index] if index < len(disks) else None
+            if self.config.sandbox:
+                # Every process starts at once; each is waited for in order below.
+                self.virtio_devices.append(
+                    start_device(self._device_spec(name, disk, intx), services)
+                )
+            else:
+                backend: VirtioDevice = (
+                    Block(disk, name=name, serial=f"pyvmm-{name}") if disk is not None else Rng()
+                )
+                self.virtio_devices.append(VirtioPciDevice(backend, self.mem, intx, services))
+        for device, line in zip(self.virtio_devices, self._intx_lines, strict=True):
+            if isinstance(device, ProxyDevice):
+                device.wait_ready()
+            self.pci_irqs.append((self.pci.add_device(device), line.gsi))
+        if self.config.sandbox:
+            for disk in disks:
+                disk.close()  # the device processes hold the images now
+
+    def _device_spec(self, name: str, disk: Disk | None, intx: LevelIrq) -> DeviceSpec:
+        cfg = self.config
+        return DeviceSpec(
+            name=name,
+            kind="rng" if disk is None else "block",
+            parent_pid=0,  # spawn fills in the socket and this process's pid
+            sock=-1,
+            memfd=self.mem.memfd,
+            ram=[(r.guest_addr, r.size) for r in self.mem.ram_regions],
+            intx=(intx.gsi, intx.fd, intx.resample_fd),
+            disk=None
+            if disk is None
+            else DiskSpec(disk.fd, disk.path, disk.writable, f"pyvmm-{name}"),
+            policy_dir=cfg.seccomp_policy_dir,
+            log_failures=cfg.seccomp_log_failures,
+        )
 
     def _allocate_msi(self, what: str) -> int:
         return self.gsi_router.add_msi(self.allocator.allocate_gsi(f"{what} MSI-X"))
 
-    def _disks(self) -> list[VirtioDevice]:
-        disks: list[VirtioDevice] = []
-        for i, spec in enumerate(self.config.disks):
-            name = disk_name(i)
-            disk = open_disk(spec.path, spec.writable, spec.flag)
-            disks.append(Block(disk, name=name, serial=f"pyvmm-{name}"))
-        return disks
+    def _open_disks(self) -> list[Disk]:
+        return [open_disk(d.path, d.writable, d.flag) for d in self.config.disks]
 
     def request_exit(self, exit: VmExit) -> None:
         """Record why the VM ends (first reason wins), stop the vCPUs at their next exit and

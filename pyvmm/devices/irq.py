@@ -55,6 +55,14 @@ class LevelIrq:
         self.fd = _eventfd()
         self.resample_fd = _eventfd()
 
+    @classmethod
+    def from_fds(cls, gsi: int, fd: int, resample_fd: int) -> LevelIrq:
+        """The line whose eventfds another process made and registered (a device process's
+        view of its INTx line); the object owns the fds from now on."""
+        line = cls.__new__(cls)
+        line.gsi, line.fd, line.resample_fd = gsi, fd, resample_fd
+        return line
+
     def trigger(self) -> None:
         """Assert the line (until the guest's EOI)."""
         _signal(self.fd)

@@ -12,11 +12,35 @@ tells the device which it mapped through `bars_changed`. BAR accesses come to `b
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from pyvmm.devices.pci.config import NUM_BARS, Command, PciConfigSpace
 
 BarWindows = dict[int, tuple[int, int]]
 """BAR index -> (guest-physical address, size) of each BAR the device decodes."""
+
+
+class VmServices(Protocol):
+    """What a PCI function may ask of the VM: in the VMM's process the VM's own calls
+    (`VmCalls`), in a device process requests to the VMM (`pyvmm.devices.child.ChildLink`)."""
+
+    def allocate_gsi(self) -> int: ...
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None: ...
+    def register_irqfd(self, fd: int, gsi: int) -> None: ...
+    def register_ioeventfd(self, fd: int, address: int, length: int) -> None: ...
+    def unregister_ioeventfd(self, fd: int, address: int, length: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class VmCalls:
+    """`VmServices` made of the VMM's own functions."""
+
+    allocate_gsi: Callable[[], int]
+    set_msi_route: Callable[[int, int, int], None]
+    register_irqfd: Callable[[int, int], None]
+    register_ioeventfd: Callable[[int, int, int], None]
+    unregister_ioeventfd: Callable[[int, int, int], None]
 
 
 class PciDevice:

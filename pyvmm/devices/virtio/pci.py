@@ -17,7 +17,6 @@ import enum
 import logging
 import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from pyvmm.cdecl import declare, field_type
@@ -29,7 +28,7 @@ from pyvmm.devices.pci.config import (
     PciConfigSpace,
     PciId,
 )
-from pyvmm.devices.pci.device import BarWindows, PciDevice
+from pyvmm.devices.pci.device import BarWindows, PciDevice, VmServices
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
 from pyvmm.devices.virtio.device import DeviceStatus, Feature, SharedMemoryRegion, VirtioDevice
 from pyvmm.devices.virtio.interrupt import Interrupt
@@ -218,11 +217,7 @@ class VirtioPciDevice(PciDevice):
         device: VirtioDevice,
         mem: GuestMemory,
         intx: LevelIrq,
-        allocate_gsi: Callable[[], int],
-        set_msi_route: Callable[[int, int, int], None],
-        register_irqfd: Callable[[int, int], None],
-        register_ioeventfd: Callable[[int, int, int], None],
-        unregister_ioeventfd: Callable[[int, int, int], None],
+        vm: VmServices,
     ) -> None:
         ident = PciId(
             vendor=VIRTIO_VENDOR_ID,
@@ -237,8 +232,7 @@ class VirtioPciDevice(PciDevice):
         self.name = device.name
         self.device = device
         self.mem = mem
-        self._register_ioeventfd = register_ioeventfd
-        self._unregister_ioeventfd = unregister_ioeventfd
+        self._vm = vm
         self._lock = threading.RLock()
         config.add_bar64(BAR, BAR_SIZE)
         self._add_virtio_cap(CfgType.COMMON, COMMON_OFFSET, COMMON_SIZE)
@@ -256,9 +250,9 @@ class VirtioPciDevice(PciDevice):
             bar=BAR,
             table_offset=MSIX_TABLE_OFFSET,
             pba_offset=MSIX_PBA_OFFSET,
-            allocate_gsi=allocate_gsi,
-            set_route=set_msi_route,
-            register_irqfd=register_irqfd,
+            allocate_gsi=vm.allocate_gsi,
+            set_route=vm.set_msi_route,
+            register_irqfd=vm.register_irqfd,
         )
         self.interrupt = Interrupt(self.msix, intx)
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
@@ -374,9 +368,9 @@ class VirtioPciDevice(PciDevice):
                 return
             for i, fd in enumerate(self.notify_fds):
                 if self._notify_base is not None:
-                    self._unregister_ioeventfd(fd, self._notify_base + i * NOTIFY_MULTIPLIER, 0)
+                    self._vm.unregister_ioeventfd(fd, self._notify_base + i * NOTIFY_MULTIPLIER, 0)
                 if new is not None:
-                    self._register_ioeventfd(fd, new + i * NOTIFY_MULTIPLIER, 0)
+                    self._vm.register_ioeventfd(fd, new + i * NOTIFY_MULTIPLIER, 0)
             self._notify_base = new
 
     def bar_read(self, bar: int, offset: int, data: memoryview) -> None:

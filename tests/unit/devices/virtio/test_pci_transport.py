@@ -13,6 +13,7 @@ import pytest
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci import msix
 from pyvmm.devices.pci.config import Command, Reg
+from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.msix import CapReg, EntryField, MessageControl
 from pyvmm.devices.virtio.device import DeviceStatus, Feature, SharedMemoryRegion
 from pyvmm.devices.virtio.pci import (
@@ -51,11 +52,13 @@ class Harness:
             Rng(),
             mem,
             self.intx,
-            allocate_gsi=self._allocate,
-            set_msi_route=lambda gsi, a, d: self.routes.__setitem__(gsi, (a, d)),
-            register_irqfd=lambda fd, gsi: self.irqfds.__setitem__(gsi, fd),
-            register_ioeventfd=lambda fd, addr, n: self.ioeventfds.__setitem__(addr, fd),
-            unregister_ioeventfd=lambda fd, addr, n: self.ioeventfds.pop(addr),
+            VmCalls(
+                allocate_gsi=self._allocate,
+                set_msi_route=lambda gsi, a, d: self.routes.__setitem__(gsi, (a, d)),
+                register_irqfd=lambda fd, gsi: self.irqfds.__setitem__(gsi, fd),
+                register_ioeventfd=lambda fd, addr, n: self.ioeventfds.__setitem__(addr, fd),
+                unregister_ioeventfd=lambda fd, addr, n: self.ioeventfds.pop(addr),
+            ),
         )
         self.dev.config.set_bar_address(0, BAR_ADDR)
         self.dev.config_write(Reg.COMMAND, Command.MEMORY_SPACE.to_bytes(2, "little"))
@@ -293,11 +296,13 @@ def test_shared_memory_regions_get_a_bar_and_a_capability_each() -> None:
         backend,
         mem,
         intx,
-        allocate_gsi=lambda: 24,
-        set_msi_route=lambda gsi, a, d: None,
-        register_irqfd=lambda fd, gsi: None,
-        register_ioeventfd=lambda fd, addr, n: None,
-        unregister_ioeventfd=lambda fd, addr, n: None,
+        VmCalls(
+            allocate_gsi=lambda: 24,
+            set_msi_route=lambda gsi, a, d: None,
+            register_irqfd=lambda fd, gsi: None,
+            register_ioeventfd=lambda fd, addr, n: None,
+            unregister_ioeventfd=lambda fd, addr, n: None,
+        ),
     )
     try:
         # The capability list, as a driver walks it: the two shared memory capabilities.

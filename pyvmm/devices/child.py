@@ -1,0 +1,261 @@
+"""A device process: one virtio PCI function, served to the VMM over a socketpair.
+
+The VMM starts it as a fresh interpreter, `python -m pyvmm.devices.child SPEC` (never a fork of
+its own threaded self), handing over by fd the socket, the guest memfd, the INTx line's eventfds
+and the device's backing file; SPEC (JSON, `DeviceSpec`) says which fd is which. The process
+builds the device exactly as the VMM would in-process, then jails itself and installs its
+seccomp filter, and only then serves the VMM's requests (`wire.py`) until told to shut down or
+until the VMM goes away. The virtqueues' work runs in the device's worker thread here, on the
+eventfds and guest memory this process holds: the VMM sees only register traffic.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pyvmm.devices.irq import LevelIrq
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.wire import (
+    BAR_ADDRESS,
+    BAR_OFFSET,
+    BAR_OFFSET_LENGTH,
+    F64,
+    IOEVENTFD,
+    MSI_ROUTE,
+    OFFSET_LENGTH,
+    U8,
+    U32,
+    Channel,
+    Op,
+    WireError,
+    pack_sizes,
+    pack_windows,
+    unpack,
+    unpack_addresses,
+)
+
+log = logging.getLogger("pyvmm.device")
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+
+@dataclass
+class DiskSpec:
+    fd: int
+    path: str
+    writable: bool
+    serial: str
+
+
+@dataclass
+class DeviceSpec:
+    """What a device process is to be: the VMM writes it, the process reads it from argv."""
+
+    name: str  # "vda", "rng": also what its log lines and errors say
+    kind: str  # "block" or "rng"
+    parent_pid: int
+    sock: int
+    memfd: int
+    ram: list[tuple[int, int]]  # guest RAM as (guest address, size), in memfd order
+    intx: tuple[int, int, int]  # gsi, irqfd, resample eventfd
+    disk: DiskSpec | None = None
+    policy_dir: str | None = None  # where <kind>.policy is; None: no seccomp filter
+    log_failures: bool = False
+    jail: bool = False
+    keep_fds: list[int] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DeviceSpec:
+        data = json.loads(text)
+        disk = data.pop("disk")
+        spec = cls(**data)
+        spec.ram = [(int(a), int(s)) for a, s in spec.ram]
+        spec.intx = (int(spec.intx[0]), int(spec.intx[1]), int(spec.intx[2]))
+        spec.disk = DiskSpec(**disk) if disk is not None else None
+        return spec
+
+
+class ChildLink:
+    """What the device asks of the VM from in here: each request goes to the VMM, which is
+    waiting on this socket for the answer to its own request (or for the process to be ready)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def allocate_gsi(self) -> int:
+        self._channel.send(Op.ALLOCATE_GSI)
+        op, payload, fds = self._channel.recv()
+        _close_all(fds)
+        if op is not Op.REPLY:
+            raise WireError(f"ALLOCATE_GSI answered with {op.name}")
+        return unpack(U32, payload, op)[0]
+
+    def register_irqfd(self, fd: int, gsi: int) -> None:
+        self._channel.send(Op.REGISTER_IRQFD, U32.pack(gsi), (fd,))
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        self._channel.send(Op.SET_MSI_ROUTE, MSI_ROUTE.pack(gsi, address, data))
+
+    def register_ioeventfd(self, fd: int, address: int, length: int) -> None:
+        self._channel.send(Op.REGISTER_IOEVENTFD, IOEVENTFD.pack(fd, address, length), (fd,))
+
+    def unregister_ioeventfd(self, fd: int, address: int, length: int) -> None:
+        self._channel.send(Op.UNREGISTER_IOEVENTFD, IOEVENTFD.pack(fd, address, length))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _backend(spec: DeviceSpec) -> VirtioDevice:
+    if spec.kind == "block":
+        from pyvmm.devices.virtio.block import Block
+        from pyvmm.disk.raw import RawDisk
+
+        if spec.disk is None:
+            raise ValueError("a block device needs a disk")
+        disk = RawDisk.from_fd(spec.disk.fd, spec.disk.path, spec.disk.writable)
+        return Block(disk, name=spec.name, serial=spec.disk.serial)
+    if spec.kind == "rng":
+        from pyvmm.devices.virtio.rng import Rng
+
+        return Rng()
+    raise ValueError(f"unknown device kind {spec.kind!r}")
+
+
+class DeviceServer:
+    """The device and the loop that answers the VMM."""
+
+    def __init__(self, spec: DeviceSpec, channel: Channel) -> None:
+        from pyvmm.devices.virtio.pci import VirtioPciDevice
+        from pyvmm.memory import GuestMemory
+
+        self.channel = channel
+        self.mem = GuestMemory(spec.ram, memfd=spec.memfd)
+        link = ChildLink(self.channel)
+        gsi, irqfd, resample_fd = spec.intx
+        self.device = VirtioPciDevice(
+            _backend(spec),
+            self.mem,
+            LevelIrq.from_fds(gsi, irqfd, resample_fd),
+            link,
+        )
+
+    def serve(self) -> None:
+        """Answer requests until SHUTDOWN or until the VMM closes its end."""
+        self.channel.send(Op.REPLY)  # built: the VMM's start-up wait ends here
+        while True:
+            try:
+                op, payload, fds = self.channel.recv()
+            except WireError:
+                return  # the VMM is gone
+            _close_all(fds)
+            try:
+                answer = self.handle(op, payload)
+            except Exception as exc:  # the VMM reports it; this process goes on serving
+                self.channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
+                continue
+            self.channel.send(Op.REPLY, answer)
+            if op is Op.SHUTDOWN:
+                return
+
+    def handle(self, op: Op, payload: bytes) -> bytes:
+        device = self.device
+        if op is Op.BAR_READ:
+            bar, offset, length = unpack(BAR_OFFSET_LENGTH, payload, op)
+            data = bytearray(length)
+            device.bar_read(bar, offset, memoryview(data))
+            return bytes(data)
+        if op is Op.BAR_WRITE:
+            bar, offset = unpack(BAR_OFFSET, payload, op)
+            device.bar_write(bar, offset, payload[BAR_OFFSET.size :])
+            return b""
+        if op is Op.CONFIG_READ:
+            offset, length = unpack(OFFSET_LENGTH, payload, op)
+            data = bytearray(length)
+            device.config_read(offset, memoryview(data))
+            return bytes(data)
+        if op is Op.CONFIG_WRITE:
+            (offset,) = unpack(U32, payload, op)
+            return pack_windows(device.config_write(offset, payload[U32.size :]))
+        if op is Op.BARS_CHANGED:
+            device.bars_changed(unpack_addresses(payload))
+            return b""
+        if op is Op.BAR_SIZES:
+            return pack_sizes(list(device.config.bar_sizes))
+        if op is Op.SET_BAR_ADDRESS:
+            bar, address = unpack(BAR_ADDRESS, payload, op)
+            device.config.set_bar_address(bar, address)
+            return b""
+        if op is Op.PAUSE:
+            (timeout,) = unpack(F64, payload, op)
+            return U8.pack(device.pause(timeout))
+        if op is Op.RESUME:
+            device.resume()
+            return b""
+        if op is Op.SHUTDOWN:
+            device.close()
+            return b""
+        raise WireError(f"{op.name} is not a request")
+
+    def close(self) -> None:
+        self.device.close()
+        self.mem.close()
+        self.channel.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the VMM died before the line above took effect
+
+
+def _name_process(name: str) -> None:
+    # The kernel's own messages (a seccomp kill or log) name the process by this.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"pyvmm-{name}"[:15].encode()), 0, 0, 0)
+
+
+def main(argv: list[str]) -> int:
+    spec = DeviceSpec.from_json(argv[0])
+    _die_with_parent(spec.parent_pid)
+    _name_process(spec.name)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the VMM decides when this process ends
+    logging.basicConfig(format=f"pyvmm: {spec.name}: %(message)s", level=logging.WARNING)
+    channel = Channel(socket.socket(fileno=spec.sock))
+    try:
+        server = DeviceServer(spec, channel)
+        if spec.policy_dir is not None:
+            from pyvmm.sandbox.seccomp import load_filter
+
+            load_filter(Path(spec.policy_dir), spec.kind, spec.log_failures).install()
+    except Exception as exc:  # the VMM reports it, as the reason this process did not start
+        channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
+        return 1
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

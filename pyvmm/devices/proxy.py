@@ -1,0 +1,296 @@
+"""The VMM's side of a device process: a PCI function on the bus whose every register and
+configuration access is forwarded to the process that runs the device (`child.py`).
+
+`spawn_device` starts the process and waits until the device is built; `ProxyDevice` then
+stands in the PCI slot. Each access is one request and one answer over the socketpair
+(`wire.py`), serialised by a lock; on the way the process may ask for what only the VMM can do
+(a GSI, an irqfd, an MSI route, an ioeventfd), which `VmServices` carries out.
+
+A process that dies, or does not answer within `REPLY_TIMEOUT_S`, is reported once, with its
+device's name and the cause, and killed; from then on the function reads as absent hardware
+(all ones) and ignores writes, while the VM and the other devices go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+from pyvmm.devices.child import DeviceSpec
+from pyvmm.devices.pci.device import BarWindows, PciDevice, VmServices
+from pyvmm.devices.wire import (
+    BAR_ADDRESS,
+    BAR_OFFSET,
+    BAR_OFFSET_LENGTH,
+    F64,
+    IOEVENTFD,
+    MSI_ROUTE,
+    OFFSET_LENGTH,
+    U8,
+    U32,
+    Channel,
+    Op,
+    WireError,
+    pack_addresses,
+    unpack,
+    unpack_sizes,
+    unpack_windows,
+)
+
+log = logging.getLogger(__name__)
+
+REPLY_TIMEOUT_S = 5.0  # a register access the device process has not answered by then failed
+START_TIMEOUT_S = 60.0  # a fresh interpreter under emulation (the test VM) is slow to start
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+class DeviceProcessError(Exception):
+    """A device process could not start, or refused a request; one line."""
+
+
+class ProxyDevice(PciDevice):
+    """A PCI function served by a device process."""
+
+    def __init__(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes],
+        channel: Channel,
+        services: VmServices,
+    ) -> None:
+        self.name = name
+        self.process = process
+        self._channel = channel
+        self._services = services
+        self._lock = threading.Lock()
+        self._dead = False
+        self._closing = False
+        self._kept: list[int] = []  # the irqfds' eventfds, as registered with KVM
+        self._ioeventfds: dict[int, int] = {}  # the process's fd number -> our copy
+        self._watcher = threading.Thread(target=self._watch, name=f"watch {name}", daemon=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead
+
+    # The start-up: the process asks for its GSIs and irqfds while it builds the device, then
+    # sends one REPLY.
+    def wait_ready(self) -> None:
+        with self._lock:
+            try:
+                self._answer(START_TIMEOUT_S)
+            except DeviceProcessError as exc:  # it said why
+                self._kill()
+                raise DeviceProcessError(f"virtio {self.name}: {exc}") from None
+            except WireError as exc:
+                self._kill()
+                raise DeviceProcessError(
+                    f"virtio {self.name}: the device process did not start: {self._cause(exc)}"
+                ) from None
+        self._watcher.start()
+
+    def _call(self, op: Op, payload: bytes = b"") -> bytes | None:
+        """Send one request and return its answer; None once the process is gone."""
+        with self._lock:
+            if self._dead:
+                return None
+            try:
+                self._channel.send(op, payload)
+                return self._answer(REPLY_TIMEOUT_S)
+            except WireError as exc:
+                self._fail(exc)
+                return None
+
+    def _answer(self, timeout: float) -> bytes:
+        while True:
+            op, payload, fds = self._channel.recv(timeout)
+            if op is Op.REPLY:
+                _close_all(fds)
+                return payload
+            if op is Op.FAILED:
+                _close_all(fds)
+                raise DeviceProcessError(payload.decode(errors="replace"))
+            self._serve(op, payload, fds)
+
+    def _serve(self, op: Op, payload: bytes, fds: list[int]) -> None:
+        services = self._services
+        if op is Op.ALLOCATE_GSI:
+            _close_all(fds)
+            self._channel.send(Op.REPLY, U32.pack(services.allocate_gsi()))
+        elif op is Op.REGISTER_IRQFD and len(fds) == 1:
+            (gsi,) = unpack(U32, payload, op)
+            services.register_irqfd(fds[0], gsi)
+            self._kept.append(fds[0])
+        elif op is Op.SET_MSI_ROUTE:
+            _close_all(fds)
+            gsi, address, data = unpack(MSI_ROUTE, payload, op)
+            services.set_msi_route(gsi, address, data)
+        elif op is Op.REGISTER_IOEVENTFD and len(fds) == 1:
+            key, address, length = unpack(IOEVENTFD, payload, op)
+            fd = self._ioeventfds.setdefault(key, fds[0])
+            if fd != fds[0]:
+                os.close(fds[0])  # the same eventfd again (a BAR moved back)
+            services.register_ioeventfd(fd, address, length)
+        elif op is Op.UNREGISTER_IOEVENTFD:
+            _close_all(fds)
+            key, address, length = unpack(IOEVENTFD, payload, op)
+            if key not in self._ioeventfds:
+                raise WireError(f"UNREGISTER_IOEVENTFD of an unknown eventfd {key}")
+            services.unregister_ioeventfd(self._ioeventfds[key], address, length)
+        else:
+            _close_all(fds)
+            raise WireError(f"{op.name} ({len(fds)} fds) is not a request of the VM")
+
+    # PciDevice
+    def allocate_bars(self, allocate_mmio: Callable[[int, str], int]) -> None:
+        sizes = self._call(Op.BAR_SIZES)
+        if sizes is None:
+            raise DeviceProcessError(f"virtio {self.name}: the device process is gone")
+        for index, size in enumerate(unpack_sizes(sizes)):
+            if size:
+                address = allocate_mmio(size, f"{self.name} BAR{index}")
+                self._call(Op.SET_BAR_ADDRESS, BAR_ADDRESS.pack(index, address))
+
+    def config_read(self, offset: int, data: memoryview) -> None:
+        answer = self._call(Op.CONFIG_READ, OFFSET_LENGTH.pack(offset, len(data)))
+        data[:] = answer if answer is not None and len(answer) == len(data) else _ones(data)
+
+    def config_write(self, offset: int, data: bytes | memoryview) -> BarWindows | None:
+        answer = self._call(Op.CONFIG_WRITE, U32.pack(offset) + bytes(data))
+        return unpack_windows(answer) if answer is not None else None
+
+    def bar_read(self, bar: int, offset: int, data: memoryview) -> None:
+        answer = self._call(Op.BAR_READ, BAR_OFFSET_LENGTH.pack(bar, offset, len(data)))
+        data[:] = answer if answer is not None and len(answer) == len(data) else _ones(data)
+
+    def bar_write(self, bar: int, offset: int, data: bytes | memoryview) -> None:
+        self._call(Op.BAR_WRITE, BAR_OFFSET.pack(bar, offset) + bytes(data))
+
+    def bars_changed(self, mapped: dict[int, int]) -> None:
+        self._call(Op.BARS_CHANGED, pack_addresses(mapped))
+
+    # What the VMM does to every virtio device
+    def pause(self, timeout: float) -> bool:
+        answer = self._call(Op.PAUSE, F64.pack(timeout))
+        # A gone process moves nothing: it counts as parked.
+        return answer is None or (len(answer) == 1 and U8.unpack(answer)[0] == 1)
+
+    def resume(self) -> None:
+        self._call(Op.RESUME)
+
+    def close(self) -> None:
+        """Shut the process down (bounded), kill it if it does not go, and release its fds."""
+        self._closing = True
+        if not self._dead:
+            with self._lock:
+                try:
+                    self._channel.send(Op.SHUTDOWN)
+                    self._answer(SHUTDOWN_TIMEOUT_S)
+                except (WireError, DeviceProcessError):
+                    pass
+        try:
+            self.process.wait(SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        self._dead = True
+        self._channel.close()
+        _close_all([*self._kept, *self._ioeventfds.values()])
+        self._kept, self._ioeventfds = [], {}
+
+    # Faults
+    def _watch(self) -> None:
+        self.process.wait()
+        if not self._closing:
+            with self._lock:
+                self._fail(WireError("the process ended"))
+
+    def _fail(self, exc: Exception) -> None:
+        """Called with the lock held: report the process's end once, and make sure of it."""
+        if self._dead:
+            return
+        self._dead = True
+        self._kill()
+        log.error(
+            "virtio %s: device process %d failed: %s; the device is gone, the VM goes on",
+            self.name,
+            self.process.pid,
+            self._cause(exc),
+        )
+
+    def _cause(self, exc: Exception) -> str:
+        code = self.process.poll()
+        if code is None:
+            return str(exc)
+        if code < 0:
+            return _signal_cause(-code)
+        return f"exited with status {code}"
+
+    def _kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            try:
+                self.process.wait(SHUTDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("virtio %s: device process %d did not die", self.name, self.process.pid)
+
+
+def _signal_cause(number: int) -> str:
+    name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
+    if number == signal.SIGSYS:
+        return f"killed by {name} (a system call its seccomp policy does not allow)"
+    if number == signal.SIGKILL:
+        return f"killed by {name} (out of memory, or killed from outside)"
+    return f"killed by {name}"
+
+
+def _ones(data: memoryview) -> bytes:
+    return b"\xff" * len(data)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def spawn_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
+    """Start the device process `spec` describes and wait until its device is built."""
+    device = start_device(spec, services)
+    device.wait_ready()
+    return device
+
+
+def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
+    """Start the device process `spec` describes; `wait_ready()` on the result before use (so
+    that several processes can start at once). The fds `spec` names are handed over: the caller
+    may close its copies once the process is ready."""
+    ours, theirs = Channel.pair()
+    spec.sock = theirs.fileno()
+    spec.parent_pid = os.getpid()
+    fds = [spec.sock, spec.memfd, *spec.intx[1:], *spec.keep_fds]
+    if spec.disk is not None:
+        fds.append(spec.disk.fd)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyvmm.devices.child", spec.to_json()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=fds,
+            close_fds=True,
+        )
+    except OSError as exc:
+        ours.close()
+        raise DeviceProcessError(
+            f"virtio {spec.name}: cannot start a device process: {exc.strerror or exc}"
+        ) from None
+    finally:
+        theirs.close()
+    return ProxyDevice(spec.name, process, ours, services)

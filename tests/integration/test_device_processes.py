@@ -1,0 +1,149 @@
+"""Multiprocess mode (the default): each virtio device runs in a process of its own, none is left
+behind by any way the VM ends, and a device process that dies takes only its device with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT, needs_kvm, run_pyvmm
+from tests.integration.test_virtio_probe import ctl
+
+pytestmark = needs_kvm
+
+MiB = 1 << 20
+
+
+def children(pid: int) -> set[int]:
+    """The PIDs of a process's children, by its tasks' `children` files."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.update(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    found = children(pid)
+    for child in list(found):
+        with suppress(FileNotFoundError):
+            found |= descendants(child)
+    return found
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@contextmanager
+def long_vm(
+    probe_elf: Path, tmp_path: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], set[int]]]:
+    """A VM with a disk whose guest runs until stopped; yields it and its device processes."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    argv = [sys.executable, "-m", "pyvmm", "run", "--rwdisk", str(image), *extra]
+    argv += ["-p", "probe=outloop", "-p", "probe.count=100000000000", str(probe_elf)]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert b"PROBE outloop start" in proc.stdout.readline() or proc.stdout.readline()
+        devices = descendants(proc.pid)
+        yield proc, devices
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_each_device_has_a_process_of_its_own(probe_elf: Path, tmp_path: Path) -> None:
+    with long_vm(probe_elf, tmp_path) as (proc, devices):
+        names = {comm(pid) for pid in devices}
+        assert {"pyvmm-vda", "pyvmm-rng"} <= names, names
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "stop", "SIGKILL"])
+def test_no_device_process_outlives_the_vm(probe_elf: Path, tmp_path: Path, how: str) -> None:
+    sock = tmp_path / "vm.sock"
+    with long_vm(probe_elf, tmp_path, "-s", str(sock)) as (proc, devices):
+        assert len(devices) >= 2
+        if how == "stop":
+            assert ctl(sock, "stop").returncode == 0
+        else:
+            proc.send_signal(getattr(signal, how))  # SIGKILL: the children's PDEATHSIG
+        proc.wait(30)
+        wait_until(lambda: not any(alive(pid) for pid in devices), 10, "a device outlived it")
+    assert not sock.exists() or how == "SIGKILL"
+
+
+# Runs pyvmm as a child subreaper: a device process that outlived pyvmm would become this
+# wrapper's child, and the wrapper prints its children's PIDs once pyvmm has ended.
+_SUBREAPER = """
+import ctypes, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+time.sleep(0.5)
+left = [t for t in os.listdir(f"/proc/{os.getpid()}/task")]
+pids = set()
+for t in left:
+    pids.update(open(f"/proc/{os.getpid()}/task/{t}/children").read().split())
+print(" ".join(sorted(pids)), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_a_guest_reset_leaves_no_device_process(probe_elf: Path, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    wrapper = [sys.executable, "-c", _SUBREAPER]
+    run = run_pyvmm("run", "--rwdisk", str(image), str(probe_elf), wrapper=wrapper)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == "", f"processes left behind: {run.stderr}"
+
+
+def test_a_dead_device_is_reported_once_and_the_vm_goes_on(probe_elf: Path, tmp_path: Path) -> None:
+    with long_vm(probe_elf, tmp_path) as (proc, devices):
+        (disk,) = [pid for pid in devices if comm(pid) == "pyvmm-vda"]
+        os.kill(disk, signal.SIGSYS)
+        time.sleep(1)
+        assert proc.poll() is None, "the VM ended with its disk's process"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    lines = stderr.decode().splitlines()
+    failed = [line for line in lines if "device process" in line]
+    assert len(failed) == 1, lines
+    assert failed[0].startswith(
+        f"pyvmm: virtio vda: device process {disk} failed: killed by SIGSYS"
+    )
+    assert proc.returncode == 128 + signal.SIGTERM
