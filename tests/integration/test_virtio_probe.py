@@ -57,9 +57,16 @@ def test_pci_bus_lists_host_bridge_disks_and_rng(probe_elf: Path, tmp_path: Path
     assert details["pci"].startswith("4 devices")  # bridge, vda, vdb, rng
 
 
-def test_blk_reads_the_image_and_its_writes_reach_the_file(probe_elf: Path, tmp_path: Path) -> None:
+# Multiprocess mode is the default; --disable-sandbox runs the devices as threads.
+BOTH_MODES = pytest.mark.parametrize("mode", [[], ["--disable-sandbox"]], ids=["process", "thread"])
+
+
+@BOTH_MODES
+def test_blk_reads_the_image_and_its_writes_reach_the_file(
+    probe_elf: Path, tmp_path: Path, mode: list[str]
+) -> None:
     image = make_pattern_image(tmp_path / "disk.img")
-    details = _probe(probe_elf, "blk", "--rwdisk", str(image))
+    details = _probe(probe_elf, "blk", *mode, "--rwdisk", str(image))
     assert details["blk"] == f"{64 * MiB // SECTOR} sectors serial pyvmm-vda"
     data = image.read_bytes()
     for s in (0, 1, PATTERN_SECTORS - 1):
@@ -76,18 +83,21 @@ def test_read_only_disk_refuses_writes_and_stays_untouched(probe_elf: Path, tmp_
     assert sha256(image) == before
 
 
-def test_rng_gives_varying_bytes_with_msix_interrupts(probe_elf: Path) -> None:
-    details = _probe(probe_elf, "rng")
+@BOTH_MODES
+def test_rng_gives_varying_bytes_with_msix_interrupts(probe_elf: Path, mode: list[str]) -> None:
+    details = _probe(probe_elf, "rng", *mode)
     assert int(details["rng"].split()[0]) >= 1
 
 
+@BOTH_MODES
 def test_hostile_queues_leave_the_vmm_and_other_disks_working(
-    probe_elf: Path, tmp_path: Path
+    probe_elf: Path, tmp_path: Path, mode: list[str]
 ) -> None:
     good = make_pattern_image(tmp_path / "good.img")
     victim = make_pattern_image(tmp_path / "victim.img")
     # virtq-hostile attacks the last disk; blk then uses the first.
-    _probe(probe_elf, "virtq-hostile,blk,rng", "--rwdisk", str(good), "--rwdisk", str(victim))
+    disks = ["--rwdisk", str(good), "--rwdisk", str(victim)]
+    _probe(probe_elf, "virtq-hostile,blk,rng", *mode, *disks)
 
 
 def test_missing_or_unwritable_images_fail_at_start(probe_elf: Path, tmp_path: Path) -> None:
