@@ -256,6 +256,8 @@ class VirtioPciDevice(PciDevice):
         )
         self.interrupt = Interrupt(self.msix, intx)
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
+        # Made once, for every worker this device will have (see QueueWorker).
+        self._worker_control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._notify_base: int | None = None
         self._worker: QueueWorker | None = None
         self._abandoned = False  # a worker that never stopped may still use the device
@@ -572,7 +574,7 @@ class VirtioPciDevice(PciDevice):
         self.interrupt.queue_vectors = {i: self.queues[i].msix_vector for i in active}
         queues = {index: queue for index, (queue, _) in active.items()}
         self.device.activate(self.mem, self.interrupt, queues, self.driver_features)
-        self._worker = QueueWorker(self.device, active, self.interrupt)
+        self._worker = QueueWorker(self.device, active, self.interrupt, self._worker_control)
         self._worker.start()
 
     def _needs_reset(self) -> None:
@@ -611,6 +613,7 @@ class VirtioPciDevice(PciDevice):
         if self._abandoned:
             return  # the stuck worker may still use the device's files and the notify fds
         self.device.close()
-        for fd in self.notify_fds:
-            os.close(fd)
-        self.notify_fds = []
+        for fd in [*self.notify_fds, self._worker_control]:
+            if fd >= 0:  # closing twice is allowed
+                os.close(fd)
+        self.notify_fds, self._worker_control = [], -1

@@ -39,13 +39,17 @@ class QueueWorker:
         device: VirtioDevice,
         queues: dict[int, tuple[SplitQueue, int]],
         interrupt: DeviceInterrupt,
+        control: int,
     ) -> None:
         """`queues` maps queue index -> (queue, ioeventfd) of an activated `device`; its
-        `interrupt` is signalled for used buffers, and told once if the device breaks."""
+        `interrupt` is signalled for used buffers, and told once if the device breaks.
+        `control` is an eventfd the worker is woken by (to stop or pause); the caller owns it
+        and may give it to the next worker, so that a jailed device process, which can open no
+        new fd, can be activated again."""
         self.device = device
         self.queues = queues
         self._interrupt = interrupt
-        self._control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._control = control
         self._stopping = False
         self._pause_requested = False
         self._paused = threading.Event()
@@ -72,10 +76,7 @@ class QueueWorker:
             self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("%s: the worker did not stop within %g s; abandoned", self.name, timeout)
-            return False  # its control fd stays open: the thread may still poll it
-        if self._control >= 0:
-            os.close(self._control)
-            self._control = -1
+            return False  # its control fd must stay open: the thread may still poll it
         return True
 
     def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
@@ -98,8 +99,7 @@ class QueueWorker:
         wake the thread if it waits for notifications."""
         for queue, _ in self.queues.values():
             queue.budget = 0
-        if self._control >= 0:
-            os.eventfd_write(self._control, 1)
+        os.eventfd_write(self._control, 1)
 
     def _run(self) -> None:
         poller = select.poll()

@@ -101,7 +101,8 @@ def _worker(
 ) -> tuple[QueueWorker, int]:
     queue = SplitQueue(mem, SIZE, DESC, AVAIL, USED, False)
     notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    worker = QueueWorker(device, {0: (queue, notify)}, interrupt or RecordingInterrupt())
+    control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    worker = QueueWorker(device, {0: (queue, notify)}, interrupt or RecordingInterrupt(), control)
     worker.start()
     return worker, notify
 
