@@ -40,6 +40,7 @@ DECLARING_MODULES = [
     "pyvmm.devices.virtio.block",
     "pyvmm.devices.virtio.pci",
     "pyvmm.native.fences",
+    "pyvmm.sandbox.jail",
 ]
 
 

@@ -1,0 +1,1 @@
+"""device sandbox: the jail and the seccomp filter a device process enters"""
