@@ -7,13 +7,14 @@ the very last step. Afterwards nothing can be imported (there is no file system)
 (CPython's mmap dup()s the fd it maps: guest memory is mapped before) and no thread started
 (RLIMIT_NPROC counts threads). `enter_jail` goes, in this order:
 
-1. Parent death: PR_SET_PDEATHSIG(SIGKILL), then a check that the parent is still the VMM. The
-   signal is armed only from that call on, so a VMM that died just before would go unnoticed.
-2. The fds: every fd not kept is closed, so nothing leaked by the spawner enters the jail.
-3. The user (`run_as`, root only): root becomes an unprivileged host user first, keeping its
+1. The user (`run_as`, root only): root becomes an unprivileged host user first, keeping its
    capabilities for the steps below. It must come before the user namespace (a process can map
    only its own uid into one). Without it, RLIMIT_NPROC would not hold: the kernel never
    applies it to host uid 0, capabilities or not.
+2. Parent death: PR_SET_PDEATHSIG(SIGKILL), then a check that the parent is still the VMM. The
+   signal is armed only from that call on, so a VMM that died just before would go unnoticed;
+   and a change of uid or gid disarms it, hence after 1.
+3. The fds: every fd not kept is closed, so nothing leaked by the spawner enters the jail.
 4. Namespaces: a user namespace where the host allows one (so an unprivileged VMM can do the
    rest; uid and gid 0 inside map to the host ids), then mount, PID, IPC, UTS and network ones.
 5. An empty root: a small read-only tmpfs mounted over /, pivot_root into it, the old root
@@ -161,9 +162,9 @@ def enter_jail(spec: JailSpec) -> JailReport:
     name = spec.name
     cap = _load_libcap(name)  # now: dlopen() needs the file system
     kept = _kept_fds(spec)
+    _run_as(spec)
     _die_with_parent(name, spec.parent_pid)
     closed = _close_all_but(kept)
-    _run_as(spec)
     uid, gid = os.geteuid(), os.getegid()
     why_not = _unshare_user(name, uid, gid) if spec.user_namespace else "not asked for"
     _check(name, "namespaces", _libc.unshare(OTHER_NAMESPACES))
