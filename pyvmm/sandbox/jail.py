@@ -119,6 +119,7 @@ OTHER_NAMESPACES = Clone.NEWNS | Clone.NEWPID | Clone.NEWIPC | Clone.NEWUTS | Cl
 # process: not permitted (policy, a chroot), not built in, or too many already.
 USER_NAMESPACE_REFUSED = frozenset({errno.EPERM, errno.EINVAL, errno.ENOSPC, errno.EUSERS})
 ROOT_FLAGS = MountFlag.RDONLY | MountFlag.NOSUID | MountFlag.NODEV | MountFlag.NOEXEC
+# Empty and read-only: its root directory is its only inode, a page is room enough.
 ROOT_OPTIONS = b"mode=0555,size=4k,nr_inodes=1"
 
 
