@@ -41,6 +41,7 @@ DECLARING_MODULES = [
     "pyvmm.devices.virtio.pci",
     "pyvmm.native.fences",
     "pyvmm.sandbox.seccomp",
+    "pyvmm.sandbox.jail",
 ]
 
 

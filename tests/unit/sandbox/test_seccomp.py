@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pyvmm.sandbox import seccomp
-from pyvmm.sandbox.seccomp import SeccompError, load_filter
+from pyvmm.sandbox.policy import load_policy
+from pyvmm.sandbox.seccomp import SeccompError, load_filter, syscall_number
 from tests.cheaders import mismatches
 
 # What the child below needs once the filter is in: its own exit and the write of its answer,
@@ -107,6 +108,19 @@ def test_every_shipped_policy_compiles() -> None:
         pytest.skip(f"no policies for this machine in {directory}")
     for name in policies:
         load_filter(directory, name).close()
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_every_shipped_policy_names_real_system_calls_of_its_architecture(arch: str) -> None:
+    directory = Path(seccomp.__file__).resolve().parents[2] / "seccomp" / arch
+    policies = sorted(directory.glob("*.policy"))
+    assert {p.stem for p in policies} >= {"common_device", "block", "rng"}
+    for path in policies:
+        policy = load_policy(path, seccomp.constant, seccomp.errno_value)
+        unknown = [
+            r.where for r in policy.rules.values() if syscall_number(r.syscall, arch) is None
+        ]
+        assert not unknown, f"not system calls on {arch}: {unknown}"
 
 
 def test_constants_match_the_system_headers(tmp_path: Path) -> None:
