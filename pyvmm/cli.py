@@ -24,6 +24,7 @@ from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
 from pyvmm.native.helpers import HelperError
+from pyvmm.sandbox.seccomp import SeccompError
 
 if TYPE_CHECKING:
     from pyvmm.vmm import Vmm
@@ -44,6 +45,7 @@ USER_ERRORS = (
     HelperError,
     UnsupportedArchError,
     DeviceProcessError,
+    SeccompError,
 )
 
 

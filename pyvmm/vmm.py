@@ -36,6 +36,7 @@ from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import build_cmdline
 from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.ratelimit import flush_all as flush_guest_logs
+from pyvmm.sandbox.seccomp import policy_dir
 from pyvmm.terminal import StdinPump
 from pyvmm.vcpu_threads import VcpuThreads, VmExit
 
@@ -180,6 +181,8 @@ class Vmm:
         def remove_ioeventfd(fd: int, addr: int, length: int) -> None:
             self.vm.unregister_ioeventfd(fd, addr, notify_len)
 
+        if self.config.sandbox:
+            self._policy_dir = policy_dir(self.config.seccomp_policy_dir)
         disks = self._open_disks()
         names = [*(disk_name(i) for i in range(len(disks))), "rng"]
         for index, name in enumerate(names):
@@ -227,8 +230,9 @@ class Vmm:
             disk=None
             if disk is None
             else DiskSpec(disk.fd, disk.path, disk.writable, f"pyvmm-{name}"),
-            policy_dir=cfg.seccomp_policy_dir,
+            policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
+            jail=True,
         )
 
     def _allocate_msi(self, what: str) -> int:

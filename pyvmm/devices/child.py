@@ -11,7 +11,6 @@ eventfds and guest memory this process holds: the VMM sees only register traffic
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -43,9 +42,6 @@ from pyvmm.devices.wire import (
 )
 
 log = logging.getLogger("pyvmm.device")
-
-PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 
 
 @dataclass
@@ -221,32 +217,54 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)  # the VMM died before the line above took effect
+# The host user a device process runs as when the VMM is root: nobody.
+NOBODY = (65534, 65534)
 
 
-def _name_process(name: str) -> None:
-    # The kernel's own messages (a seccomp kill or log) name the process by this.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"pyvmm-{name}"[:15].encode()), 0, 0, 0)
+def _jail(spec: DeviceSpec) -> None:
+    """Enter the jail (pyvmm.sandbox.jail), keeping every fd this process holds by now: the
+    spawner passed it only the device's, and building the device made the rest."""
+    from pyvmm.sandbox.jail import JailSpec, enter_jail
+
+    held = tuple(sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2))
+    kept = tuple(fd for fd in held if _is_open(fd))  # the listing's own fd is gone by now
+    run_as = NOBODY if os.geteuid() == 0 else None
+    enter_jail(JailSpec(f"virtio {spec.name}", spec.parent_pid, kept, run_as=run_as, threads=True))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def main(argv: list[str]) -> int:
+    from pyvmm.sandbox.jail import JailError, die_with_parent, name_process
+
     spec = DeviceSpec.from_json(argv[0])
-    _die_with_parent(spec.parent_pid)
-    _name_process(spec.name)
+    try:
+        die_with_parent(f"virtio {spec.name}", spec.parent_pid)
+        name_process(f"virtio {spec.name}", f"pyvmm-{spec.name}")
+    except JailError:
+        return 1  # the VMM is gone already
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the VMM decides when this process ends
-    logging.basicConfig(format=f"pyvmm: {spec.name}: %(message)s", level=logging.WARNING)
+    logging.basicConfig(format="pyvmm: %(message)s", level=logging.WARNING)
     channel = Channel(socket.socket(fileno=spec.sock))
     try:
         server = DeviceServer(spec, channel)
+        seccomp_filter = None
         if spec.policy_dir is not None:
             from pyvmm.sandbox.seccomp import load_filter
 
-            load_filter(Path(spec.policy_dir), spec.kind, spec.log_failures).install()
+            # Compiled before the jail: libseccomp is loaded and the policy read from the
+            # host's files while there are any.
+            seccomp_filter = load_filter(Path(spec.policy_dir), spec.kind, spec.log_failures)
+        if spec.jail:
+            _jail(spec)
+        if seccomp_filter is not None:
+            seccomp_filter.install()
     except Exception as exc:  # the VMM reports it, as the reason this process did not start
         channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
         return 1

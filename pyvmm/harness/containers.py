@@ -69,7 +69,7 @@ TEST_TAG = "pyvmm-test"
 KEY_LABEL = "pyvmm.key"
 KEY_FORMAT = b"pyvmm-image-1"  # bump when the way images are built changes
 # What each image's build context holds (the context is made here, never the whole tree).
-RUNTIME_CONTEXT = ("pyproject.toml", "README.md", "pyvmm")
+RUNTIME_CONTEXT = ("pyproject.toml", "README.md", "pyvmm", "seccomp")
 TEST_CONTEXT = ("pyproject.toml",)
 PIP_CA_FILE = "pip-ca.pem"
 CONTEXT_SKIP = ("__pycache__", ".pyc")

@@ -28,8 +28,9 @@ the very last step. Afterwards nothing can be imported (there is no file system)
    root, the lack of capabilities and no_new_privs instead of being a privileged process in
    the host's file system. It closes the device's fds.
 9. rlimits, in the child: no core dumps, no new process or thread (RLIMIT_NPROC 0, enforced
-   only once the capabilities are gone: hence after 6), and no new fd: holes below the highest
-   kept fd are filled with inert fds and RLIMIT_NOFILE is set just above it.
+   only once the capabilities are gone: hence after 6; unless the process is to start
+   threads, see `JailSpec.threads`), and no new fd: holes below the highest kept fd are filled
+   with inert fds and RLIMIT_NOFILE is set just above it.
 
 Every failure raises JailError, one line naming the device, the step and the reason.
 """
@@ -106,6 +107,7 @@ class Prctl(enum.IntEnum):
     SET_PDEATHSIG = 1
     GET_DUMPABLE = 3
     SET_DUMPABLE = 4
+    SET_NAME = 15
     SET_SECUREBITS = 28
     SET_NO_NEW_PRIVS = 38
 
@@ -140,6 +142,10 @@ class JailSpec:
     keep_fds: tuple[int, ...] = ()  # the device's fds; 0, 1 and 2 are always kept
     run_as: tuple[int, int] | None = None  # host (uid, gid); a change needs root
     user_namespace: bool = True  # False: do not try one (for tests of the fallback)
+    # RLIMIT_NPROC counts threads too, and every process of the host user: a process that
+    # will start threads (a device's worker) leaves it alone, and its seccomp policy, which
+    # lets clone make threads only, is what forbids a new process.
+    threads: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,14 +183,15 @@ def enter_jail(spec: JailSpec) -> JailReport:
     limit = max(kept) + 1
     with _step(name, "rlimits"):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        if not spec.threads:
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     return JailReport(
         user_namespace=not why_not,
         no_user_namespace_why=why_not,
         host_uid=uid,
         host_gid=gid,
-        nproc_enforced=uid != 0,
+        nproc_enforced=uid != 0 and not spec.threads,
         fd_limit=limit,
         closed_fds=closed,
         filled_fds=filled,
@@ -234,6 +241,18 @@ def _kept_fds(spec: JailSpec) -> frozenset[int]:
     if threads != 1:
         raise JailError(spec.name, "threads", f"{threads} running; a jail needs a single thread")
     return frozenset((0, 1, 2, *spec.keep_fds))
+
+
+def name_process(name: str, comm: str) -> None:
+    """Name the calling thread (its /proc comm, at most 15 bytes): what the kernel's own
+    messages about the process (a seccomp kill or log) call it."""
+    buffer = _ffi.new("char[]", comm.encode()[:15])
+    _check(name, "name", _libc.prctl(Prctl.SET_NAME, buffer, *[_ffi.cast("unsigned long", 0)] * 3))
+
+
+def die_with_parent(name: str, parent: int) -> None:
+    """SIGKILL for this process when `parent` ends; a JailError if it has already."""
+    _die_with_parent(name, parent)
 
 
 def _die_with_parent(name: str, parent: int) -> None:

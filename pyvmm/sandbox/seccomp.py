@@ -6,8 +6,9 @@ killed outright. A call the policy does not allow kills the whole process (SECCO
 PROCESS), or, with `log_failures`, is allowed and logged by the kernel (SECCOMP_RET_LOG: an
 audit line naming the process, which is named after its device, and the call's number).
 
-Policies live in `seccomp/<arch>/<device>.policy` at the top of the tree (`policy_dir()`);
-`--seccomp-policy-dir` names another folder.
+Policies live in `seccomp/<arch>/<device>.policy` at the top of the tree, and in
+`<prefix>/share/pyvmm/seccomp/<arch>/` where pyvmm is installed without its tree (the container
+image); `--seccomp-policy-dir` names another folder (`policy_dir()`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import termios
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ _ffi: Any = declare(
     void seccomp_release(scmp_filter_ctx ctx);
     int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint64_t value);
     int seccomp_syscall_resolve_name(const char *name);
+    uint32_t seccomp_arch_resolve_name(const char *arch_name);
+    int seccomp_syscall_resolve_name_arch(uint32_t arch_token, const char *name);
     int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
                                unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
     int seccomp_load(const scmp_filter_ctx ctx);
@@ -128,10 +132,24 @@ def errno_value(name: str) -> int | None:
 
 
 def policy_dir(override: str | None = None) -> Path:
-    """The folder of this machine's policies: `override`, else seccomp/<arch>/ in the tree."""
+    """The folder of this machine's policies: `override`, else seccomp/<arch>/ in pyvmm's
+    tree, else the installed copy; a SeccompError says where it looked."""
     if override is not None:
+        if not Path(override).is_dir():
+            raise SeccompError(f"--seccomp-policy-dir {override}: not a directory")
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "seccomp" / os.uname().machine
+    machine = os.uname().machine
+    places = [
+        Path(__file__).resolve().parents[2] / "seccomp" / machine,
+        Path(sys.prefix) / "share" / "pyvmm" / "seccomp" / machine,
+    ]
+    for place in places:
+        if place.is_dir():
+            return place
+    raise SeccompError(
+        f"no seccomp policies for {machine} in {' or '.join(map(str, places))}; "
+        "give --seccomp-policy-dir, or --disable-sandbox"
+    )
 
 
 def read_policy(directory: Path, device: str) -> Policy:
@@ -178,6 +196,16 @@ def _lib() -> Any:
                 f"cannot load {LIBRARY} (install libseccomp2): {str(exc).splitlines()[0]}"
             ) from None
     return _loaded
+
+
+def syscall_number(name: str, arch: str) -> int | None:
+    """The number of system call `name` on `arch` ("x86_64", "aarch64"), None if it has none."""
+    lib = _lib()
+    token = lib.seccomp_arch_resolve_name(arch.encode())
+    if token == 0:
+        raise SeccompError(f"libseccomp does not know the architecture {arch}")
+    number = lib.seccomp_syscall_resolve_name_arch(token, name.encode())
+    return None if number < 0 else int(number)
 
 
 def compile_policy(policy: Policy, where: str, log_failures: bool = False) -> Filter:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.sandbox.seccomp import policy_dir
 from tests.integration.conftest import ROOT, needs_kvm, run_pyvmm
-from tests.integration.test_virtio_probe import ctl
+from tests.integration.test_virtio_probe import ctl, make_pattern_image
 
 pytestmark = needs_kvm
 
@@ -85,12 +86,70 @@ def long_vm(
         proc.communicate(timeout=30)
 
 
-def test_each_device_has_a_process_of_its_own(probe_elf: Path, tmp_path: Path) -> None:
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def jailed(devices: set[int]) -> dict[str, int]:
+    """comm -> PID of each device process proper: PID 1 of its own PID namespace (the process
+    that started it waits outside for it)."""
+    return {comm(pid): pid for pid in devices if status(pid)["NSpid"].split()[-1] == "1"}
+
+
+def namespace(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def test_each_device_runs_jailed_under_seccomp(probe_elf: Path, tmp_path: Path) -> None:
     with long_vm(probe_elf, tmp_path) as (proc, devices):
-        names = {comm(pid) for pid in devices}
-        assert {"pyvmm-vda", "pyvmm-rng"} <= names, names
+        names = jailed(devices)
+        assert set(names) == {"pyvmm-vda", "pyvmm-rng"}, names
+        for name, pid in names.items():
+            facts = status(pid)
+            assert (facts["Seccomp"], facts["NoNewPrivs"]) == ("2", "1"), (name, facts)
+            for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                assert facts[cap] == "0000000000000000", (name, cap, facts[cap])
+            for kind in ("mnt", "pid", "net", "ipc", "uts"):
+                assert namespace(pid, kind) != namespace(proc.pid, kind), (name, kind)
+            assert os.listdir(f"/proc/{pid}/root") == [], f"{name} sees files in its root"
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def _policies_without(tmp_path: Path, device: str, call: str) -> Path:
+    """A copy of this machine's policies in which `device`'s omits `call`."""
+    copy = tmp_path / "policies"
+    copy.mkdir()
+    for policy in policy_dir().glob("*.policy"):
+        lines = policy.read_text().splitlines(keepends=True)
+        if policy.stem == device:
+            lines = [line for line in lines if not line.startswith(f"{call}:")]
+        (copy / policy.name).write_text("".join(lines))
+    return copy
+
+
+@pytest.mark.parametrize("log_failures", [False, True], ids=["killed", "logged"])
+def test_a_call_outside_the_policy_kills_only_that_device(
+    probe_elf: Path, tmp_path: Path, log_failures: bool
+) -> None:
+    image = make_pattern_image(tmp_path / "disk.img")
+    policies = _policies_without(tmp_path, "rng", "getrandom")
+    flags = ["--seccomp-policy-dir", str(policies), "--rwdisk", str(image)]
+    flags += ["--seccomp-log-failures"] if log_failures else []
+    run = run_pyvmm("run", *flags, "-p", "probe=rng,blk", str(probe_elf), timeout=120)
+    results = run.probe_results()
+    assert results["blk"][0] == "ok", run.stdout  # the disk's process went on working
+    failures = [line for line in run.stderr.splitlines() if "device process" in line]
+    if log_failures:
+        assert results["rng"][0] == "ok", run.stdout
+        assert failures == [], run.stderr
+    else:
+        assert results["rng"][0] == "FAIL", run.stdout  # its device is gone
+        assert len(failures) == 1, run.stderr
+        assert failures[0].startswith("pyvmm: virtio rng: device process")
+        assert "killed by SIGSYS (a system call its seccomp policy does not allow)" in failures[0]
+    assert run.returncode == 0, run.stderr  # the VM went on to the guest's own end
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "stop", "SIGKILL"])
@@ -134,8 +193,10 @@ def test_a_guest_reset_leaves_no_device_process(probe_elf: Path, tmp_path: Path)
 
 def test_a_dead_device_is_reported_once_and_the_vm_goes_on(probe_elf: Path, tmp_path: Path) -> None:
     with long_vm(probe_elf, tmp_path) as (proc, devices):
-        (disk,) = [pid for pid in devices if comm(pid) == "pyvmm-vda"]
-        os.kill(disk, signal.SIGSYS)
+        disk = jailed(devices)["pyvmm-vda"]
+        # As the OOM killer would (a PID 1 ignores other signals from outside its namespace;
+        # a seccomp kill is test_a_call_outside_the_policy_kills_only_that_device).
+        os.kill(disk, signal.SIGKILL)
         time.sleep(1)
         assert proc.poll() is None, "the VM ended with its disk's process"
         proc.send_signal(signal.SIGTERM)
@@ -143,7 +204,6 @@ def test_a_dead_device_is_reported_once_and_the_vm_goes_on(probe_elf: Path, tmp_
     lines = stderr.decode().splitlines()
     failed = [line for line in lines if "device process" in line]
     assert len(failed) == 1, lines
-    assert failed[0].startswith(
-        f"pyvmm: virtio vda: device process {disk} failed: killed by SIGSYS"
-    )
+    assert failed[0].startswith("pyvmm: virtio vda: device process")
+    assert "failed: killed by SIGKILL (out of memory, or killed from outside)" in failed[0]
     assert proc.returncode == 128 + signal.SIGTERM

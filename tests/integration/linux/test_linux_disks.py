@@ -205,7 +205,9 @@ def _check(result: BootResult, name: str) -> str:
     """The details of the guest's `GUEST <name> ok ...` line; fails on FAIL or no line."""
     assert name in result.checks, f"{result.name}: no GUEST {name} line in:\n{result.output}"
     status, details = result.checks[name]
-    assert status == "ok", f"{result.name}: GUEST {name} FAIL {details}"
+    assert status == "ok", (
+        f"{result.name}: GUEST {name} FAIL {details}\npyvmm's stderr: {result.stderr.strip()}"
+    )
     return details
 
 
