@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PYVMM = "pyvmm"
+PYVMM = "pyvmm"  # multiprocess mode, the default: each device in a process of its own
+THREADS = "threads"  # pyvmm --disable-sandbox: the devices as threads in the VMM process
 QEMU = "qemu"
 
 
@@ -26,6 +27,7 @@ class Row:
     higher_is_better: bool
     pyvmm: float | None = None
     qemu: float | None = None
+    threads: float | None = None  # pyvmm --disable-sandbox, where measured
     # The host's own figure for the same work where there is one (a ceiling or floor).
     host: float | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -80,7 +82,7 @@ def _fmt(value: float | None) -> str:
 
 def table(rows: list[Row]) -> str:
     """The rows as a Markdown table (also readable on a terminal)."""
-    head = ["benchmark", "unit", "pyvmm", "QEMU", "pyvmm/QEMU", "host"]
+    head = ["benchmark", "unit", "pyvmm", "pyvmm threads", "QEMU", "pyvmm/QEMU", "host"]
     lines = [head]
     for row in rows:
         ratio = row.ratio
@@ -93,6 +95,7 @@ def table(rows: list[Row]) -> str:
                 f"{row.group}: {row.name}",
                 row.unit,
                 _fmt(row.pyvmm),
+                _fmt(row.threads),
                 _fmt(row.qemu),
                 "-" if ratio is None else f"{ratio:.2f}{mark}",
                 _fmt(row.host),

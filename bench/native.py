@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import PYVMM, QEMU, Row, interleave
-from bench.vmms import PROBE, ROOT, pyvmm_argv, qemu_argv
+from bench.measure import PYVMM, QEMU, THREADS, Row, interleave
+from bench.vmms import PROBE, ROOT, pyvmm_argv, pyvmm_threads_argv, qemu_argv
 
 ArgvFor = Callable[..., list[str]]
 GiB = 1 << 30
@@ -72,7 +72,7 @@ def run_vmm(argv: list[str]) -> Run:
 def _jobs(
     make: Callable[[ArgvFor], Callable[[], dict[str, float]]], qemu: bool
 ) -> dict[str, Callable[[], dict[str, float]]]:
-    jobs = {PYVMM: make(pyvmm_argv)}
+    jobs = {PYVMM: make(pyvmm_argv), THREADS: make(pyvmm_threads_argv)}
     if qemu:
         jobs[QEMU] = make(qemu_argv)
     return jobs

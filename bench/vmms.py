@@ -37,14 +37,28 @@ def qemu_version() -> str:
 
 
 def pyvmm_argv(
-    kernel: Path, params: list[str], disk: Path | None = None, mem_mib: int = PROBE_MEM_MIB
+    kernel: Path,
+    params: list[str],
+    disk: Path | None = None,
+    mem_mib: int = PROBE_MEM_MIB,
+    sandbox: bool = True,
 ) -> list[str]:
+    """pyvmm with its devices in processes of their own (the default), or as threads."""
     argv = [sys.executable, "-m", "pyvmm", "run", "-m", str(mem_mib)]
+    if not sandbox:
+        argv.append("--disable-sandbox")
     if disk is not None:
         argv += ["--rwdisk", str(disk)]
     for param in params:
         argv += ["-p", param]
     return [*argv, str(kernel)]
+
+
+def pyvmm_threads_argv(
+    kernel: Path, params: list[str], disk: Path | None = None, mem_mib: int = PROBE_MEM_MIB
+) -> list[str]:
+    """pyvmm --disable-sandbox: the devices as threads in the VMM process."""
+    return pyvmm_argv(kernel, params, disk, mem_mib, sandbox=False)
 
 
 def qemu_argv(

@@ -150,9 +150,13 @@ class DeviceServer:
             link,
         )
 
-    def serve(self) -> None:
-        """Answer requests until SHUTDOWN or until the VMM closes its end."""
-        self.channel.send(Op.REPLY)  # built: the VMM's start-up wait ends here
+    def serve(self, listener: int | None = None) -> None:
+        """Answer requests until SHUTDOWN or until the VMM closes its end. `listener`, the
+        seccomp filter's (with --seccomp-log-failures), goes to the VMM with the first answer."""
+        # Built: the VMM's start-up wait ends here.
+        self.channel.send(Op.REPLY, b"", () if listener is None else (listener,))
+        if listener is not None:
+            os.close(listener)
         while True:
             try:
                 op, payload, fds = self.channel.recv()
@@ -261,15 +265,22 @@ def main(argv: list[str]) -> int:
             # Compiled before the jail: libseccomp is loaded and the policy read from the
             # host's files while there are any.
             seccomp_filter = load_filter(Path(spec.policy_dir), spec.kind, spec.log_failures)
+        # Installing a filter with a listener makes an fd, which the jail leaves no number for:
+        # this one holds a number for it until then.
+        placeholder = os.dup(2) if spec.log_failures and seccomp_filter is not None else None
         if spec.jail:
             _jail(spec)
+        listener = None
         if seccomp_filter is not None:
+            if placeholder is not None:
+                os.close(placeholder)
             seccomp_filter.install()
+            listener = seccomp_filter.listener() if spec.log_failures else None
     except Exception as exc:  # the VMM reports it, as the reason this process did not start
         channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
         return 1
     try:
-        server.serve()
+        server.serve(listener)
     finally:
         server.close()
     return 0

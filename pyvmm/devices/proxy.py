@@ -41,6 +41,7 @@ from pyvmm.devices.wire import (
     unpack_sizes,
     unpack_windows,
 )
+from pyvmm.sandbox.seccomp import watch_denials
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class ProxyDevice(PciDevice):
         process: subprocess.Popen[bytes],
         channel: Channel,
         services: VmServices,
+        policy: str = "",
     ) -> None:
         self.name = name
+        self.policy = policy  # the seccomp policy file, for messages
         self.process = process
         self._channel = channel
         self._services = services
@@ -85,9 +88,11 @@ class ProxyDevice(PciDevice):
     # The start-up: the process asks for its GSIs and irqfds while it builds the device, then
     # sends one REPLY.
     def wait_ready(self) -> None:
+        """Wait until the process has built its device, serving what it asks of the VM on the
+        way; a seccomp listener it sends along (--seccomp-log-failures) is then watched."""
         with self._lock:
             try:
-                self._answer(START_TIMEOUT_S)
+                _, fds = self._answer(START_TIMEOUT_S, keep_fds=True)
             except DeviceProcessError as exc:  # it said why
                 self._kill()
                 raise DeviceProcessError(f"virtio {self.name}: {exc}") from None
@@ -96,6 +101,8 @@ class ProxyDevice(PciDevice):
                 raise DeviceProcessError(
                     f"virtio {self.name}: the device process did not start: {self._cause(exc)}"
                 ) from None
+        for fd in fds:
+            watch_denials(fd, f"virtio {self.name}", self.policy)
         self._watcher.start()
 
     def _call(self, op: Op, payload: bytes = b"") -> bytes | None:
@@ -105,17 +112,21 @@ class ProxyDevice(PciDevice):
                 return None
             try:
                 self._channel.send(op, payload)
-                return self._answer(REPLY_TIMEOUT_S)
+                return self._answer(REPLY_TIMEOUT_S)[0]
             except WireError as exc:
                 self._fail(exc)
                 return None
 
-    def _answer(self, timeout: float) -> bytes:
+    def _answer(self, timeout: float, keep_fds: bool = False) -> tuple[bytes, list[int]]:
+        """The answer to the request just sent, and the fds it carried (closed unless
+        `keep_fds`); the process's own requests of the VM are served meanwhile."""
         while True:
             op, payload, fds = self._channel.recv(timeout)
             if op is Op.REPLY:
-                _close_all(fds)
-                return payload
+                if not keep_fds:
+                    _close_all(fds)
+                    fds = []
+                return payload, fds
             if op is Op.FAILED:
                 _close_all(fds)
                 raise DeviceProcessError(payload.decode(errors="replace"))
@@ -293,4 +304,5 @@ def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
         ) from None
     finally:
         theirs.close()
-    return ProxyDevice(spec.name, process, ours, services)
+    policy = "" if spec.policy_dir is None else f"{spec.policy_dir}/{spec.kind}.policy"
+    return ProxyDevice(spec.name, process, ours, services, policy)

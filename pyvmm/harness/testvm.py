@@ -266,7 +266,7 @@ class TestVm:
                 said = qemu_log.read_text(errors="replace").strip()
                 raise TestVmError(
                     f"test VM ended (QEMU status {proc.returncode}) without running the command: "
-                    + (said or _tail(console))
+                    + (said or _tail(console, 60))  # a panic's whole report
                 )
             return TestVmResult(
                 int(status.read_text().strip() or "255"),

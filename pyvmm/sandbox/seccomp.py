@@ -3,8 +3,8 @@
 libseccomp (libseccomp.so.2, through cffi) turns the rules into BPF for this machine's
 architecture; other architectures' system call conventions (x86's 32-bit `int 0x80`, say) are
 killed outright. A call the policy does not allow kills the whole process (SECCOMP_RET_KILL_
-PROCESS), or, with `log_failures`, is allowed and logged by the kernel (SECCOMP_RET_LOG: an
-audit line naming the process, which is named after its device, and the call's number).
+PROCESS), or, with `log_failures`, waits while the VMM, which holds the filter's listener fd
+(SECCOMP_RET_USER_NOTIF), logs the call by name and lets it go on (`watch_denials`).
 
 Policies live in `seccomp/<arch>/<device>.policy` at the top of the tree, and in
 `<prefix>/share/pyvmm/seccomp/<arch>/` where pyvmm is installed without its tree (the container
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import select
@@ -22,12 +23,16 @@ import signal
 import socket
 import sys
 import termios
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyvmm.cdecl import declare
+from pyvmm.ratelimit import GuestLog
 from pyvmm.sandbox.policy import Op, Policy, PolicyError, Rule, load_policy
+
+log = logging.getLogger(__name__)
 
 _ffi: Any = declare(
     "seccomp",
@@ -51,6 +56,32 @@ _ffi: Any = declare(
                                unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
     int seccomp_load(const scmp_filter_ctx ctx);
     int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
+
+    struct seccomp_data {
+        int nr;
+        uint32_t arch;
+        uint64_t instruction_pointer;
+        uint64_t args[6];
+    };
+    struct seccomp_notif {
+        uint64_t id;
+        uint32_t pid;
+        uint32_t flags;
+        struct seccomp_data data;
+    };
+    struct seccomp_notif_resp {
+        uint64_t id;
+        int64_t val;
+        int32_t error;
+        uint32_t flags;
+    };
+    int seccomp_notify_fd(const scmp_filter_ctx ctx);
+    int seccomp_notify_alloc(struct seccomp_notif **req, struct seccomp_notif_resp **resp);
+    void seccomp_notify_free(struct seccomp_notif *req, struct seccomp_notif_resp *resp);
+    int seccomp_notify_receive(int fd, struct seccomp_notif *req);
+    int seccomp_notify_respond(int fd, struct seccomp_notif_resp *resp);
+    char *seccomp_syscall_resolve_num_arch(uint32_t arch_token, int num);
+    void free(void *ptr);
     """,
 )
 
@@ -59,6 +90,9 @@ LIBRARY = "libseccomp.so.2"
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_ERRNO_BASE = 0x00050000
 SCMP_ACT_LOG = 0x7FFC0000
+SCMP_ACT_NOTIFY = 0x7FC00000
+SCMP_ARCH_NATIVE = 0
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1  # <linux/seccomp.h>: let the call go on as made
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_FLTATR_ACT_BADARCH = 2
 SCMP_FLTATR_CTL_NNP = 3
@@ -171,6 +205,14 @@ class Filter:
         if rc < 0:
             raise SeccompError(f"{self.where}: cannot install the filter: {os.strerror(-rc)}")
 
+    def listener(self) -> int:
+        """After `install` with `log_failures`: the fd the calls outside the policy are
+        reported on (hand it to `watch_denials`, in the VMM)."""
+        fd = _lib().seccomp_notify_fd(self.ctx)
+        if fd < 0:
+            raise SeccompError(f"{self.where}: the filter has no listener: {os.strerror(-fd)}")
+        return int(fd)
+
     def export_bpf(self, fd: int) -> None:
         """Write the BPF program to `fd` (what `tests` and debugging look at)."""
         rc = _lib().seccomp_export_bpf(self.ctx, fd)
@@ -210,9 +252,9 @@ def syscall_number(name: str, arch: str) -> int | None:
 
 def compile_policy(policy: Policy, where: str, log_failures: bool = False) -> Filter:
     """Compile `policy` (read from `where`) for this machine: calls it does not allow kill the
-    process, or with `log_failures` are logged and allowed."""
+    process, or with `log_failures` go to the filter's listener (`watch_denials`)."""
     lib = _lib()
-    default = SCMP_ACT_LOG if log_failures else SCMP_ACT_KILL_PROCESS
+    default = SCMP_ACT_NOTIFY if log_failures else SCMP_ACT_KILL_PROCESS
     ctx = lib.seccomp_init(default)
     if ctx == _ffi.NULL:
         raise SeccompError(f"{where}: libseccomp could not start a filter")
@@ -261,6 +303,62 @@ def _add_rule(lib: Any, ctx: Any, rule: Rule, default: int) -> None:
         # only the calls no alternative allowed.
         action = SCMP_ACT_ERRNO_BASE | (rule.errno_otherwise & 0xFFFF)
         _check(lib.seccomp_rule_add_array(ctx, action, number, 0, _ffi.NULL), rule.where)
+
+
+def watch_denials(listener: int, device: str, where: str) -> threading.Thread:
+    """Serve a device process's filter listener (`Filter.listener`) in a thread: log each call
+    outside its policy, by name, and let it go on. The thread ends, closing `listener`, when the
+    process has ended."""
+    lib = _lib()
+    guest_log = GuestLog(log, device)
+
+    def serve() -> None:
+        requests = _ffi.new("struct seccomp_notif **")
+        responses = _ffi.new("struct seccomp_notif_resp **")
+        if lib.seccomp_notify_alloc(requests, responses) < 0:
+            log.error("%s: cannot serve seccomp notifications", device)
+            os.close(listener)
+            return
+        request, response = requests[0], responses[0]
+        request_size = _ffi.sizeof("struct seccomp_notif")
+        waiting = select.poll()
+        waiting.register(listener, select.POLLIN)
+        try:
+            while True:
+                events = dict(waiting.poll())
+                if not events.get(listener, 0) & select.POLLIN:
+                    return  # POLLHUP: the process and its filter are gone
+                # The kernel takes only a zeroed request (EINVAL otherwise).
+                _ffi.memmove(request, bytes(request_size), request_size)
+                # A receive fails when the caller was interrupted or died meanwhile: wait again.
+                if lib.seccomp_notify_receive(listener, request) != 0:
+                    continue
+                call = _syscall_name(lib, request.data.nr)
+                guest_log.warning(  # a few times a minute for each call, the rest counted
+                    call, "seccomp: %s is not in %s; allowed (--seccomp-log-failures)", call, where
+                )
+                response.id = request.id
+                response.val = 0
+                response.error = 0
+                response.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE
+                lib.seccomp_notify_respond(listener, response)  # fails only if it has died
+        finally:
+            lib.seccomp_notify_free(request, response)
+            os.close(listener)
+
+    thread = threading.Thread(target=serve, name=f"seccomp {device}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _syscall_name(lib: Any, number: int) -> str:
+    name = lib.seccomp_syscall_resolve_num_arch(SCMP_ARCH_NATIVE, number)
+    if name == _ffi.NULL:
+        return f"system call {number}"
+    try:
+        return f"{_ffi.string(name).decode()} ({number})"
+    finally:
+        lib.free(name)
 
 
 def _check(rc: int, where: str) -> None:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.sandbox.seccomp import policy_dir
+from pyvmm.sandbox.seccomp import policy_dir, syscall_number
 from tests.integration.conftest import ROOT, needs_kvm, run_pyvmm
 from tests.integration.test_virtio_probe import ctl, make_pattern_image
 
 pytestmark = needs_kvm
 
 MiB = 1 << 20
+ARCH = os.uname().machine
 
 
 def children(pid: int) -> set[int]:
@@ -144,6 +145,8 @@ def test_a_call_outside_the_policy_kills_only_that_device(
     if log_failures:
         assert results["rng"][0] == "ok", run.stdout
         assert failures == [], run.stderr
+        denied = f"pyvmm: virtio rng: seccomp: getrandom ({syscall_number('getrandom', ARCH)})"
+        assert any(line.startswith(denied) for line in run.stderr.splitlines()), run.stderr
     else:
         assert results["rng"][0] == "FAIL", run.stdout  # its device is gone
         assert len(failures) == 1, run.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.measure import PYVMM, QEMU, Row, interleave, table
+from bench.measure import PYVMM, QEMU, THREADS, Row, interleave, table
 
 
 def test_a_row_keeps_medians_and_the_ratio() -> None:
@@ -26,7 +26,17 @@ def test_a_row_without_qemu_has_no_ratio_and_shows_dashes() -> None:
     row.record(PYVMM, [70.0])
     assert row.ratio is None
     text = table([row])
-    assert "| exit: round trip | us   | 70.0  | -    | -          | -    |" in text
+    assert "| exit: round trip | us   | 70.0  | -             | -    | -          | -    |" in text
+
+
+def test_the_thread_mode_has_a_column_of_its_own() -> None:
+    row = Row("blk", "random read", "IOPS", higher_is_better=True)
+    row.record(PYVMM, [60_000.0])
+    row.record(THREADS, [50_000.0])
+    row.record(QEMU, [120_000.0])
+    assert row.threads == 50_000.0
+    assert row.ratio == 0.5  # pyvmm's default mode is what is held against QEMU
+    assert "| 60,000 | 50,000        | 120,000 |" in table([row])
 
 
 def test_the_table_marks_where_pyvmm_is_worse() -> None:

@@ -4,7 +4,10 @@ they refuse and how, and compile errors naming the policy line."""
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 from pyvmm.sandbox import seccomp
 from pyvmm.sandbox.policy import load_policy
 from pyvmm.sandbox.seccomp import SeccompError, load_filter, syscall_number
-from tests.cheaders import mismatches
+from tests.cheaders import layout_facts, mismatches
 
 # What the child below needs once the filter is in: its own exit and the write of its answer,
 # and memory for Python's allocator.
@@ -82,8 +85,39 @@ def test_in_allows_only_bits_inside_the_mask(tmp_path: Path) -> None:
     assert run(tmp_path, policy, "fcntl", 4) == (0, f"errno {errno.EPERM}")  # F_SETFL
 
 
-def test_log_failures_lets_a_refused_call_through(tmp_path: Path) -> None:
-    assert run(tmp_path, "", "uname", log=True) == (0, "Linux")
+# The log mode's child hands its filter's listener to the test (on the socket argv[2] names)
+# before the call.
+LOGGING_CHILD = """
+import os, socket, sys
+from pathlib import Path
+from pyvmm.sandbox import seccomp
+compiled = seccomp.load_filter(Path(sys.argv[1]), "dev", log_failures=True)
+to_test = socket.socket(fileno=int(sys.argv[2]))
+compiled.install()
+socket.send_fds(to_test, [b"x"], [compiled.listener()])
+os.write(1, os.uname().sysname.encode())
+os._exit(0)
+"""
+
+
+def test_log_failures_names_a_refused_call_and_lets_it_through(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "dev.policy").write_text(BASE + "sendmsg: 1\n")
+    ours, theirs = socket.socketpair()
+    ours.settimeout(60)
+    with ours, theirs:
+        argv = [sys.executable, "-c", LOGGING_CHILD, str(tmp_path), str(theirs.fileno())]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()], text=True)
+        with caplog.at_level(logging.WARNING):
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+            watcher = seccomp.watch_denials(fds[0], "dev", "dev.policy")
+            out, _ = proc.communicate(timeout=60)
+            watcher.join(10)
+    assert (proc.returncode, out) == (0, "Linux")
+    uname = seccomp.syscall_number("uname", os.uname().machine)
+    assert f"dev: seccomp: uname ({uname}) is not in dev.policy; allowed" in caplog.text
+    assert not watcher.is_alive(), "the watcher outlived the process"
 
 
 def test_a_policy_naming_no_real_system_call_is_refused_at_its_line(tmp_path: Path) -> None:
@@ -131,6 +165,9 @@ def test_constants_match_the_system_headers(tmp_path: Path) -> None:
         ("SCMP_ACT_KILL_PROCESS", seccomp.SCMP_ACT_KILL_PROCESS),
         ("SCMP_ACT_ERRNO(0)", seccomp.SCMP_ACT_ERRNO_BASE),
         ("SCMP_ACT_LOG", seccomp.SCMP_ACT_LOG),
+        ("SCMP_ACT_NOTIFY", seccomp.SCMP_ACT_NOTIFY),
+        ("SCMP_ARCH_NATIVE", seccomp.SCMP_ARCH_NATIVE),
+        ("SECCOMP_USER_NOTIF_FLAG_CONTINUE", seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE),
         ("SCMP_ACT_ALLOW", seccomp.SCMP_ACT_ALLOW),
         ("SCMP_FLTATR_ACT_BADARCH", seccomp.SCMP_FLTATR_ACT_BADARCH),
         ("SCMP_FLTATR_CTL_NNP", seccomp.SCMP_FLTATR_CTL_NNP),
@@ -138,5 +175,6 @@ def test_constants_match_the_system_headers(tmp_path: Path) -> None:
         *((f"SCMP_CMP_{op.name}", value) for op, value in seccomp.CMP_OPS.items()),
         *((name, value & mask) for name, value in seccomp.EXTRA_CONSTANTS.items()),
     ]
+    facts += layout_facts(seccomp._ffi, ["seccomp_data", "seccomp_notif", "seccomp_notif_resp"])
     headers = ["seccomp.h", "linux/fcntl.h", "linux/futex.h", "linux/sched.h", "linux/falloc.h"]
     assert not mismatches(tmp_path, ["sys/prctl.h", *headers], facts)
