@@ -95,7 +95,12 @@ class ProxyDevice(PciDevice):
                 _, fds = self._answer(START_TIMEOUT_S, keep_fds=True)
             except DeviceProcessError as exc:  # it said why
                 self._kill()
-                raise DeviceProcessError(f"virtio {self.name}: {exc}") from None
+                why = str(exc)
+                if not why.startswith(f"virtio {self.name}:"):
+                    why = f"virtio {self.name}: {why}"
+                if ": jail: " in why:
+                    why += "; --disable-sandbox runs devices unjailed (README: Device processes)"
+                raise DeviceProcessError(why) from None
             except WireError as exc:
                 self._kill()
                 raise DeviceProcessError(
