@@ -23,10 +23,10 @@ from pyvmm.devices.child import DeviceSpec, DiskSpec
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.root import PciRoot
-from pyvmm.devices.proxy import ProxyDevice, start_device
+from pyvmm.devices.proxy import DeviceProcessError, ProxyDevice, start_device
 from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.pci import VirtioPciDevice
+from pyvmm.devices.virtio.pci import VirtioPciDevice, plain_bar_sizes
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.disk import Disk, open_disk
 from pyvmm.kvm import Kvm, Vcpu, Vm
@@ -36,7 +36,7 @@ from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import build_cmdline
 from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.ratelimit import flush_all as flush_guest_logs
-from pyvmm.sandbox.seccomp import policy_dir
+from pyvmm.sandbox.seccomp import load_filter, policy_dir
 from pyvmm.terminal import StdinPump
 from pyvmm.vcpu_threads import VcpuThreads, VmExit
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # How long suspend waits for vCPUs and device workers to park, and exit for vCPUs to stop.
 PAUSE_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+EXIT_START_FAILED = 1  # pyvmm's status when a device process could not start
 
 
 class SuspendError(Exception):
@@ -183,6 +184,10 @@ class Vmm:
 
         if self.config.sandbox:
             self._policy_dir = policy_dir(self.config.seccomp_policy_dir)
+            # Read and compiled here first, so that a bad policy stops pyvmm before the guest
+            # starts (the device processes, which compile their own, start in the background).
+            for kind in ("block", "rng") if self.config.disks else ("rng",):
+                load_filter(self._policy_dir, kind).close()
         disks = self._open_disks()
         names = [*(disk_name(i) for i in range(len(disks))), "rng"]
         for index, name in enumerate(names):
@@ -200,7 +205,7 @@ class Vmm:
             )
             disk = disks[index] if index < len(disks) else None
             if self.config.sandbox:
-                # Every process starts at once; each is waited for in order below.
+                # Every process starts at once; none is waited for here (see _start_devices).
                 self.virtio_devices.append(
                     start_device(self._device_spec(name, disk, intx), services)
                 )
@@ -210,15 +215,30 @@ class Vmm:
                 )
                 self.virtio_devices.append(VirtioPciDevice(backend, self.mem, intx, services))
         for device, line in zip(self.virtio_devices, self._intx_lines, strict=True):
-            if isinstance(device, ProxyDevice):
-                device.wait_ready()
             self.pci_irqs.append((self.pci.add_device(device), line.gsi))
         if self.config.sandbox:
             for disk in disks:
-                disk.close()  # the device processes hold the images now
+                disk.close()  # the device processes have the images now
+            self._starter = threading.Thread(target=self._start_devices, name="device start")
+            self._starter.start()
+
+    def _start_devices(self) -> None:
+        """Wait for the device processes to be built while the VM goes on starting (a guest
+        reaches its PCI devices late); one that cannot start ends the VM with its reason."""
+        for device in self.virtio_devices:
+            if isinstance(device, ProxyDevice):
+                try:
+                    device.wait_ready()
+                except DeviceProcessError as exc:
+                    self.request_exit(VmExit(EXIT_START_FAILED, str(exc)))
+                    return
 
     def _device_spec(self, name: str, disk: Disk | None, intx: LevelIrq) -> DeviceSpec:
         cfg = self.config
+        bars = [
+            (index, self.allocator.allocate_mmio(size, f"{name} BAR{index}"), size)
+            for index, size in plain_bar_sizes().items()
+        ]
         return DeviceSpec(
             name=name,
             kind="rng" if disk is None else "block",
@@ -233,6 +253,7 @@ class Vmm:
             policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
             jail=True,
+            bars=bars,
         )
 
     def _allocate_msi(self, what: str) -> int:
@@ -304,6 +325,9 @@ class Vmm:
             pump.stop(timeout=STOP_TIMEOUT_S)
         for device in getattr(self, "virtio_devices", []):
             device.close()
+        starter = getattr(self, "_starter", None)
+        if starter is not None:
+            starter.join(STOP_TIMEOUT_S)  # its waits end once the processes are gone
         for line in getattr(self, "_intx_lines", []):
             line.close()
         ring = getattr(self, "coalesced", None)

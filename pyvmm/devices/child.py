@@ -23,7 +23,6 @@ from pathlib import Path
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.wire import (
-    BAR_ADDRESS,
     BAR_OFFSET,
     BAR_OFFSET_LENGTH,
     F64,
@@ -35,7 +34,6 @@ from pyvmm.devices.wire import (
     Channel,
     Op,
     WireError,
-    pack_sizes,
     pack_windows,
     unpack,
     unpack_addresses,
@@ -63,6 +61,8 @@ class DeviceSpec:
     memfd: int
     ram: list[tuple[int, int]]  # guest RAM as (guest address, size), in memfd order
     intx: tuple[int, int, int]  # gsi, irqfd, resample eventfd
+    # Where the VMM placed each BAR: (index, guest address, size); the device must agree.
+    bars: list[tuple[int, int, int]] = field(default_factory=list)
     disk: DiskSpec | None = None
     policy_dir: str | None = None  # where <kind>.policy is; None: no seccomp filter
     log_failures: bool = False
@@ -79,6 +79,7 @@ class DeviceSpec:
         spec = cls(**data)
         spec.ram = [(int(a), int(s)) for a, s in spec.ram]
         spec.intx = (int(spec.intx[0]), int(spec.intx[1]), int(spec.intx[2]))
+        spec.bars = [(int(i), int(a), int(s)) for i, a, s in spec.bars]
         spec.disk = DiskSpec(**disk) if disk is not None else None
         return spec
 
@@ -149,6 +150,11 @@ class DeviceServer:
             LevelIrq.from_fds(gsi, irqfd, resample_fd),
             link,
         )
+        sizes = {i: size for i, size in enumerate(self.device.config.bar_sizes) if size}
+        if sizes != {index: size for index, _, size in spec.bars}:
+            raise ValueError(f"the VMM placed BARs {spec.bars}; the device has {sizes}")
+        for index, address, _ in spec.bars:
+            self.device.config.set_bar_address(index, address)
 
     def serve(self, listener: int | None = None) -> None:
         """Answer requests until SHUTDOWN or until the VMM closes its end. `listener`, the
@@ -193,12 +199,6 @@ class DeviceServer:
             return pack_windows(device.config_write(offset, payload[U32.size :]))
         if op is Op.BARS_CHANGED:
             device.bars_changed(unpack_addresses(payload))
-            return b""
-        if op is Op.BAR_SIZES:
-            return pack_sizes(list(device.config.bar_sizes))
-        if op is Op.SET_BAR_ADDRESS:
-            bar, address = unpack(BAR_ADDRESS, payload, op)
-            device.config.set_bar_address(bar, address)
             return b""
         if op is Op.PAUSE:
             (timeout,) = unpack(F64, payload, op)

@@ -1,10 +1,12 @@
 """The VMM's side of a device process: a PCI function on the bus whose every register and
 configuration access is forwarded to the process that runs the device (`child.py`).
 
-`spawn_device` starts the process and waits until the device is built; `ProxyDevice` then
-stands in the PCI slot. Each access is one request and one answer over the socketpair
-(`wire.py`), serialised by a lock; on the way the process may ask for what only the VMM can do
-(a GSI, an irqfd, an MSI route, an ioeventfd), which `VmServices` carries out.
+`start_device` starts the process; `ProxyDevice` stands in the PCI slot at once, its BARs
+placed by the VMM beforehand, and the device is waited for only when it is first needed (or by
+`wait_ready`), so that interpreters starting do not hold up the guest. Each access is one
+request and one answer over the socketpair (`wire.py`), serialised by a lock; on the way the
+process may ask for what only the VMM can do (a GSI, an irqfd, an MSI route, an ioeventfd),
+which `VmServices` carries out.
 
 A process that dies, or does not answer within `REPLY_TIMEOUT_S`, is reported once, with its
 device's name and the cause, and killed; from then on the function reads as absent hardware
@@ -24,7 +26,6 @@ from collections.abc import Callable
 from pyvmm.devices.child import DeviceSpec
 from pyvmm.devices.pci.device import BarWindows, PciDevice, VmServices
 from pyvmm.devices.wire import (
-    BAR_ADDRESS,
     BAR_OFFSET,
     BAR_OFFSET_LENGTH,
     F64,
@@ -38,7 +39,6 @@ from pyvmm.devices.wire import (
     WireError,
     pack_addresses,
     unpack,
-    unpack_sizes,
     unpack_windows,
 )
 from pyvmm.sandbox.seccomp import watch_denials
@@ -72,6 +72,8 @@ class ProxyDevice(PciDevice):
         self._services = services
         self._lock = threading.Lock()
         self._dead = False
+        self._ready = False
+        self._start_error: DeviceProcessError | None = None
         self._closing = False
         self._kept: list[int] = []  # the irqfds' eventfds, as registered with KVM
         self._ioeventfds: dict[int, int] = {}  # the process's fd number -> our copy
@@ -85,34 +87,53 @@ class ProxyDevice(PciDevice):
     def alive(self) -> bool:
         return not self._dead
 
-    # The start-up: the process asks for its GSIs and irqfds while it builds the device, then
-    # sends one REPLY.
     def wait_ready(self) -> None:
-        """Wait until the process has built its device, serving what it asks of the VM on the
-        way; a seccomp listener it sends along (--seccomp-log-failures) is then watched."""
+        """Wait until the process has built its device; a DeviceProcessError (one line) if it
+        could not."""
         with self._lock:
-            try:
-                _, fds = self._answer(START_TIMEOUT_S, keep_fds=True)
-            except DeviceProcessError as exc:  # it said why
-                self._kill()
-                why = str(exc)
-                if not why.startswith(f"virtio {self.name}:"):
-                    why = f"virtio {self.name}: {why}"
-                if ": jail: " in why:
-                    why += "; --disable-sandbox runs devices unjailed (README: Device processes)"
-                raise DeviceProcessError(why) from None
-            except WireError as exc:
-                self._kill()
-                raise DeviceProcessError(
-                    f"virtio {self.name}: the device process did not start: {self._cause(exc)}"
-                ) from None
+            self._become_ready()
+        if self._start_error is not None:
+            raise self._start_error
+
+    # The start-up: the process asks for its GSIs and irqfds while it builds the device, then
+    # sends one REPLY. Called with the lock held, by whoever needs the device first.
+    def _become_ready(self) -> None:
+        if self._ready or self._dead:
+            return
+        try:
+            _, fds = self._answer(START_TIMEOUT_S, keep_fds=True)
+        except DeviceProcessError as exc:  # it said why
+            why = str(exc)
+            if not why.startswith(f"virtio {self.name}:"):
+                why = f"virtio {self.name}: {why}"
+            if ": jail: " in why:
+                why += "; --disable-sandbox runs devices unjailed (README: Device processes)"
+            self._not_started(why)
+            return
+        except WireError as exc:
+            cause = self._cause(exc)
+            self._not_started(f"virtio {self.name}: the device process did not start: {cause}")
+            return
+        self._ready = True
+        # A seccomp listener it sends along (--seccomp-log-failures) is served from now on.
         for fd in fds:
             watch_denials(fd, f"virtio {self.name}", self.policy)
         self._watcher.start()
 
+    def _not_started(self, why: str) -> None:
+        self._dead = True
+        self._kill()
+        self._start_error = DeviceProcessError(why)
+
+    @property
+    def start_error(self) -> DeviceProcessError | None:
+        """Why the process never got its device built, once that is known."""
+        return self._start_error
+
     def _call(self, op: Op, payload: bytes = b"") -> bytes | None:
         """Send one request and return its answer; None once the process is gone."""
         with self._lock:
+            self._become_ready()
             if self._dead:
                 return None
             try:
@@ -168,13 +189,7 @@ class ProxyDevice(PciDevice):
 
     # PciDevice
     def allocate_bars(self, allocate_mmio: Callable[[int, str], int]) -> None:
-        sizes = self._call(Op.BAR_SIZES)
-        if sizes is None:
-            raise DeviceProcessError(f"virtio {self.name}: the device process is gone")
-        for index, size in enumerate(unpack_sizes(sizes)):
-            if size:
-                address = allocate_mmio(size, f"{self.name} BAR{index}")
-                self._call(Op.SET_BAR_ADDRESS, BAR_ADDRESS.pack(index, address))
+        """Nothing to do: the VMM placed the BARs before the process started (`DeviceSpec`)."""
 
     def config_read(self, offset: int, data: memoryview) -> None:
         answer = self._call(Op.CONFIG_READ, OFFSET_LENGTH.pack(offset, len(data)))
@@ -206,7 +221,9 @@ class ProxyDevice(PciDevice):
     def close(self) -> None:
         """Shut the process down (bounded), kill it if it does not go, and release its fds."""
         self._closing = True
-        if not self._dead:
+        if not self._ready:
+            self._kill()  # it has served nothing: no state to wind down
+        elif not self._dead:
             with self._lock:
                 try:
                     self._channel.send(Op.SHUTDOWN)

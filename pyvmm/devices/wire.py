@@ -29,8 +29,6 @@ class Op(enum.IntEnum):
     BAR_READ = 3  # bar u8, offset u64, length u32 -> the bytes
     BAR_WRITE = 4  # bar u8, offset u64, data -> nothing
     BARS_CHANGED = 5  # (bar u8, address u64) * n -> nothing
-    BAR_SIZES = 6  # -> size u64 per BAR
-    SET_BAR_ADDRESS = 7  # bar u8, address u64 -> nothing
     PAUSE = 8  # timeout f64 -> parked u8
     RESUME = 9  # -> nothing
     SHUTDOWN = 10  # -> nothing; the process then exits
@@ -50,7 +48,6 @@ class WireError(Exception):
 
 U8 = struct.Struct("<B")
 U32 = struct.Struct("<I")
-U64 = struct.Struct("<Q")
 F64 = struct.Struct("<d")
 OFFSET_LENGTH = struct.Struct("<II")
 BAR_OFFSET = struct.Struct("<BQ")
@@ -144,16 +141,6 @@ def unpack_addresses(payload: bytes) -> dict[int, int]:
     if len(payload) % BAR_ADDRESS.size:
         raise WireError(f"BARS_CHANGED of {len(payload)} bytes")
     return dict(BAR_ADDRESS.iter_unpack(payload))
-
-
-def pack_sizes(sizes: list[int]) -> bytes:
-    return b"".join(U64.pack(size) for size in sizes)
-
-
-def unpack_sizes(payload: bytes) -> list[int]:
-    if len(payload) % U64.size:
-        raise WireError(f"BAR_SIZES reply of {len(payload)} bytes")
-    return [size for (size,) in U64.iter_unpack(payload)]
 
 
 def _close(fd: int) -> None:

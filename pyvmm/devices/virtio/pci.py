@@ -101,6 +101,13 @@ BAR = 0
 BAR_SIZE = 0x8000
 # The device's shared memory regions (virtio 1.2, 2.10), if it has any, are in this 64-bit BAR.
 SHARED_MEMORY_BAR = 2
+
+
+def plain_bar_sizes() -> dict[int, int]:
+    """BAR index -> size of a virtio function without shared memory regions (blk, rng)."""
+    return {BAR: BAR_SIZE}
+
+
 COMMON_OFFSET = 0x0000
 ISR_OFFSET = 0x1000
 DEVICE_OFFSET = 0x2000

@@ -15,9 +15,9 @@ from pyvmm.devices.child import DeviceSpec
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.config import Command, Reg
 from pyvmm.devices.pci.device import VmCalls
-from pyvmm.devices.proxy import ProxyDevice, spawn_device
+from pyvmm.devices.proxy import DeviceProcessError, ProxyDevice, spawn_device
 from pyvmm.devices.virtio.device import DeviceType
-from pyvmm.devices.virtio.pci import VIRTIO_DEVICE_ID_BASE, VIRTIO_VENDOR_ID
+from pyvmm.devices.virtio.pci import VIRTIO_DEVICE_ID_BASE, VIRTIO_VENDOR_ID, plain_bar_sizes
 from pyvmm.memory import GuestMemory
 
 MiB = 1 << 20
@@ -57,6 +57,7 @@ def rng() -> Iterator[tuple[ProxyDevice, FakeVm]]:
         memfd=mem.memfd,
         ram=[(0, 4 * MiB)],
         intx=(16, intx.fd, intx.resample_fd),
+        bars=[(index, BAR_ADDR, size) for index, size in plain_bar_sizes().items()],
     )
     device = spawn_device(spec, vm.calls)
     try:
@@ -75,6 +76,7 @@ def read(device: ProxyDevice, offset: int, size: int) -> int:
 
 def test_the_process_answers_for_the_function(rng: tuple[ProxyDevice, FakeVm]) -> None:
     device, vm = rng
+    device.wait_ready()
     assert device.pid != os.getpid()
     assert read(device, Reg.VENDOR_ID, 2) == VIRTIO_VENDOR_ID
     assert read(device, Reg.DEVICE_ID, 2) == VIRTIO_DEVICE_ID_BASE + DeviceType.RNG
@@ -85,9 +87,8 @@ def test_the_process_answers_for_the_function(rng: tuple[ProxyDevice, FakeVm]) -
 
 def test_bar_moves_reach_the_vm_as_ioeventfds(rng: tuple[ProxyDevice, FakeVm]) -> None:
     device, vm = rng
-    addresses: list[int] = []
-    device.allocate_bars(lambda size, what: addresses.append(BAR_ADDR) or BAR_ADDR)
-    assert addresses == [BAR_ADDR]
+    # The BARs are where the spec placed them: the root has nothing left to allocate.
+    device.allocate_bars(lambda size, what: pytest.fail(f"{what} allocated again"))
     windows = device.config_write(Reg.COMMAND, Command.MEMORY_SPACE.to_bytes(2, "little"))
     assert windows is not None and windows[0][0] == BAR_ADDR
     device.bars_changed({0: BAR_ADDR})
@@ -102,6 +103,7 @@ def test_a_dead_process_is_reported_once_and_reads_as_absent(
     rng: tuple[ProxyDevice, FakeVm], caplog: pytest.LogCaptureFixture
 ) -> None:
     device, _ = rng
+    device.wait_ready()
     os.kill(device.pid, signal.SIGSYS)
     device.process.wait(10)
     with caplog.at_level(logging.ERROR):
@@ -118,6 +120,7 @@ def test_the_death_is_reported_even_without_an_access(
     rng: tuple[ProxyDevice, FakeVm], caplog: pytest.LogCaptureFixture
 ) -> None:
     device, _ = rng
+    device.wait_ready()
     with caplog.at_level(logging.ERROR):
         os.kill(device.pid, signal.SIGSYS)
         device.process.wait(10)
@@ -129,10 +132,26 @@ def test_the_death_is_reported_even_without_an_access(
 
 def test_close_leaves_no_process(rng: tuple[ProxyDevice, FakeVm]) -> None:
     device, _ = rng
+    device.wait_ready()
     device.close()
     assert device.process.returncode == 0  # it shut down when asked
     with pytest.raises(ProcessLookupError):
         os.kill(device.pid, 0)
+
+
+def test_a_process_that_cannot_build_its_device_says_why() -> None:
+    mem = GuestMemory([(0, 4 * MiB)])
+    intx = LevelIrq(16)
+    spec = DeviceSpec(
+        "rng", "rng", 0, -1, mem.memfd, [(0, 4 * MiB)], (16, intx.fd, intx.resample_fd)
+    )
+    try:
+        with pytest.raises(DeviceProcessError) as info:
+            spawn_device(spec, FakeVm().calls)  # no BARs placed: the device disagrees
+        assert str(info.value).startswith("virtio rng: the VMM placed BARs [];")
+    finally:
+        intx.close()
+        mem.close()
 
 
 def test_pause_and_resume_are_answered(rng: tuple[ProxyDevice, FakeVm]) -> None:
