@@ -65,6 +65,11 @@ def disk_name(index: int) -> str:
     return f"vd{letters}"
 
 
+def _device_kind(disk: object | None) -> str:
+    """What a virtio device's process builds (and its policy's name): a disk's, or the rng."""
+    return "rng" if disk is None else "block"
+
+
 class _VmControl:
     """What the control socket's commands do to this VM."""
 
@@ -186,7 +191,7 @@ class Vmm:
             self._policy_dir = policy_dir(self.config.seccomp_policy_dir)
             # Read and compiled here first, so that a bad policy stops pyvmm before the guest
             # starts (the device processes, which compile their own, start in the background).
-            for kind in ("block", "rng") if self.config.disks else ("rng",):
+            for kind in sorted({_device_kind(d) for d in [*self.config.disks, None]}):
                 load_filter(self._policy_dir, kind).close()
         disks = self._open_disks()
         names = [*(disk_name(i) for i in range(len(disks))), "rng"]
@@ -241,7 +246,7 @@ class Vmm:
         ]
         return DeviceSpec(
             name=name,
-            kind="rng" if disk is None else "block",
+            kind=_device_kind(disk),
             parent_pid=0,  # spawn fills in the socket and this process's pid
             sock=-1,
             memfd=self.mem.memfd,

@@ -34,6 +34,7 @@ from pyvmm.devices.wire import (
     Channel,
     Op,
     WireError,
+    close_fds,
     pack_windows,
     unpack,
     unpack_addresses,
@@ -67,7 +68,6 @@ class DeviceSpec:
     policy_dir: str | None = None  # where <kind>.policy is; None: no seccomp filter
     log_failures: bool = False
     jail: bool = False
-    keep_fds: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -94,7 +94,7 @@ class ChildLink:
     def allocate_gsi(self) -> int:
         self._channel.send(Op.ALLOCATE_GSI)
         op, payload, fds = self._channel.recv()
-        _close_all(fds)
+        close_fds(fds)
         if op is not Op.REPLY:
             raise WireError(f"ALLOCATE_GSI answered with {op.name}")
         return unpack(U32, payload, op)[0]
@@ -110,11 +110,6 @@ class ChildLink:
 
     def unregister_ioeventfd(self, fd: int, address: int, length: int) -> None:
         self._channel.send(Op.UNREGISTER_IOEVENTFD, IOEVENTFD.pack(fd, address, length))
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def _backend(spec: DeviceSpec) -> VirtioDevice:
@@ -168,7 +163,7 @@ class DeviceServer:
                 op, payload, fds = self.channel.recv()
             except WireError:
                 return  # the VMM is gone
-            _close_all(fds)
+            close_fds(fds)
             try:
                 answer = self.handle(op, payload)
             except Exception as exc:  # the VMM reports it; this process goes on serving
@@ -228,20 +223,11 @@ NOBODY = (65534, 65534)
 def _jail(spec: DeviceSpec) -> None:
     """Enter the jail (pyvmm.sandbox.jail), keeping every fd this process holds by now: the
     spawner passed it only the device's, and building the device made the rest."""
-    from pyvmm.sandbox.jail import JailSpec, enter_jail
+    from pyvmm.sandbox.jail import JailSpec, enter_jail, held_fds
 
-    held = tuple(sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2))
-    kept = tuple(fd for fd in held if _is_open(fd))  # the listing's own fd is gone by now
     run_as = NOBODY if os.geteuid() == 0 else None
-    enter_jail(JailSpec(f"virtio {spec.name}", spec.parent_pid, kept, run_as=run_as, threads=True))
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+    name = f"virtio {spec.name}"
+    enter_jail(JailSpec(name, spec.parent_pid, held_fds(), run_as=run_as, threads=True))
 
 
 def main(argv: list[str]) -> int:

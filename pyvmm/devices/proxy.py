@@ -37,6 +37,7 @@ from pyvmm.devices.wire import (
     Channel,
     Op,
     WireError,
+    close_fds,
     pack_addresses,
     unpack,
     unpack_windows,
@@ -125,11 +126,6 @@ class ProxyDevice(PciDevice):
         self._kill()
         self._start_error = DeviceProcessError(why)
 
-    @property
-    def start_error(self) -> DeviceProcessError | None:
-        """Why the process never got its device built, once that is known."""
-        return self._start_error
-
     def _call(self, op: Op, payload: bytes = b"") -> bytes | None:
         """Send one request and return its answer; None once the process is gone."""
         with self._lock:
@@ -150,25 +146,25 @@ class ProxyDevice(PciDevice):
             op, payload, fds = self._channel.recv(timeout)
             if op is Op.REPLY:
                 if not keep_fds:
-                    _close_all(fds)
+                    close_fds(fds)
                     fds = []
                 return payload, fds
             if op is Op.FAILED:
-                _close_all(fds)
+                close_fds(fds)
                 raise DeviceProcessError(payload.decode(errors="replace"))
             self._serve(op, payload, fds)
 
     def _serve(self, op: Op, payload: bytes, fds: list[int]) -> None:
         services = self._services
         if op is Op.ALLOCATE_GSI:
-            _close_all(fds)
+            close_fds(fds)
             self._channel.send(Op.REPLY, U32.pack(services.allocate_gsi()))
         elif op is Op.REGISTER_IRQFD and len(fds) == 1:
             (gsi,) = unpack(U32, payload, op)
             services.register_irqfd(fds[0], gsi)
             self._kept.append(fds[0])
         elif op is Op.SET_MSI_ROUTE:
-            _close_all(fds)
+            close_fds(fds)
             gsi, address, data = unpack(MSI_ROUTE, payload, op)
             services.set_msi_route(gsi, address, data)
         elif op is Op.REGISTER_IOEVENTFD and len(fds) == 1:
@@ -178,13 +174,13 @@ class ProxyDevice(PciDevice):
                 os.close(fds[0])  # the same eventfd again (a BAR moved back)
             services.register_ioeventfd(fd, address, length)
         elif op is Op.UNREGISTER_IOEVENTFD:
-            _close_all(fds)
+            close_fds(fds)
             key, address, length = unpack(IOEVENTFD, payload, op)
             if key not in self._ioeventfds:
                 raise WireError(f"UNREGISTER_IOEVENTFD of an unknown eventfd {key}")
             services.unregister_ioeventfd(self._ioeventfds[key], address, length)
         else:
-            _close_all(fds)
+            close_fds(fds)
             raise WireError(f"{op.name} ({len(fds)} fds) is not a request of the VM")
 
     # PciDevice
@@ -236,7 +232,7 @@ class ProxyDevice(PciDevice):
             self._kill()
         self._dead = True
         self._channel.close()
-        _close_all([*self._kept, *self._ioeventfds.values()])
+        close_fds([*self._kept, *self._ioeventfds.values()])
         self._kept, self._ioeventfds = [], {}
 
     # Faults
@@ -289,11 +285,6 @@ def _ones(data: memoryview) -> bytes:
     return b"\xff" * len(data)
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
 def spawn_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
     """Start the device process `spec` describes and wait until its device is built."""
     device = start_device(spec, services)
@@ -308,7 +299,7 @@ def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
     ours, theirs = Channel.pair()
     spec.sock = theirs.fileno()
     spec.parent_pid = os.getpid()
-    fds = [spec.sock, spec.memfd, *spec.intx[1:], *spec.keep_fds]
+    fds = [spec.sock, spec.memfd, *spec.intx[1:]]
     if spec.disk is not None:
         fds.append(spec.disk.fd)
     try:

@@ -12,7 +12,6 @@ A message is one packet: a one-byte `Op`, then that op's fields, packed little-e
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import socket
@@ -93,16 +92,14 @@ class Channel:
         except OSError as exc:
             raise WireError(f"receive: {exc.strerror or exc}") from None
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            for fd in fds:
-                _close(fd)
+            close_fds(fds)
             raise WireError("a message too long for the protocol")
         if not message:
             raise WireError("the other side closed the connection")
         try:
             op = Op(message[0])
         except ValueError:
-            for fd in fds:
-                _close(fd)
+            close_fds(fds)
             raise WireError(f"unknown message {message[0]}") from None
         return op, message[1:], fds
 
@@ -143,6 +140,7 @@ def unpack_addresses(payload: bytes) -> dict[int, int]:
     return dict(BAR_ADDRESS.iter_unpack(payload))
 
 
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
+def close_fds(fds: list[int]) -> None:
+    """Close fds received with a message (or kept from one)."""
+    for fd in fds:
         os.close(fd)

@@ -170,7 +170,7 @@ def enter_jail(spec: JailSpec) -> JailReport:
     cap = _load_libcap(name)  # now: dlopen() needs the file system
     kept = _kept_fds(spec)
     _run_as(spec)
-    _die_with_parent(name, spec.parent_pid)
+    die_with_parent(name, spec.parent_pid)
     closed = _close_all_but(kept)
     uid, gid = os.geteuid(), os.getegid()
     why_not = _unshare_user(name, uid, gid) if spec.user_namespace else "not asked for"
@@ -228,6 +228,12 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+def held_fds() -> tuple[int, ...]:
+    """Every fd above 2 this process holds now (for a process that keeps all it was given)."""
+    listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    return tuple(sorted(fd for fd in listed if fd > 2 and _is_open(fd)))  # the listing's is gone
+
+
 def _kept_fds(spec: JailSpec) -> frozenset[int]:
     """The fds to keep, checked; and check that the process is alone (a fork and a user
     namespace both need that)."""
@@ -252,10 +258,6 @@ def name_process(name: str, comm: str) -> None:
 
 def die_with_parent(name: str, parent: int) -> None:
     """SIGKILL for this process when `parent` ends; a JailError if it has already."""
-    _die_with_parent(name, parent)
-
-
-def _die_with_parent(name: str, parent: int) -> None:
     _prctl(name, "parent death signal", Prctl.SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         raise JailError(name, "parent", f"pid {parent} is gone (the parent is now {os.getppid()})")

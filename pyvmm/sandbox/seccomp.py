@@ -44,8 +44,6 @@ _ffi: Any = declare(
         uint64_t datum_a;
         uint64_t datum_b;
     };
-    struct scmp_version { unsigned int major; unsigned int minor; unsigned int micro; };
-    const struct scmp_version *seccomp_version(void);
     scmp_filter_ctx seccomp_init(uint32_t def_action);
     void seccomp_release(scmp_filter_ctx ctx);
     int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint64_t value);
@@ -55,7 +53,6 @@ _ffi: Any = declare(
     int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
                                unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
     int seccomp_load(const scmp_filter_ctx ctx);
-    int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
 
     struct seccomp_data {
         int nr;
@@ -89,7 +86,6 @@ LIBRARY = "libseccomp.so.2"
 # From <seccomp.h> (checked against it in tests/unit/sandbox/test_seccomp.py).
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_ERRNO_BASE = 0x00050000
-SCMP_ACT_LOG = 0x7FFC0000
 SCMP_ACT_NOTIFY = 0x7FC00000
 SCMP_ARCH_NATIVE = 0
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1  # <linux/seccomp.h>: let the call go on as made
@@ -212,12 +208,6 @@ class Filter:
         if fd < 0:
             raise SeccompError(f"{self.where}: the filter has no listener: {os.strerror(-fd)}")
         return int(fd)
-
-    def export_bpf(self, fd: int) -> None:
-        """Write the BPF program to `fd` (what `tests` and debugging look at)."""
-        rc = _lib().seccomp_export_bpf(self.ctx, fd)
-        if rc < 0:
-            raise SeccompError(f"{self.where}: cannot export the filter: {os.strerror(-rc)}")
 
     def close(self) -> None:
         if self.ctx is not None:

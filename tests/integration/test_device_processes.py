@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.sandbox.seccomp import policy_dir, syscall_number
-from tests.integration.conftest import ROOT, needs_kvm, run_pyvmm
+from tests.integration.conftest import ROOT, needs_kvm, run_pyvmm, wait_until
 from tests.integration.test_virtio_probe import ctl, make_pattern_image
 
 pytestmark = needs_kvm
@@ -55,13 +55,6 @@ def alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 @contextmanager

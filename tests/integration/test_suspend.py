@@ -12,14 +12,13 @@ import io
 import re
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pyvmm.config import DiskConfig, VmConfig
 from pyvmm.vmm import VmExit, Vmm
-from tests.integration.conftest import needs_kvm
+from tests.integration.conftest import needs_kvm, wait_until
 
 pytestmark = needs_kvm
 
@@ -54,13 +53,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sandbox", [True, False], ids=["process", "thread"])
 def test_a_suspended_vm_moves_no_virtio_io_until_resumed(
@@ -81,12 +73,12 @@ def test_a_suspended_vm_moves_no_virtio_io_until_resumed(
     def drive() -> None:
         try:
             start_line = re.compile(rb"PROBE blkbench start used 0x([0-9a-f]+)\r?\n")
-            _wait_until(lambda: bool(start_line.search(console.text)), 30, "no start line")
+            wait_until(lambda: bool(start_line.search(console.text)), 30, "no start line")
             found = start_line.search(console.text)
             assert found is not None
             used_idx_addr = int(found.group(1), 16) + 2  # where the guest put the used ring
             start = vmm.mem.read_u16(used_idx_addr)
-            _wait_until(
+            wait_until(
                 lambda: vmm.mem.read_u16(used_idx_addr) != start, 10, "no I/O before suspend"
             )
             vmm.pause()
@@ -95,7 +87,7 @@ def test_a_suspended_vm_moves_no_virtio_io_until_resumed(
             seen["while suspended"] = (vmm.mem.read_u16(used_idx_addr), _digest(image))
             seen["at suspend"] = (idx, digest)
             vmm.resume()
-            _wait_until(lambda: vmm.mem.read_u16(used_idx_addr) != idx, 10, "no I/O after resume")
+            wait_until(lambda: vmm.mem.read_u16(used_idx_addr) != idx, 10, "no I/O after resume")
             seen["after resume"] = _digest(image) != digest or "file unchanged"
         except BaseException as e:  # reported by the main thread
             seen["error"] = e

@@ -184,6 +184,12 @@ def _common_reg(offset: int, size: int) -> CommonReg | None:
     return reg if COMMON_WIDTH[reg] == size else None
 
 
+def _feature_word(features: int, select: int) -> int:
+    """Feature bits 32*select to 32*select+31, as the 32-bit feature registers show them
+    (virtio has 64 feature bits: a select above 1 reads 0)."""
+    return (features >> (32 * select)) & 0xFFFFFFFF if select <= 1 else 0
+
+
 def _low(value: int) -> int:
     return value & 0xFFFFFFFF
 
@@ -422,15 +428,11 @@ class VirtioPciDevice(PciDevice):
             case CommonReg.DEVICE_FEATURE_SELECT:
                 return self.device_feature_select
             case CommonReg.DEVICE_FEATURE:
-                if self.device_feature_select > 1:
-                    return 0
-                return (self.offered_features >> (32 * self.device_feature_select)) & 0xFFFFFFFF
+                return _feature_word(self.offered_features, self.device_feature_select)
             case CommonReg.GUEST_FEATURE_SELECT:
                 return self.driver_feature_select
             case CommonReg.GUEST_FEATURE:
-                if self.driver_feature_select > 1:
-                    return 0
-                return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
+                return _feature_word(self.driver_features, self.driver_feature_select)
             case CommonReg.MSIX_CONFIG:
                 return self.interrupt.config_vector
             case CommonReg.NUM_QUEUES:
