@@ -61,7 +61,8 @@ def alive(pid: int) -> bool:
 def long_vm(
     probe_elf: Path, tmp_path: Path, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], set[int]]]:
-    """A VM with a disk whose guest runs until stopped; yields it and its device processes."""
+    """A VM with a disk whose guest runs until stopped; yields it and its device processes,
+    once both are up (they start in the background: the guest does not wait for them)."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(MiB))
     argv = [sys.executable, "-m", "pyvmm", "run", "--rwdisk", str(image), *extra]
@@ -72,6 +73,7 @@ def long_vm(
     try:
         assert proc.stdout is not None
         assert b"PROBE outloop start" in proc.stdout.readline() or proc.stdout.readline()
+        wait_until(lambda: _devices_up(proc.pid), 60, "the device processes never came up")
         devices = descendants(proc.pid)
         yield proc, devices
     finally:
@@ -83,6 +85,17 @@ def long_vm(
 def status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def _devices_up(vmm: int) -> bool:
+    """Whether the disk's and the rng's processes are jailed and under their filters."""
+    try:
+        up = jailed(descendants(vmm))
+        return set(up) == {"pyvmm-vda", "pyvmm-rng"} and all(
+            status(pid)["Seccomp"] == "2" for pid in up.values()
+        )
+    except (FileNotFoundError, KeyError):
+        return False  # a process that ended, or had not yet been named, while being read
 
 
 def jailed(devices: set[int]) -> dict[str, int]:
