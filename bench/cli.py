@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for group, params in probe_runs.items():
             if group in only:
-                disk = Path("IMAGE") if group == "blk" else None
-                commands[f"qemu {group}"] = shlex.join(qemu_argv(PROBE, params, disk=disk))
+                disks = [Path("IMAGE")] if group == "blk" else []
+                commands[f"qemu {group}"] = shlex.join(qemu_argv(PROBE, params, disks=disks))
 
     benches: dict[str, Callable[[], list[Row]]] = {
         "startup": lambda: native.startup(args.runs, qemu),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def qemu_version() -> str:
 def pyvmm_argv(
     kernel: Path,
     params: list[str],
-    disk: Path | None = None,
+    disks: Sequence[Path] = (),
     mem_mib: int = PROBE_MEM_MIB,
     sandbox: bool = True,
 ) -> list[str]:
@@ -47,7 +48,7 @@ def pyvmm_argv(
     argv = [sys.executable, "-m", "pyvmm", "run", "-m", str(mem_mib)]
     if not sandbox:
         argv.append("--disable-sandbox")
-    if disk is not None:
+    for disk in disks:
         argv += ["--rwdisk", str(disk)]
     for param in params:
         argv += ["-p", param]
@@ -55,27 +56,29 @@ def pyvmm_argv(
 
 
 def pyvmm_threads_argv(
-    kernel: Path, params: list[str], disk: Path | None = None, mem_mib: int = PROBE_MEM_MIB
+    kernel: Path, params: list[str], disks: Sequence[Path] = (), mem_mib: int = PROBE_MEM_MIB
 ) -> list[str]:
     """pyvmm --disable-sandbox: the devices as threads in the VMM process."""
-    return pyvmm_argv(kernel, params, disk, mem_mib, sandbox=False)
+    return pyvmm_argv(kernel, params, disks, mem_mib, sandbox=False)
 
 
 def qemu_argv(
-    kernel: Path, params: list[str], disk: Path | None = None, mem_mib: int = PROBE_MEM_MIB
+    kernel: Path, params: list[str], disks: Sequence[Path] = (), mem_mib: int = PROBE_MEM_MIB
 ) -> list[str]:
     argv = [
         QEMU_BINARY, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", QEMU_MACHINE,
         "-m", str(mem_mib), "-nodefaults", "-display", "none", "-serial", "stdio",
         "-no-reboot", "-kernel", str(kernel), "-append", " ".join(params),
     ]  # fmt: skip
-    return argv + qemu_disk_args(disk) if disk is not None else argv
+    for index, disk in enumerate(disks):
+        argv += qemu_disk_args(disk, index)
+    return argv
 
 
-def qemu_disk_args(disk: Path | str) -> list[str]:
+def qemu_disk_args(disk: Path | str, index: int = 0) -> list[str]:
     """A raw virtio-blk disk for QEMU, cached as pyvmm's are: buffered I/O through the host's
     page cache."""
     return [
-        "-drive", f"file={disk},format=raw,if=none,id=disk0,cache=writeback,aio=threads",
-        "-device", "virtio-blk-pci,drive=disk0,disable-legacy=on",
+        "-drive", f"file={disk},format=raw,if=none,id=disk{index},cache=writeback,aio=threads",
+        "-device", f"virtio-blk-pci,drive=disk{index},disable-legacy=on",
     ]  # fmt: skip

@@ -69,3 +69,29 @@ uint64_t ms_since(uint64_t tsc)
 {
 	return (rdtsc() - tsc) / tsc_per_ms();
 }
+
+/* Local APIC timer registers; KVM (and QEMU) run it at a 1 GHz bus clock. */
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INITIAL 0x380
+#define LAPIC_TIMER_DIVIDE 0x3e0
+#define LVT_MASKED (1u << 16)
+#define LVT_PERIODIC (1u << 17)
+#define DIVIDE_BY_1 0xb
+#define LAPIC_TICKS_PER_MS 1000000u
+
+static void lapic_write(unsigned reg, uint32_t value)
+{
+	*(volatile uint32_t *)(LAPIC_BASE + reg) = value;
+}
+
+void lapic_timer_periodic(unsigned ms)
+{
+	if (!ms) {
+		lapic_write(LAPIC_TIMER_INITIAL, 0);
+		lapic_write(LAPIC_LVT_TIMER, LVT_MASKED);
+		return;
+	}
+	lapic_write(LAPIC_TIMER_DIVIDE, DIVIDE_BY_1);
+	lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | LAPIC_TIMER_VECTOR);
+	lapic_write(LAPIC_TIMER_INITIAL, ms * LAPIC_TICKS_PER_MS);
+}

@@ -32,7 +32,18 @@ extern volatile uint32_t timer_ticks;
 
 /* MSI/MSI-X interrupts on this vector are counted (and EOId at the LAPIC) by msi_irq. */
 #define MSI_VECTOR 0x41
+#define UD_VECTOR 6
 extern volatile uint32_t msi_count;
+
+/* Halt until the next interrupt unless msi_count is no longer `seen` (entry.S); callable at
+ * CPL3. */
+void irq_wait(uint32_t seen);
+
+/* The local APIC timer, periodic every `ms` milliseconds (0: off), counted by lapic_timer_irq:
+ * a bound on every irq_wait, should an expected interrupt never come. */
+#define LAPIC_TIMER_VECTOR 0x42
+extern volatile uint32_t lapic_timer_ticks;
+void lapic_timer_periodic(unsigned ms);
 
 /* Called from entry.S on the CPL0 stack; never returns (ends in iretq to CPL3). */
 void cpl0_main(uint64_t kind, uint64_t info) __attribute__((noreturn));
@@ -41,7 +52,8 @@ void user_main(void) __attribute__((noreturn));
 
 /* entry.S */
 extern char vector_stubs[];	/* 256 stubs, 16 bytes apart, that call trap_fatal */
-extern char timer_irq[], pic1_irq[], pic2_irq[], spurious_irq[], msi_irq[];
+extern char timer_irq[], pic1_irq[], pic2_irq[], spurious_irq[], msi_irq[], lapic_timer_irq[];
+extern char ud_trap[];	/* #UD: irq_wait's way in, else fatal */
 void load_gdt(const void *desc);
 void enter_user(void (*entry)(void), uint64_t stack) __attribute__((noreturn));
 

@@ -130,10 +130,60 @@ spurious_irq:
 msi_irq:
 	incl msi_count(%rip)
 	push %rax
+	lea wait_hlt(%rip), %rax
+	cmp %rax, 8(%rsp)		/* interrupted just before irq_wait's hlt? */
+	jne 1f
+	incq 8(%rsp)			/* then return past it (hlt is one byte) */
+1:	mov $0xfee000b0, %eax
+	movl $0, (%rax)
+	pop %rax
+	iretq
+
+/* LAPIC_TIMER_VECTOR (0x42): count, EOI the local APIC. */
+	.globl lapic_timer_irq
+lapic_timer_irq:
+	incl lapic_timer_ticks(%rip)
+	push %rax
 	mov $0xfee000b0, %eax
 	movl $0, (%rax)
 	pop %rax
 	iretq
+
+/*
+ * irq_wait(seen), callable at CPL3: halt until an interrupt, unless msi_count already differs
+ * from `seen` (the count the caller saw before it last looked for work). PVM raises #UD for
+ * software interrupts other than int3 and #GP for sti, so the way in is a ud2 that ud_trap
+ * recognises by its address, and interrupts are enabled by an iretq to the hlt at CPL0 (the
+ * #UD gate clears IF, so nothing slips in between the check and that iretq). An interrupt that
+ * lands between the iretq and the hlt would leave the hlt waiting for the next one: msi_irq sees
+ * its return address is the hlt and steps over it. Then the #UD frame, still on the stack,
+ * returns to the caller.
+ */
+	.globl irq_wait
+irq_wait:
+irq_wait_ud:
+	ud2
+	ret
+
+	.globl ud_trap
+ud_trap:
+	lea irq_wait_ud(%rip), %rax	/* rax is irq_wait's to clobber */
+	cmp %rax, (%rsp)
+	jne vector_stubs + 16 * 6	/* any other #UD is fatal */
+	addq $2, (%rsp)			/* return past the ud2 */
+	cmpl %edi, msi_count(%rip)
+	jne 1f
+	mov %rsp, %rax			/* the #UD frame, which the last iretq uses */
+	pushq $KERNEL_DS
+	push %rax
+	pushq $0x202
+	pushq $KERNEL_CS
+	lea wait_hlt(%rip), %rax
+	push %rax
+	iretq
+wait_hlt:
+	hlt
+1:	iretq
 
 /*
  * One 16-byte stub per vector: push a zero error code where the CPU pushes none, push the
@@ -166,6 +216,9 @@ trap_common:
 	.balign 4
 	.globl timer_ticks
 timer_ticks:
+	.long 0
+	.globl lapic_timer_ticks
+lapic_timer_ticks:
 	.long 0
 	.globl msi_count
 msi_count:

@@ -108,6 +108,8 @@ static void setup_idt(void)
 		set_gate(v, pic2_irq, 0);
 	set_gate(SPURIOUS_VECTOR, spurious_irq, 0);	/* the local APIC's spurious vector */
 	set_gate(MSI_VECTOR, msi_irq, 0);
+	set_gate(LAPIC_TIMER_VECTOR, lapic_timer_irq, 0);
+	set_gate(UD_VECTOR, ud_trap, 0);	/* irq_wait's way in; other #UDs stay fatal */
 	asm volatile("lidt %0" : : "m"(desc));
 }
 

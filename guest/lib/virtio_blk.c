@@ -3,28 +3,41 @@
 #include "lib/io.h"
 #include "lib/util.h"
 
-struct virtio_dev *vblk_find(enum vblk_pick pick)
+struct virtio_dev *vblk_find_nth(bool read_only, unsigned nth)
 {
-	struct virtio_dev *found = NULL, *v;
+	struct virtio_dev *v;
 
 	for (unsigned n = 0; (v = virtio_find(VIRTIO_ID_BLOCK, n)); n++) {
 		bool ro;
 
-		if (pick == VBLK_LAST) {
-			found = v;
-			continue;
-		}
 		if (!virtio_begin(v))
 			continue;
 		ro = v->features & VIRTIO_BIT(VIRTIO_BLK_F_RO);
 		virtio_reset(v);
-		if (ro == (pick == VBLK_FIRST_READ_ONLY))
+		if (ro == read_only && nth-- == 0)
 			return v;
 	}
+	return NULL;
+}
+
+struct virtio_dev *vblk_find(enum vblk_pick pick)
+{
+	struct virtio_dev *found = NULL, *v;
+
+	if (pick != VBLK_LAST)
+		return vblk_find_nth(pick == VBLK_FIRST_READ_ONLY, 0);
+	for (unsigned n = 0; (v = virtio_find(VIRTIO_ID_BLOCK, n)); n++)
+		found = v;
 	return found;
 }
 
 bool vblk_open(struct vblk *b, struct virtio_dev *v, uint64_t features, struct virtq_area *area)
+{
+	return vblk_open_msix(b, v, features, area, VIRTIO_MSI_NO_VECTOR, 0);
+}
+
+bool vblk_open_msix(struct vblk *b, struct virtio_dev *v, uint64_t features,
+		    struct virtq_area *area, uint16_t msix_entry, uint8_t vector)
 {
 	memset(b, 0, sizeof(*b));
 	b->dev = v;
@@ -36,7 +49,12 @@ bool vblk_open(struct vblk *b, struct virtio_dev *v, uint64_t features, struct v
 		return false;
 	}
 	b->capacity = virtio_config_read64(v, VIRTIO_BLK_CFG_CAPACITY);
-	if (!virtq_setup(&b->vq, v, 0, area, VIRTQ_MAX_SIZE, VIRTIO_MSI_NO_VECTOR))
+	if (msix_entry != VIRTIO_MSI_NO_VECTOR) {
+		if (!virtio_msix_enable(v, msix_entry, vector))
+			return false;
+		*(volatile uint16_t *)(v->common + VIRTIO_COMMON_MSIX) = VIRTIO_MSI_NO_VECTOR;
+	}
+	if (!virtq_setup(&b->vq, v, 0, area, VIRTQ_MAX_SIZE, msix_entry))
 		return false;
 	virtio_driver_ok(v);
 	return true;

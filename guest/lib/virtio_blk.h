@@ -50,9 +50,15 @@ struct vblk {
 /* Which blk device: the first without VIRTIO_BLK_F_RO, the first with it, or the last one. */
 enum vblk_pick { VBLK_FIRST_WRITABLE, VBLK_FIRST_READ_ONLY, VBLK_LAST };
 struct virtio_dev *vblk_find(enum vblk_pick pick);
+/* The nth (from 0) blk device with (read_only) or without VIRTIO_BLK_F_RO, or NULL. */
+struct virtio_dev *vblk_find_nth(bool read_only, unsigned nth);
 
 /* Negotiate VERSION_1 plus `features` (as offered), set up queue 0 in `area`, DRIVER_OK. */
 bool vblk_open(struct vblk *b, struct virtio_dev *v, uint64_t features, struct virtq_area *area);
+/* The same with the queue's used-buffer interrupts on: MSI-X table entry msix_entry (enabled,
+ * pointing at this CPU's `vector`); the config change interrupt stays off. */
+bool vblk_open_msix(struct vblk *b, struct virtio_dev *v, uint64_t features,
+		    struct virtq_area *area, uint16_t msix_entry, uint8_t vector);
 
 /* Queue one request (no kick): header, then data (len 0: none; device-writable unless type is
  * OUT) in one descriptor, then status. Through r->table if indirect. Returns the head or -1. */
