@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pyvmm import __version__
 from pyvmm.arch.host import UnsupportedArchError
-from pyvmm.config import DEFAULT_CPUS, DEFAULT_MEM_MIB, ConfigError, DiskConfig, VmConfig
+from pyvmm.config import (
+    DEFAULT_CPUS,
+    DEFAULT_MEM_MIB,
+    ConfigError,
+    DiskConfig,
+    NetConfig,
+    VmConfig,
+)
 from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
 from pyvmm.devices.proxy import DeviceProcessError
 from pyvmm.disk import DiskError
@@ -24,6 +31,7 @@ from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
 from pyvmm.native.helpers import HelperError
+from pyvmm.net.tap import TapError
 from pyvmm.sandbox.seccomp import SeccompError
 
 if TYPE_CHECKING:
@@ -46,6 +54,7 @@ USER_ERRORS = (
     UnsupportedArchError,
     DeviceProcessError,
     SeccompError,
+    TapError,
 )
 
 
@@ -110,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
             help=summary,
         )
     run.add_argument(
+        "--host_ip",
+        metavar="A.B.C.D",
+        help="make a TAP for a virtio-net NIC and give the host side this IPv4 address "
+        "(with --netmask and --mac; needs CAP_NET_ADMIN)",
+    )
+    run.add_argument("--netmask", metavar="A.B.C.D", help="the host side's netmask")
+    run.add_argument("--mac", metavar="XX:XX:XX:XX:XX:XX", help="the guest NIC's MAC address")
+    run.add_argument(
+        "--tap-fd",
+        dest="tap_fds",
+        action="append",
+        default=[],
+        type=int,
+        metavar="FD",
+        help="a virtio-net NIC on this open TAP fd (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, "
+        "configured by the caller; repeatable)",
+    )
+    run.add_argument(
         "-s",
         "--socket",
         metavar="PATH",
@@ -141,6 +168,12 @@ def version_line() -> str:
     return f"pyvmm {__version__}"
 
 
+def _nets(args: argparse.Namespace) -> tuple[NetConfig, ...]:
+    made = (args.host_ip, args.netmask, args.mac)
+    nets = [NetConfig(*made)] if any(v is not None for v in made) else []
+    return (*nets, *(NetConfig(tap_fd=fd) for fd in args.tap_fds))
+
+
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     return VmConfig(
         kernel=args.kernel,
@@ -151,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         kvm_path=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"),
         socket=args.socket,
         disks=tuple(sorted(args.disks, key=lambda d: not d.root)),
+        nets=_nets(args),
         sandbox=not args.disable_sandbox,
         seccomp_policy_dir=args.seccomp_policy_dir,
         seccomp_log_failures=args.seccomp_log_failures,
@@ -232,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="pyvmm: %(message)s",
     )
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # -v: pyvmm's lines, not netlink's
     try:
         if args.command == "run":
             return cmd_run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import stat
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from pyvmm.control.protocol import socket_is_live
 from pyvmm.devices.pci.root import NUM_SLOTS
 from pyvmm.files import FileKindError, check_kind
 from pyvmm.memory import MAX_MEM_MIB
+from pyvmm.net import parse_mac
+from pyvmm.net.tap import TapError, check_tap_fd
 
 DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1
@@ -19,8 +22,8 @@ MIN_MEM_MIB = 2
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 SOCKET_FLAG = "-s/--socket"
-# Every disk is a PCI device on bus 0 beside the host bridge and virtio-rng, each with an INTx
-# line the MP table must describe.
+# Every disk and NIC is a PCI device on bus 0 beside the host bridge and virtio-rng, each with an
+# INTx line the MP table must describe.
 MAX_PCI_DEVICES = min(NUM_SLOTS - 1, MAX_PCI_IRQS)
 MAX_DISKS = MAX_PCI_DEVICES - 1
 
@@ -40,6 +43,21 @@ class DiskConfig:
         return "--rwdisk" if self.writable else "-d/--disk"
 
 
+@dataclass(frozen=True)
+class NetConfig:
+    """One virtio-net device: a TAP pyvmm creates and gives the host address (`--host_ip`,
+    `--netmask`, `--mac`, as crosvm has them), or one the caller opened (`--tap-fd`)."""
+
+    host_ip: str | None = None
+    netmask: str | None = None
+    mac: str | None = None
+    tap_fd: int | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--host_ip" if self.tap_fd is None else f"--tap-fd {self.tap_fd}"
+
+
 class ConfigError(Exception):
     """A user-supplied setting is invalid; the message names the flag or file at fault."""
 
@@ -55,6 +73,7 @@ class VmConfig:
     # The control socket's path; validate() turns a directory into a file name in it.
     socket: str | None = None
     disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
+    nets: tuple[NetConfig, ...] = field(default_factory=tuple)
     # Each virtio device in a process of its own (multiprocess mode), or a thread in this one.
     sandbox: bool = True
     # Where the devices' seccomp policies are; None: seccomp/<arch>/ in pyvmm's tree.
@@ -87,6 +106,13 @@ class VmConfig:
                 f"{extra.flag} {extra.path}: at most {MAX_DISKS} disks (the machine describes "
                 f"{MAX_PCI_DEVICES} PCI devices, and virtio-rng is one)"
             )
+        if len(self.disks) + len(self.nets) > MAX_DISKS:
+            nic = self.nets[MAX_DISKS - len(self.disks)]
+            raise ConfigError(
+                f"{nic.flag}: at most {MAX_DISKS} disks and NICs together (the machine "
+                f"describes {MAX_PCI_DEVICES} PCI devices, and virtio-rng is one)"
+            )
+        _check_nets(self.nets)
         roots = [d for d in self.disks if d.root]
         if len(roots) > 1:
             raise ConfigError(f"{roots[1].flag} {roots[1].path}: only one root disk is possible")
@@ -107,6 +133,45 @@ class VmConfig:
         if self.socket is not None:  # last: it may remove a stale socket file
             return dataclasses.replace(self, socket=check_socket_path(self.socket, os.getpid()))
         return self
+
+
+def _check_nets(nets: tuple[NetConfig, ...]) -> None:
+    fds: set[int] = set()
+    for net in nets:
+        if net.tap_fd is not None:
+            if net.tap_fd in fds:
+                raise ConfigError(f"--tap-fd {net.tap_fd}: given twice")
+            fds.add(net.tap_fd)
+            try:
+                check_tap_fd(net.tap_fd)
+            except TapError as e:
+                raise ConfigError(str(e)) from None
+            continue
+        given = {"--host_ip": net.host_ip, "--netmask": net.netmask, "--mac": net.mac}
+        missing = [flag for flag, value in given.items() if value is None]
+        if missing:
+            raise ConfigError(
+                f"{missing[0]}: missing (--host_ip, --netmask and --mac go together: pyvmm "
+                "makes a TAP with them)"
+            )
+        assert net.host_ip is not None and net.netmask is not None and net.mac is not None
+        try:
+            host = ipaddress.IPv4Address(net.host_ip)
+        except ValueError:
+            raise ConfigError(f"--host_ip {net.host_ip}: not an IPv4 address") from None
+        try:
+            network = ipaddress.IPv4Network(f"{host}/{net.netmask}", strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"--netmask {net.netmask}: not a netmask (dotted, with contiguous one bits)"
+            ) from None
+        if network.prefixlen < 31 and host in (network.network_address, network.broadcast_address):
+            which = "network" if host == network.network_address else "broadcast"
+            raise ConfigError(f"--host_ip {host}: the {which} address of {network}, not a host's")
+        try:
+            parse_mac(net.mac)
+        except ValueError as e:
+            raise ConfigError(f"--mac {net.mac}: {e}") from None
 
 
 def _check_readable_file(path: str, what: str, block_device_ok: bool = False) -> None:

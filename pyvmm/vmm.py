@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 import time
+from ipaddress import IPv4Address
 from typing import BinaryIO
 
 from pyvmm.arch.host import host_arch
@@ -19,13 +20,14 @@ from pyvmm.arch.interface import Arch, GuestImage, Platform
 from pyvmm.config import VmConfig
 from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
-from pyvmm.devices.child import DeviceSpec, DiskSpec
+from pyvmm.devices.child import DeviceSpec, DiskSpec, TapSpec
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.root import PciRoot
 from pyvmm.devices.proxy import DeviceProcessError, ProxyDevice, start_device
 from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.net import Net
 from pyvmm.devices.virtio.pci import VirtioPciDevice, plain_bar_sizes
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.disk import Disk, open_disk
@@ -35,6 +37,9 @@ from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.routing import GsiRouter
 from pyvmm.loader import build_cmdline
 from pyvmm.memory import GuestMemory, shmem_huge_pages
+from pyvmm.net import parse_mac
+from pyvmm.net.host import configure as configure_host_side
+from pyvmm.net.tap import Tap
 from pyvmm.ratelimit import flush_all as flush_guest_logs
 from pyvmm.sandbox.seccomp import load_filter, policy_dir
 from pyvmm.terminal import StdinPump
@@ -65,9 +70,24 @@ def disk_name(index: int) -> str:
     return f"vd{letters}"
 
 
-def _device_kind(disk: object | None) -> str:
-    """What a virtio device's process builds (and its policy's name): a disk's, or the rng."""
-    return "rng" if disk is None else "block"
+# What each virtio device is backed by: a disk image, a TAP, or nothing (the rng).
+Backing = Disk | Tap | None
+
+
+def _device_kind(backing: Backing) -> str:
+    """What a virtio device's process builds, and the name of its seccomp policy."""
+    if isinstance(backing, Tap):
+        return "net_device"
+    return "rng_device" if backing is None else "block_device"
+
+
+def _backend(name: str, backing: Backing, mac: bytes | None) -> VirtioDevice:
+    """The device itself, for a device in this process."""
+    if isinstance(backing, Tap):
+        return Net(backing, name, mac)
+    if backing is None:
+        return Rng()
+    return Block(backing, name=name, serial=f"pyvmm-{name}")
 
 
 class _VmControl:
@@ -170,8 +190,8 @@ class Vmm:
         return ring
 
     def _build_pci(self) -> None:
-        """PCI bus 0 with a virtio device per disk, then virtio-rng: each in a device process
-        of its own (multiprocess mode), or in this process."""
+        """PCI bus 0 with a virtio device per disk, then per NIC, then virtio-rng: each in a
+        device process of its own (multiprocess mode), or in this process."""
         self.gsi_router = GsiRouter(self.vm.fd, self.arch.irqchip_routes())
         self.pci = PciRoot(self.mmio_bus, self.allocator.allocate_mmio)
         self.arch.attach_pci(self.pci, (self.io_bus, self.mmio_bus), self._on_guest_reset)
@@ -187,15 +207,22 @@ class Vmm:
         def remove_ioeventfd(fd: int, addr: int, length: int) -> None:
             self.vm.unregister_ioeventfd(fd, addr, notify_len)
 
+        disks = self._open_disks()
+        taps = self._open_taps()
+        backings: list[Backing] = [*disks, *taps, None]
+        names = [
+            *(disk_name(i) for i in range(len(disks))),
+            *(f"net{i}" for i in range(len(taps))),
+            "rng",
+        ]
+        macs = {f"net{i}": parse_mac(n.mac) for i, n in enumerate(self.config.nets) if n.mac}
         if self.config.sandbox:
             self._policy_dir = policy_dir(self.config.seccomp_policy_dir)
             # Read and compiled here first, so that a bad policy stops pyvmm before the guest
             # starts (the device processes, which compile their own, start in the background).
-            for kind in sorted({_device_kind(d) for d in [*self.config.disks, None]}):
+            for kind in sorted({_device_kind(b) for b in backings}):
                 load_filter(self._policy_dir, kind).close()
-        disks = self._open_disks()
-        names = [*(disk_name(i) for i in range(len(disks))), "rng"]
-        for index, name in enumerate(names):
+        for index, (name, backing) in enumerate(zip(names, backings, strict=True)):
             gsi = self.arch.pci_intx_gsi(index)
             # Each function gets its own level line on the (shared) pin: KVM ORs them.
             intx = LevelIrq(gsi)
@@ -208,22 +235,20 @@ class Vmm:
                 register_ioeventfd=add_ioeventfd,
                 unregister_ioeventfd=remove_ioeventfd,
             )
-            disk = disks[index] if index < len(disks) else None
+            mac = macs.get(name)
             if self.config.sandbox:
                 # Every process starts at once; none is waited for here (see _start_devices).
-                self.virtio_devices.append(
-                    start_device(self._device_spec(name, disk, intx), services)
-                )
+                spec = self._device_spec(name, backing, mac, intx)
+                self.virtio_devices.append(start_device(spec, services))
             else:
-                backend: VirtioDevice = (
-                    Block(disk, name=name, serial=f"pyvmm-{name}") if disk is not None else Rng()
-                )
+                backend = _backend(name, backing, mac)
                 self.virtio_devices.append(VirtioPciDevice(backend, self.mem, intx, services))
         for device, line in zip(self.virtio_devices, self._intx_lines, strict=True):
             self.pci_irqs.append((self.pci.add_device(device), line.gsi))
         if self.config.sandbox:
-            for disk in disks:
-                disk.close()  # the device processes have the images now
+            for backing in backings:
+                if backing is not None:
+                    backing.close()  # the device processes have the images and TAPs now
             self._starter = threading.Thread(target=self._start_devices, name="device start")
             self._starter.start()
 
@@ -238,7 +263,9 @@ class Vmm:
                     self.request_exit(VmExit(EXIT_START_FAILED, str(exc)))
                     return
 
-    def _device_spec(self, name: str, disk: Disk | None, intx: LevelIrq) -> DeviceSpec:
+    def _device_spec(
+        self, name: str, backing: Backing, mac: bytes | None, intx: LevelIrq
+    ) -> DeviceSpec:
         cfg = self.config
         bars = [
             (index, self.allocator.allocate_mmio(size, f"{name} BAR{index}"), size)
@@ -246,15 +273,18 @@ class Vmm:
         ]
         return DeviceSpec(
             name=name,
-            kind=_device_kind(disk),
+            kind=_device_kind(backing),
             parent_pid=0,  # spawn fills in the socket and this process's pid
             sock=-1,
             memfd=self.mem.memfd,
             ram=[(r.guest_addr, r.size) for r in self.mem.ram_regions],
             intx=(intx.gsi, intx.fd, intx.resample_fd),
             disk=None
-            if disk is None
-            else DiskSpec(disk.fd, disk.path, disk.writable, f"pyvmm-{name}"),
+            if backing is None or isinstance(backing, Tap)
+            else DiskSpec(backing.fd, backing.path, backing.writable, f"pyvmm-{name}"),
+            tap=TapSpec(backing.fd, backing.name, backing.created, mac.hex() if mac else None)
+            if isinstance(backing, Tap)
+            else None,
             policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
             jail=True,
@@ -266,6 +296,24 @@ class Vmm:
 
     def _open_disks(self) -> list[Disk]:
         return [open_disk(d.path, d.writable, d.flag) for d in self.config.disks]
+
+    def _open_taps(self) -> list[Tap]:
+        """Each NIC's TAP: made and given its host address, or the caller's, checked."""
+        taps: list[Tap] = []
+        try:
+            for net in self.config.nets:
+                if net.tap_fd is not None:
+                    taps.append(Tap.from_fd(net.tap_fd))
+                    continue
+                assert net.host_ip is not None and net.netmask is not None
+                tap = Tap.create(net.flag)
+                taps.append(tap)
+                configure_host_side(tap.name, IPv4Address(net.host_ip), IPv4Address(net.netmask))
+        except BaseException:
+            for tap in taps:
+                tap.close()
+            raise
+        return taps
 
     def request_exit(self, exit: VmExit) -> None:
         """Record why the VM ends (first reason wins), stop the vCPUs at their next exit and

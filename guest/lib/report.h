@@ -11,6 +11,9 @@ extern const char *current_test;
 
 /* Record a failure (the first one per test wins) unless cond holds; returns cond. */
 bool report(bool cond, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* report() with `cond` evaluated before the message's arguments: C leaves the order of a call's
+ * arguments open, and a message often names what `cond` itself sets (a device's error text). */
+#define report_after(cond, ...) ({ bool cond_ = (cond); report(cond_, __VA_ARGS__); })
 /* Has the current test failed so far? */
 bool report_failed(void);
 /* Text printed after "ok" when the test passes. */

@@ -16,6 +16,7 @@
 
 #define VIRTIO_PCI_VENDOR 0x1af4
 #define VIRTIO_PCI_MODERN_BASE 0x1040	/* device ID = 0x1040 + virtio device type */
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_MAX_DEVICES 16

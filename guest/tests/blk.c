@@ -200,9 +200,9 @@ void test_blk(void)
 
 	if (!report(v, "no virtio-blk device without VIRTIO_BLK_F_RO"))
 		return;
-	if (!report(vblk_open(&blk, v, VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC) |
-					      VIRTIO_BIT(VIRTIO_BLK_F_FLUSH), &area),
-		    "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
+	if (!report_after(vblk_open(&blk, v, VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC) |
+						    VIRTIO_BIT(VIRTIO_BLK_F_FLUSH), &area),
+			  "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 		return;
 	if (!report(blk.capacity >= WRITE_FIRST + WRITE_SECTORS,
 		    "capacity %lu sectors, the test needs %u", blk.capacity,
@@ -248,8 +248,8 @@ void test_blk_ro(void)
 
 	if (!report(v, "no virtio-blk device with VIRTIO_BLK_F_RO"))
 		return;
-	if (!report(vblk_open(&blk, v, VIRTIO_BIT(VIRTIO_BLK_F_RO), &area),
-		    "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
+	if (!report_after(vblk_open(&blk, v, VIRTIO_BIT(VIRTIO_BLK_F_RO), &area),
+			  "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 		return;
 	status = vblk_rw(&blk, VIRTIO_BLK_T_IN, 0, small, SECTOR_SIZE);
 	if (!report(status == VIRTIO_BLK_S_OK, "read of sector 0: status %d", status))

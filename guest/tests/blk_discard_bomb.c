@@ -139,8 +139,8 @@ void test_blk_discard_bomb(void)
 	if (!report(v, "no writable virtio-blk disk offering DISCARD and WRITE_ZEROES") ||
 	    !report(range, "no %lu MiB block of RAM clear of the probe", SEGMENT_BYTES / MiB))
 		return;
-	if (!report(vblk_open(&blk, v, features, &area), "set-up of %02x:%02x.%x: %s",
-		    v->pci.bus, v->pci.dev, v->pci.fn, v->error))
+	if (!report_after(vblk_open(&blk, v, features, &area), "set-up of %02x:%02x.%x: %s",
+			  v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 		return;
 	memset((void *)range, 0, 4 * KiB);
 	details_len = 0;

@@ -140,10 +140,10 @@ void test_blkbench(void)
 		struct virtio_dev *v = d->dev;
 		uint64_t disk_bytes = bytes;
 
-		if (!report(vblk_open_msix(&d->blk, v, VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC) |
-						      (event_idx ? VIRTIO_BIT(VIRTIO_F_EVENT_IDX) : 0),
-					   &areas[opened], irq ? 0 : VIRTIO_MSI_NO_VECTOR, MSI_VECTOR),
-			    "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
+		if (!report_after(vblk_open_msix(&d->blk, v, VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC) |
+							    (event_idx ? VIRTIO_BIT(VIRTIO_F_EVENT_IDX) : 0),
+						 &areas[opened], irq ? 0 : VIRTIO_MSI_NO_VECTOR, MSI_VECTOR),
+				  "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 			goto out;
 		if (!report(d->blk.capacity >= block / SECTOR_SIZE,
 			    "capacity %lu sectors is below one block", d->blk.capacity))

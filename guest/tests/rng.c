@@ -59,13 +59,13 @@ void test_rng(void)
 
 	if (!report(v, "no virtio-rng device"))
 		return;
-	if (!report(virtio_begin(v) && virtio_negotiate(v, VIRTIO_BIT(VIRTIO_F_VERSION_1)),
-		    "set-up: %s", v->error))
+	if (!report_after(virtio_begin(v) && virtio_negotiate(v, VIRTIO_BIT(VIRTIO_F_VERSION_1)),
+			  "set-up: %s", v->error))
 		goto out;
-	if (!report(virtio_msix_enable(v, 0, MSI_VECTOR), "MSI-X: %s", v->error))
+	if (!report_after(virtio_msix_enable(v, 0, MSI_VECTOR), "MSI-X: %s", v->error))
 		goto out;
 	*(volatile uint16_t *)(v->common + VIRTIO_COMMON_MSIX) = VIRTIO_MSI_NO_VECTOR;
-	if (!report(virtq_setup(&vq, v, 0, &area, VIRTQ_MAX_SIZE, 0), "queue 0: %s", v->error))
+	if (!report_after(virtq_setup(&vq, v, 0, &area, VIRTQ_MAX_SIZE, 0), "queue 0: %s", v->error))
 		goto out;
 	virtio_driver_ok(v);
 

@@ -17,6 +17,10 @@ void test_blk_discard_bomb(void);
 void test_rng(void);
 void test_virtq_hostile(void);
 void test_virtq_overlap(void);
+void test_net_arp(void);
+void test_net_ping(void);
+void test_net_udp(void);
+void test_net_hostile(void);
 void test_spin(void);
 void test_blkbench(void);
 

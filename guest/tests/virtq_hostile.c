@@ -146,8 +146,8 @@ void test_virtq_hostile(void)
 
 	if (!report(v, "no virtio-blk device"))
 		return;
-	if (!report(vblk_open(&blk, v, VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC), &area),
-		    "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
+	if (!report_after(vblk_open(&blk, v, VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC), &area),
+			  "set-up of %02x:%02x.%x: %s", v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 		return;
 	for (int n = 1; n <= 5; n++) {
 		const char *how, *why;

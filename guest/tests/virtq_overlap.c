@@ -82,8 +82,8 @@ void test_virtq_overlap(void)
 
 	if (!report(v, "no virtio-blk device"))
 		return;
-	if (!report(open_overlapped(v), "set-up with overlapping rings of %02x:%02x.%x: %s",
-		    v->pci.bus, v->pci.dev, v->pci.fn, v->error))
+	if (!report_after(open_overlapped(v), "set-up with overlapping rings of %02x:%02x.%x: %s",
+			  v->pci.bus, v->pci.dev, v->pci.fn, v->error))
 		return;
 	if (!report(vblk_submit(&blk, &req, VIRTIO_BLK_T_IN, 0, buf, SECTOR_SIZE, false) == 0,
 		    "the request did not get head 0"))
@@ -104,7 +104,7 @@ void test_virtq_overlap(void)
 	if (!report(reset_ok, "reset: %s (after %lu us)", v->error, reset_us))
 		return;
 
-	if (!report(vblk_open(&blk, v, 0, &area), "set-up after reset failed: %s", v->error))
+	if (!report_after(vblk_open(&blk, v, 0, &area), "set-up after reset failed: %s", v->error))
 		return;
 	rc = vblk_rw(&blk, VIRTIO_BLK_T_IN, 0, buf, SECTOR_SIZE);
 	report(rc == VIRTIO_BLK_S_OK, "then a valid read of sector 0: %s %d",

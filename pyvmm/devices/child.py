@@ -52,11 +52,19 @@ class DiskSpec:
 
 
 @dataclass
+class TapSpec:
+    fd: int
+    name: str
+    created: bool  # pyvmm made it (it goes away with the last fd)
+    mac: str | None  # the guest's MAC as 12 hex digits; None: the driver picks one
+
+
+@dataclass
 class DeviceSpec:
     """What a device process is to be: the VMM writes it, the process reads it from argv."""
 
-    name: str  # "vda", "rng": also what its log lines and errors say
-    kind: str  # "block" or "rng"
+    name: str  # "vda", "net0", "rng": also what its log lines and errors say
+    kind: str  # "block_device", "net_device" or "rng_device": also its policy's name
     parent_pid: int
     sock: int
     memfd: int
@@ -65,6 +73,7 @@ class DeviceSpec:
     # Where the VMM placed each BAR: (index, guest address, size); the device must agree.
     bars: list[tuple[int, int, int]] = field(default_factory=list)
     disk: DiskSpec | None = None
+    tap: TapSpec | None = None
     policy_dir: str | None = None  # where <kind>.policy is; None: no seccomp filter
     log_failures: bool = False
     jail: bool = False
@@ -76,11 +85,13 @@ class DeviceSpec:
     def from_json(cls, text: str) -> DeviceSpec:
         data = json.loads(text)
         disk = data.pop("disk")
+        tap = data.pop("tap")
         spec = cls(**data)
         spec.ram = [(int(a), int(s)) for a, s in spec.ram]
         spec.intx = (int(spec.intx[0]), int(spec.intx[1]), int(spec.intx[2]))
         spec.bars = [(int(i), int(a), int(s)) for i, a, s in spec.bars]
         spec.disk = DiskSpec(**disk) if disk is not None else None
+        spec.tap = TapSpec(**tap) if tap is not None else None
         return spec
 
 
@@ -113,7 +124,7 @@ class ChildLink:
 
 
 def _backend(spec: DeviceSpec) -> VirtioDevice:
-    if spec.kind == "block":
+    if spec.kind == "block_device":
         from pyvmm.devices.virtio.block import Block
         from pyvmm.disk.raw import RawDisk
 
@@ -121,7 +132,15 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
             raise ValueError("a block device needs a disk")
         disk = RawDisk.from_fd(spec.disk.fd, spec.disk.path, spec.disk.writable)
         return Block(disk, name=spec.name, serial=spec.disk.serial)
-    if spec.kind == "rng":
+    if spec.kind == "net_device":
+        from pyvmm.devices.virtio.net import Net
+        from pyvmm.net.tap import Tap
+
+        if spec.tap is None:
+            raise ValueError("a net device needs a TAP")
+        tap = Tap(spec.tap.fd, spec.tap.name, spec.tap.created)
+        return Net(tap, spec.name, bytes.fromhex(spec.tap.mac) if spec.tap.mac else None)
+    if spec.kind == "rng_device":
         from pyvmm.devices.virtio.rng import Rng
 
         return Rng()

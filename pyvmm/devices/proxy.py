@@ -302,6 +302,8 @@ def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
     fds = [spec.sock, spec.memfd, *spec.intx[1:]]
     if spec.disk is not None:
         fds.append(spec.disk.fd)
+    if spec.tap is not None:
+        fds.append(spec.tap.fd)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "pyvmm.devices.child", spec.to_json()],

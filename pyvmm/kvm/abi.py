@@ -15,6 +15,8 @@ from typing import Any
 
 from pyvmm import cdecl
 from pyvmm.cdecl import declare
+from pyvmm.ioc import IOC_NONE, IOC_WRITE
+from pyvmm.ioc import ioc as generic_ioc
 
 ffi: Any = declare(
     "kvm",
@@ -162,12 +164,11 @@ def struct_for(ctype: str, *fields: str) -> struct.Struct:
 
 
 KVMIO = 0xAE
-IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
 
 
 def ioc(direction: int, nr: int, size: int = 0) -> int:
     """A KVM ioctl request number (the kernel's _IOC(direction, KVMIO, nr, size))."""
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+    return generic_ioc(direction, KVMIO, nr, size)
 
 
 def _io(nr: int) -> int:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyvmm.cdecl import declare
-from pyvmm.kvm.abi import IOC_READ, IOC_WRITE, Cap, ioc
+from pyvmm.ioc import IOC_READ, IOC_WRITE
+from pyvmm.kvm.abi import Cap, ioc
 from pyvmm.kvm.errors import KvmError, MissingCapabilityError
 from pyvmm.kvm.ioctl import ioctl
 from pyvmm.kvm.system import Kvm

@@ -13,7 +13,8 @@ a comparison is `argN OP VALUE` with OP one of == != < <= > >= and `in` (`arg2 i
 outside MASK is set). VALUE is a number (decimal, 0x hex, 0 octal) or named constants joined by
 `|`. A call without a line, or whose expression fails without a `return`, kills the process.
 
-Every error names the file and line: `seccomp/x86_64/block.policy:12: unknown constant F_GETFX`.
+Every error names the file and line:
+`seccomp/x86_64/block_device.policy:12: unknown constant F_GETFX`.
 """
 
 from __future__ import annotations

@@ -126,6 +126,9 @@ EXTRA_CONSTANTS = {
     "PR_SET_NAME": 15,
     "PR_GET_NAME": 16,
     "PR_SET_NO_NEW_PRIVS": 38,
+    # virtio-net sets the TAP's offloads and header size when the driver starts the device.
+    "TUNSETOFFLOAD": 0x400454D0,
+    "TUNSETVNETHDRSZ": 0x400454D8,
 }
 # Prefixes of the names taken from the standard library's modules (their values are this
 # machine's, as the C library's headers have them).

@@ -163,3 +163,27 @@ def test_more_disks_than_the_pci_bus_holds(tmp_path: Path, probe_elf: Path) -> N
     r = run_pyvmm("run", *args, str(probe_elf))
     assert r.returncode == 1
     _assert_one_line_error(r.stderr, f"-d/--disk {tmp_path / 'd15.img'}: at most 15 disks")
+
+
+NET = ["--host_ip", "192.0.2.1", "--netmask", "255.255.255.0", "--mac", "52:54:00:12:34:56"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (NET[:4], ["--mac: missing", "go together"]),
+        ([*NET[:5], "01:00:5e:00:00:01"], ["--mac 01:00:5e:00:00:01", "multicast"]),
+        ([*NET[:5], "52:54:00:12:34"], ["--mac 52:54:00:12:34", "not a MAC address"]),
+        (["--host_ip", "192.0.2.256", *NET[2:]], ["--host_ip 192.0.2.256", "not an IPv4"]),
+        ([*NET[:2], "--netmask", "255.0.255.0", *NET[4:]], ["--netmask 255.0.255.0"]),
+        (["--host_ip", "192.0.2.255", *NET[2:]], ["--host_ip 192.0.2.255", "broadcast"]),
+        (["--tap-fd", "63"], ["--tap-fd 63", "not an open file descriptor"]),
+        (["--tap-fd", "0"], ["--tap-fd 0", "not a TAP device"]),
+    ],
+)
+def test_bad_network_flags(tmp_path: Path, flags: list[str], fragments: list[str]) -> None:
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF")
+    r = run_pyvmm("run", *flags, str(kernel))
+    assert r.returncode == 1
+    _assert_one_line_error(r.stderr, *fragments)

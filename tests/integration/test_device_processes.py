@@ -141,7 +141,7 @@ def test_a_call_outside_the_policy_kills_only_that_device(
     probe_elf: Path, tmp_path: Path, log_failures: bool
 ) -> None:
     image = make_pattern_image(tmp_path / "disk.img")
-    policies = _policies_without(tmp_path, "rng", "getrandom")
+    policies = _policies_without(tmp_path, "rng_device", "getrandom")
     flags = ["--seccomp-policy-dir", str(policies), "--rwdisk", str(image)]
     flags += ["--seccomp-log-failures"] if log_failures else []
     run = run_pyvmm("run", *flags, "-p", "probe=rng,blk", str(probe_elf), timeout=120)

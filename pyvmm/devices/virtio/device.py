@@ -68,7 +68,10 @@ class DeviceInterrupt(Protocol):
         """Called by the worker when `resample_fd` is readable."""
 
 
-EventHandler = Callable[[], None]
+# Called when an event source is readable; returns whether to keep watching it. A source that
+# returns False (a TAP with no receive buffers to read into) is left alone until the next
+# notification on one of the device's queues has been processed.
+EventHandler = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,12 @@ class VirtioDevice(abc.ABC):
         """Other fds the worker should wait on while the device is active (a TAP, a socket, a
         timer), each with what to call when it is readable. Called once after `activate`."""
         return {}
+
+    def has_work(self, index: int, queue: SplitQueue) -> bool:
+        """Whether `process_queue` should run again at once (the worker's round left chains
+        waiting). A queue of buffers the device fills when data comes (net receive) has none:
+        its chains wait for the data, not for the worker."""
+        return queue.has_pending()
 
     def shared_memory_regions(self) -> list[SharedMemoryRegion]:
         """The device's shared memory regions, fixed for its life; none by default."""

@@ -421,6 +421,11 @@ class SplitQueue:
             raise BadHeadIndex(head, self._size)
         return self._walk(head)
 
+    def undo_pop(self, count: int) -> None:
+        """Give back the last `count` chains `pop` took and nothing has used: the next `pop`
+        takes them again (a device that took more buffers than the data needed, net RX)."""
+        self._next_avail = (self._next_avail - count) & IDX_MASK
+
     def _walk(self, head: int) -> DescriptorChain:
         mem = self._mem
         table = self._desc

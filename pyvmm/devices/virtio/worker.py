@@ -1,14 +1,15 @@
 """The worker that runs one virtio device's queues: ioeventfds in, interrupts out.
 
 It waits on each queue's ioeventfd (signalled by KVM when the guest writes the queue's notify
-address, without a VM exit to userspace), on the device's own event sources (a TAP, a socket),
-on the interrupt's resample eventfd (INTx acknowledged) and on its own control eventfd (stop,
-pause). Per notification it lets the device take at most one queue's worth of chains, signals
-the queue's interrupt if the driver wants one, and looks at its control flags before the next
-round: a guest that keeps a queue busy for ever cannot keep the worker from stopping or parking.
-It knows nothing of the VMM: only fds, guest memory, the device and its interrupt, so the same
-loop can later run in a jailed child process. A device that fails is marked as needing a reset
-and the reason logged; the VM goes on.
+address, without a VM exit to userspace), on the device's own event sources (a TAP, a socket), on
+the interrupt's resample eventfd (INTx acknowledged) and on its own control eventfd (stop, pause).
+A device's source may ask to rest (a TAP with nowhere to put frames): it is not watched again until
+a queue notification has been processed, so a full queue never spins the worker. Per notification
+it lets the device take at most one queue's worth of chains, signals the queue's interrupt if the
+driver wants one, and looks at its control flags before the next round: a guest that keeps a queue
+busy for ever cannot keep the worker from stopping or parking. It knows nothing of the VMM: only
+fds, guest memory, the device and its interrupt, so the same loop can later run in a jailed child
+process. A device that fails is marked as needing a reset and the reason logged; the VM goes on.
 
 Every wait on a worker is bounded: `stop` and `pause` give up after a timeout and say so, and a
 worker that never stops is abandoned (a daemon thread) so that the VM can still exit.
@@ -105,12 +106,13 @@ class QueueWorker:
         poller = select.poll()
         handlers: dict[int, EventHandler] = {
             self._control: self._drain_control,
-            self._interrupt.resample_fd: self._interrupt.resample,
+            self._interrupt.resample_fd: self._resample,
         }
         handlers.update(self.device.event_sources())
         notify = {fd: index for index, (_, fd) in self.queues.items()}
         for fd in (*handlers, *notify):
             poller.register(fd, select.POLLIN)
+        resting: set[int] = set()  # sources whose handler asked to be left alone for now
         # Anything the driver queued before DRIVER_OK (or before a resume) is handled at once.
         pending = set(self.queues)
         try:
@@ -120,6 +122,10 @@ class QueueWorker:
                     pending.update(self.queues)
                     continue
                 more = {index for index in sorted(pending) if self._process(index)}
+                if pending and resting:
+                    for fd in resting:
+                        poller.register(fd, select.POLLIN)
+                    resting.clear()
                 # With work left, only look for control and new notifications (no wait).
                 ready = poller.poll(0 if more else None)
                 pending = more
@@ -127,8 +133,9 @@ class QueueWorker:
                     if fd in notify:
                         if _take(fd):
                             pending.add(notify[fd])
-                    else:
-                        handlers[fd]()
+                    elif not handlers[fd]():
+                        poller.unregister(fd)
+                        resting.add(fd)
         except (DeviceError, QueueError) as e:
             # The guest's doing, and it may do it again after every reset: rate-limited.
             self.device.guest_log.warning("device failed", "%s; the device needs a reset", e)
@@ -140,8 +147,13 @@ class QueueWorker:
         finally:
             self._paused.set()
 
-    def _drain_control(self) -> None:
+    def _drain_control(self) -> bool:
         _take(self._control)
+        return True
+
+    def _resample(self) -> bool:
+        self._interrupt.resample()
+        return True
 
     def _park(self) -> None:
         self._paused.set()
@@ -160,7 +172,7 @@ class QueueWorker:
         queue.enable_notification()
         if queue.needs_interrupt():
             self._interrupt.signal_used(index)
-        return queue.has_pending() and not self._stopping
+        return self.device.has_work(index, queue) and not self._stopping
 
 
 def _take(eventfd: int) -> bool:

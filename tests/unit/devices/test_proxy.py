@@ -51,7 +51,7 @@ def rng() -> Iterator[tuple[ProxyDevice, FakeVm]]:
     vm = FakeVm()
     spec = DeviceSpec(
         name="rng",
-        kind="rng",
+        kind="rng_device",
         parent_pid=0,
         sock=-1,
         memfd=mem.memfd,
@@ -143,7 +143,7 @@ def test_a_process_that_cannot_build_its_device_says_why() -> None:
     mem = GuestMemory([(0, 4 * MiB)])
     intx = LevelIrq(16)
     spec = DeviceSpec(
-        "rng", "rng", 0, -1, mem.memfd, [(0, 4 * MiB)], (16, intx.fd, intx.resample_fd)
+        "rng", "rng_device", 0, -1, mem.memfd, [(0, 4 * MiB)], (16, intx.fd, intx.resample_fd)
     )
     try:
         with pytest.raises(DeviceProcessError) as info:

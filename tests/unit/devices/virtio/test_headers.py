@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvmm.devices.pci.msix import NO_VECTOR
-from pyvmm.devices.virtio import block, pci, queue
+from pyvmm.devices.virtio import block, net, pci, queue
 from pyvmm.devices.virtio.block import BlkFeature, RequestType, Status
 from pyvmm.devices.virtio.device import DeviceStatus, DeviceType, Feature
 from pyvmm.devices.virtio.interrupt import Isr
+from pyvmm.devices.virtio.net import NetFeature
 from pyvmm.devices.virtio.pci import CfgType, CommonReg
 from pyvmm.devices.virtio.queue import VirtqFlags
 from tests.cheaders import c_facts, layout_facts, mismatches
@@ -20,9 +21,11 @@ HEADERS = [
     "linux/virtio_ids.h",
     "linux/virtio_blk.h",
     "linux/virtio_pci.h",
+    "linux/virtio_net.h",
 ]
 RING_STRUCTS = ["vring_desc", "vring_avail", "vring_used_elem", "vring_used"]
 BLK_STRUCTS = ["virtio_blk_config", "virtio_blk_outhdr", "virtio_blk_discard_write_zeroes"]
+NET_STRUCTS = ["virtio_net_config", "virtio_net_hdr_v1"]
 PCI_STRUCTS = [
     "virtio_pci_cap",
     "virtio_pci_notify_cap",
@@ -92,6 +95,8 @@ def constants() -> list[tuple[str, int]]:
         ("VIRTIO_BLK_ID_BYTES", block.ID_BYTES),
         ("VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP", block.WRITE_ZEROES_UNMAP),
     ]
+    facts += [(f"1ULL << VIRTIO_NET_F_{f.name}", f) for f in NetFeature]
+    facts += [("VIRTIO_NET_S_LINK_UP", net.LINK_UP)]
     facts += [(f"VIRTIO_PCI_CAP_{t.name}_CFG", t) for t in CfgType]
     facts += [
         ("VIRTIO_PCI_ISR_CONFIG", Isr.CONFIG),
@@ -109,6 +114,10 @@ def test_ring_structs_match_linux_headers(tmp_path: Path) -> None:
 
 def test_blk_structs_match_linux_headers(tmp_path: Path) -> None:
     assert not mismatches(tmp_path, HEADERS, layout_facts(block.ffi, BLK_STRUCTS))
+
+
+def test_net_structs_match_linux_headers(tmp_path: Path) -> None:
+    assert not mismatches(tmp_path, HEADERS, layout_facts(net.ffi, NET_STRUCTS))
 
 
 def test_pci_structs_match_linux_headers(tmp_path: Path) -> None:

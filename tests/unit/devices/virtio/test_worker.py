@@ -175,12 +175,22 @@ class WithSource(Endless):
         for chain in available_chains(queue, self.guest_log):
             queue.add_used(chain.head, 0)
 
-    def event_sources(self) -> dict[int, Callable[[], None]]:
+    def event_sources(self) -> dict[int, Callable[[], bool]]:
         return {self.source: self._on_source}
 
-    def _on_source(self) -> None:
+    def _on_source(self) -> bool:
         os.eventfd_read(self.source)
         self.events += 1
+        return True
+
+
+class Resting(WithSource):
+    """A source that stays readable and asks to rest, as a TAP with frames does while the
+    receive queue has no buffers."""
+
+    def _on_source(self) -> bool:
+        self.events += 1
+        return False
 
 
 @pytest.mark.timeout(60)
@@ -196,6 +206,25 @@ def test_event_sources_resample_and_used_interrupts_reach_their_handlers(
         _wait_for(lambda: device.events == 1)
         os.eventfd_write(interrupt.resample_fd, 1)
         _wait_for(lambda: interrupt.resamples == 1)
+        assert worker.stop(timeout=5)
+    finally:
+        os.close(notify)
+        os.close(device.source)
+
+
+@pytest.mark.timeout(60)
+def test_a_resting_source_waits_for_the_next_queue_notification(mem: GuestMemory) -> None:
+    device = Resting(mem)
+    worker, notify = _worker(device, mem)
+    try:
+        os.eventfd_write(device.source, 1)  # readable from now on: never drained
+        _wait_for(lambda: device.events == 1)
+        time.sleep(0.2)
+        assert device.events == 1  # not polled again while it rests
+        os.eventfd_write(notify, 1)  # the driver added buffers
+        _wait_for(lambda: device.events == 2)
+        time.sleep(0.2)
+        assert device.events == 2
         assert worker.stop(timeout=5)
     finally:
         os.close(notify)

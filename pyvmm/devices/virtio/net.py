@@ -1,0 +1,371 @@
+"""virtio-net: a network interface backed by a host TAP device (virtio 1.2 section 5.1).
+
+Queue 0 receives (frames from the TAP into the driver's buffers), queue 1 transmits. Every frame
+moves with one readv or writev straight between the TAP and guest memory: the virtio-net header
+in front of a frame is the TAP's own vnet header (12 bytes, IFF_VNET_HDR), so checksum and
+segmentation offloads pass through untouched, and the offloads the driver accepts for received
+frames are handed to the TAP (TUNSETOFFLOAD). With VIRTIO_NET_F_MRG_RXBUF a received frame may
+span several buffers: the device takes as many as recent frames needed, reads once into them and
+a spare buffer behind them, gives back the ones the frame did not need, and copies what ran into
+the spare (a frame larger than recent ones) into more of them.
+
+When the driver has no receive buffers posted, the device stops watching the TAP (the worker
+rests it) until the driver adds some: the host kernel queues, then drops, frames meanwhile, as a
+full NIC would. The device never spins, and never drops a frame it read for want of room: it
+holds it until the room comes.
+
+The layouts are declared as <linux/virtio_net.h> declares them (tests/unit/devices/virtio/
+test_headers.py checks them against it).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any
+
+from pyvmm.cdecl import declare, struct_for
+from pyvmm.devices.virtio.device import (
+    DeviceInterrupt,
+    DeviceType,
+    EventHandler,
+    VirtioDevice,
+    available_chains,
+)
+from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
+from pyvmm.memory import GuestMemory
+from pyvmm.net.tap import Offload, Tap
+
+ffi: Any = declare(
+    "virtio_net",
+    """
+    struct virtio_net_config {
+        uint8_t  mac[6];
+        uint16_t status;
+        uint16_t max_virtqueue_pairs;
+        uint16_t mtu;
+        uint32_t speed;
+        uint8_t  duplex;
+        uint8_t  rss_max_key_size;
+        uint16_t rss_max_indirection_table_length;
+        uint32_t supported_hash_types;
+    };
+    struct virtio_net_hdr_v1 {
+        uint8_t  flags;
+        uint8_t  gso_type;
+        uint16_t hdr_len;
+        uint16_t gso_size;
+        uint16_t csum_start;
+        uint16_t csum_offset;
+        uint16_t num_buffers;
+    };
+    """,
+    packed=True,
+)
+
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+HEADER_SIZE = ffi.sizeof("struct virtio_net_hdr_v1")
+NUM_BUFFERS = struct_for(ffi, "struct virtio_net_hdr_v1", "num_buffers")
+NUM_BUFFERS_AT = ffi.offsetof("struct virtio_net_hdr_v1", "num_buffers")
+# The largest frame the TAP can hand over: a 64 KiB GSO packet (IP's limit) with its Ethernet
+# and VLAN headers.
+MAX_FRAME = 65535 + 14 + 4
+# readv/writev take at most IOV_MAX (1024) buffers.
+IOV_MAX = 1024
+LINK_UP = 1
+
+
+class NetFeature(enum.IntFlag):
+    """virtio-net feature bits (virtio 1.2, 5.1.3)."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    MAC = 1 << 5
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+
+
+# Which TAP offload each receive-side feature turns on.
+GUEST_OFFLOADS = {
+    NetFeature.GUEST_CSUM: Offload.CSUM,
+    NetFeature.GUEST_TSO4: Offload.TSO4,
+    NetFeature.GUEST_TSO6: Offload.TSO6,
+    NetFeature.GUEST_ECN: Offload.TSO_ECN,
+    NetFeature.GUEST_UFO: Offload.UFO,
+}
+
+
+class Net(VirtioDevice):
+    """One NIC on one TAP."""
+
+    device_type = DeviceType.NET
+
+    def __init__(self, tap: Tap, name: str, mac: bytes | None) -> None:
+        """`mac`: the guest's address (None: the driver picks one)."""
+        self.tap = tap
+        self.name = name
+        self.mac = mac
+        self._ufo = tap.supports_offload(Offload.CSUM | Offload.UFO)
+        config: Any = ffi.new("struct virtio_net_config *")
+        if mac is not None:
+            config.mac = list(mac)
+        config.status = LINK_UP
+        config.max_virtqueue_pairs = 1
+        self._config = bytes(ffi.buffer(config))
+        self._mergeable = False
+        # Where a frame goes past the buffers taken for it (then copied into more of them).
+        self._overflow = memoryview(bytearray(MAX_FRAME + HEADER_SIZE))
+        self._expected = 1  # room to take for the next frame: recent frames' sizes, decaying
+        self._pending: bytes | None = None  # a frame waiting for the driver to add room
+
+    @property
+    def queue_max_sizes(self) -> list[int]:
+        return [QUEUE_SIZE, QUEUE_SIZE]
+
+    @property
+    def device_features(self) -> int:
+        features = (
+            NetFeature.CSUM
+            | NetFeature.GUEST_CSUM
+            | NetFeature.GUEST_TSO4
+            | NetFeature.GUEST_TSO6
+            | NetFeature.GUEST_ECN
+            | NetFeature.HOST_TSO4
+            | NetFeature.HOST_TSO6
+            | NetFeature.HOST_ECN
+            | NetFeature.MRG_RXBUF
+            | NetFeature.STATUS
+        )
+        if self._ufo:
+            features |= NetFeature.GUEST_UFO | NetFeature.HOST_UFO
+        if self.mac is not None:
+            features |= NetFeature.MAC
+        return int(features)
+
+    def config_read(self, offset: int, data: memoryview) -> None:
+        chunk = self._config[offset : offset + len(data)]
+        data[:] = chunk + b"\x00" * (len(data) - len(chunk))
+
+    def activate(
+        self,
+        mem: GuestMemory,
+        interrupt: DeviceInterrupt,
+        queues: dict[int, SplitQueue],
+        features: int,
+    ) -> None:
+        super().activate(mem, interrupt, queues, features)
+        offload = Offload(0)
+        for feature, bit in GUEST_OFFLOADS.items():
+            if features & feature:
+                offload |= bit
+        self.tap.set_vnet_hdr_size(HEADER_SIZE)
+        self.tap.set_offload(offload)
+        self._mergeable = bool(features & NetFeature.MRG_RXBUF)
+        self._pending = None
+
+    def event_sources(self) -> dict[int, EventHandler]:
+        return {self.tap.fd: self._tap_readable}
+
+    def has_work(self, index: int, queue: SplitQueue) -> bool:
+        # Receive buffers wait for frames, not for the worker.
+        return index == TX and queue.has_pending()
+
+    def keep_fds(self) -> list[int]:
+        return [self.tap.fd]
+
+    def process_queue(self, index: int, queue: SplitQueue) -> None:
+        if index == TX:
+            self._transmit(queue)
+        elif index == RX:
+            self._receive(queue)  # new buffers: frames the TAP holds can come in now
+
+    def _tap_readable(self) -> bool:
+        rx = self.queues.get(RX)
+        if rx is None:
+            return False
+        rx.budget = rx.size
+        keep_watching = self._receive(rx)
+        if rx.needs_interrupt():
+            self.interrupt.signal_used(RX)
+        return keep_watching
+
+    # ---- transmit ----
+
+    def _transmit(self, queue: SplitQueue) -> None:
+        for chain in available_chains(queue, self.guest_log):
+            if chain.writable_len or chain.readable_len <= HEADER_SIZE:
+                self.guest_log.info(
+                    "bad frame", "tx chain %d: %d readable bytes, %d writable", chain.head,
+                    chain.readable_len, chain.writable_len,
+                )  # fmt: skip
+            else:
+                self._send(chain)
+            queue.add_used(chain.head, 0)
+
+    def _send(self, chain: DescriptorChain) -> None:
+        if len(chain.readable) > IOV_MAX:
+            self.guest_log.info("bad frame", "tx chain %d has over %d buffers", chain.head, IOV_MAX)
+            return
+        try:
+            os.writev(self.tap.fd, chain.readable)
+        except BlockingIOError:
+            self.guest_log.info("tx dropped", "the TAP %s is full; frame dropped", self.tap.name)
+        except OSError as e:
+            # The TAP refused the frame (bad header, too long, link down): a NIC drops it too.
+            self.guest_log.info("tx dropped", "the TAP %s refused a frame: %s", self.tap.name,
+                                e.strerror)  # fmt: skip
+
+    # ---- receive ----
+
+    def _receive(self, queue: SplitQueue) -> bool:
+        """Move frames from the TAP into receive buffers until the TAP is empty (True: keep
+        watching it), the round's budget is spent (True), or the driver's buffers run out
+        (False: rest until it adds some)."""
+        while queue.budget > 0:
+            queue.budget -= 1
+            if self._pending is not None:
+                if not self._deliver_pending(queue):
+                    return False
+                continue
+            chains = self._take_buffers(queue, self._expected)
+            if not chains:
+                return False
+            views = [view for chain in chains for view in chain.writable]
+            room = sum(chain.writable_len for chain in chains)
+            try:
+                length = os.readv(self.tap.fd, [*views, self._overflow])
+            except BlockingIOError:
+                queue.undo_pop(len(chains))
+                return True
+            self._expected = max(length, self._expected - self._expected // 8)
+            if length <= room:
+                self._complete(queue, chains, views, length)
+                continue
+            tail = bytes(self._overflow[: length - room])
+            if not self._mergeable:
+                # The driver's buffer is smaller than what it negotiated allows: a NIC drops.
+                queue.undo_pop(len(chains))
+                self.guest_log.info("rx dropped", "a %d-byte frame did not fit a %d-byte "
+                                    "receive buffer", length, room)  # fmt: skip
+                continue
+            more = self._take_buffers(queue, length - room)
+            if sum(chain.writable_len for chain in more) < length - room:
+                # Held until the driver gives more room (copied in then): never dropped.
+                queue.undo_pop(len(chains) + len(more))
+                self._pending = b"".join(bytes(v) for v in views) + tail
+                queue.enable_notification()
+                return False
+            _write_at([view for chain in more for view in chain.writable], 0, tail)
+            self._complete(queue, chains + more, views, length)
+        return True
+
+    def _deliver_pending(self, queue: SplitQueue) -> bool:
+        """Copy the frame held back for want of room into buffers, if there are enough now."""
+        assert self._pending is not None
+        frame = self._pending
+        chains = self._take_buffers(queue, len(frame))
+        if sum(chain.writable_len for chain in chains) < len(frame):
+            queue.undo_pop(len(chains))
+            queue.enable_notification()
+            return False
+        views = [view for chain in chains for view in chain.writable]
+        _write_at(views, 0, frame)
+        self._pending = None
+        self._complete(queue, chains, views, len(frame))
+        return True
+
+    def _take_buffers(self, queue: SplitQueue, room: int) -> list[DescriptorChain]:
+        """Chains for `room` bytes, as many as there are (one, unless buffers merge); none
+        after asking the driver to notify when it adds some."""
+        chains = self._gather(queue, room)
+        if not chains:
+            queue.enable_notification()
+            chains = self._gather(queue, room)  # what the driver added before it saw the request
+        return chains
+
+    def _gather(self, queue: SplitQueue, room: int) -> list[DescriptorChain]:
+        chains: list[DescriptorChain] = []
+        have = buffers = 0
+        while have < room:
+            chain = self._pop_writable(queue)
+            if chain is None:
+                break
+            if buffers + len(chain.writable) >= IOV_MAX:  # one iovec stays for the overflow
+                queue.undo_pop(1)
+                break
+            chains.append(chain)
+            have += chain.writable_len
+            buffers += len(chain.writable)
+            if not self._mergeable:
+                break
+        return chains
+
+    def _pop_writable(self, queue: SplitQueue) -> DescriptorChain | None:
+        """The next chain fit to receive into; broken ones are returned empty on the way."""
+        while True:
+            try:
+                chain = queue.pop()
+            except InvalidChain as e:
+                if e.head is None:
+                    raise
+                self.guest_log.info("bad chain", "rx chain %d: %s", e.head, e)
+                queue.add_used(e.head, 0)
+                continue
+            if chain is None:
+                return None
+            if chain.readable_len or chain.writable_len < HEADER_SIZE:
+                self.guest_log.info(
+                    "bad chain", "rx chain %d: %d readable bytes, %d writable", chain.head,
+                    chain.readable_len, chain.writable_len,
+                )  # fmt: skip
+                queue.add_used(chain.head, 0)
+                continue
+            return chain
+
+    def _complete(
+        self,
+        queue: SplitQueue,
+        chains: list[DescriptorChain],
+        views: list[memoryview],
+        length: int,
+    ) -> None:
+        """Publish a frame of `length` bytes (header included) read into `chains`' buffers:
+        num_buffers says how many it filled; the rest go back to the driver's pool."""
+        used: list[tuple[int, int]] = []
+        left = length
+        for chain in chains:
+            if left <= 0 and used:
+                break
+            part = min(left, chain.writable_len)
+            used.append((chain.head, part))
+            left -= part
+        queue.undo_pop(len(chains) - len(used))
+        _write_at(views, NUM_BUFFERS_AT, NUM_BUFFERS.pack(len(used)))
+        for head, part in used:
+            queue.add_used(head, part)
+
+    def close(self) -> None:
+        self.tap.close()
+
+
+def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write `data` at `offset` into the concatenation of `views` (a header may be split)."""
+    for view in views:
+        if offset >= len(view):
+            offset -= len(view)
+            continue
+        n = min(len(data), len(view) - offset)
+        view[offset : offset + n] = data[:n]
+        data = data[n:]
+        offset = 0
+        if not data:
+            return
