@@ -32,6 +32,7 @@ from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
 from pyvmm.native.helpers import HelperError
 from pyvmm.net.tap import TapError
+from pyvmm.net.vhost import VhostError
 from pyvmm.sandbox.seccomp import SeccompError
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ USER_ERRORS = (
     DeviceProcessError,
     SeccompError,
     TapError,
+    VhostError,
 )
 
 
@@ -137,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "configured by the caller; repeatable)",
     )
     run.add_argument(
+        "--net-vhost",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run the NICs' queues in the host kernel (vhost-net): where /dev/vhost-net can be "
+        "opened (auto, the default), always (on), or never: pyvmm's own device (off)",
+    )
+    run.add_argument(
         "-s",
         "--socket",
         metavar="PATH",
@@ -185,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         socket=args.socket,
         disks=tuple(sorted(args.disks, key=lambda d: not d.root)),
         nets=_nets(args),
+        net_vhost=args.net_vhost,
         sandbox=not args.disable_sandbox,
         seccomp_policy_dir=args.seccomp_policy_dir,
         seccomp_log_failures=args.seccomp_log_failures,

@@ -74,6 +74,8 @@ class VmConfig:
     socket: str | None = None
     disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
     nets: tuple[NetConfig, ...] = field(default_factory=tuple)
+    # vhost-net for the NICs: "auto" (where /dev/vhost-net can be opened), "on" or "off".
+    net_vhost: str = "auto"
     # Each virtio device in a process of its own (multiprocess mode), or a thread in this one.
     sandbox: bool = True
     # Where the devices' seccomp policies are; None: seccomp/<arch>/ in pyvmm's tree.

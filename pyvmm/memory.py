@@ -222,6 +222,15 @@ class GuestMemory:
                     return view[addr - start : end - start]
         raise GuestMemoryError(addr, length)
 
+    def host_address(self, addr: int, length: int) -> int:
+        """Where guest RAM [addr, addr+length) is in this process (for a kernel that reads it
+        directly: vhost); GuestMemoryError unless it lies within one RAM region."""
+        if addr >= 0 and length >= 0:
+            for region in self.ram_regions:
+                if region.guest_addr <= addr and addr + length <= region.end:
+                    return region.host_addr + addr - region.guest_addr
+        raise GuestMemoryError(addr, length)
+
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))
 

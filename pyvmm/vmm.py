@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import BinaryIO
 
@@ -30,6 +32,7 @@ from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.net import Net
 from pyvmm.devices.virtio.pci import VirtioPciDevice, plain_bar_sizes
 from pyvmm.devices.virtio.rng import Rng
+from pyvmm.devices.virtio.vhost_net import VhostNet
 from pyvmm.disk import Disk, open_disk
 from pyvmm.kvm import Kvm, Vcpu, Vm
 from pyvmm.kvm.abi import Cap
@@ -40,6 +43,7 @@ from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.net import parse_mac
 from pyvmm.net.host import configure as configure_host_side
 from pyvmm.net.tap import Tap
+from pyvmm.net.vhost import VHOST_NET_PATH, Vhost, VhostError, open_vhost_net
 from pyvmm.ratelimit import flush_all as flush_guest_logs
 from pyvmm.sandbox.seccomp import load_filter, policy_dir
 from pyvmm.terminal import StdinPump
@@ -70,24 +74,45 @@ def disk_name(index: int) -> str:
     return f"vd{letters}"
 
 
-# What each virtio device is backed by: a disk image, a TAP, or nothing (the rng).
-Backing = Disk | Tap | None
+@dataclass
+class Nic:
+    """A NIC's host side: its TAP, and /dev/vhost-net when the kernel runs its queues."""
+
+    tap: Tap
+    vhost_fd: int | None
+
+    def close(self) -> None:
+        self.tap.close()
+        if self.vhost_fd is not None:
+            os.close(self.vhost_fd)
+            self.vhost_fd = None
+
+
+# What each virtio device is backed by: a disk image, a NIC's TAP, or nothing (the rng).
+Backing = Disk | Nic | None
 
 
 def _device_kind(backing: Backing) -> str:
     """What a virtio device's process builds, and the name of its seccomp policy."""
-    if isinstance(backing, Tap):
-        return "net_device"
+    if isinstance(backing, Nic):
+        return "net_device" if backing.vhost_fd is None else "vhost_net_device"
     return "rng_device" if backing is None else "block_device"
 
 
 def _backend(name: str, backing: Backing, mac: bytes | None) -> VirtioDevice:
     """The device itself, for a device in this process."""
-    if isinstance(backing, Tap):
-        return Net(backing, name, mac)
+    if isinstance(backing, Nic):
+        if backing.vhost_fd is not None:
+            return VhostNet(backing.tap, Vhost(backing.vhost_fd), name, mac)
+        return Net(backing.tap, name, mac)
     if backing is None:
         return Rng()
     return Block(backing, name=name, serial=f"pyvmm-{name}")
+
+
+def _tap_spec(nic: Nic, mac: bytes | None) -> TapSpec:
+    tap = nic.tap
+    return TapSpec(tap.fd, tap.name, tap.created, mac.hex() if mac else None, nic.vhost_fd)
 
 
 class _VmControl:
@@ -208,11 +233,11 @@ class Vmm:
             self.vm.unregister_ioeventfd(fd, addr, notify_len)
 
         disks = self._open_disks()
-        taps = self._open_taps()
-        backings: list[Backing] = [*disks, *taps, None]
+        nics = self._open_nics()
+        backings: list[Backing] = [*disks, *nics, None]
         names = [
             *(disk_name(i) for i in range(len(disks))),
-            *(f"net{i}" for i in range(len(taps))),
+            *(f"net{i}" for i in range(len(nics))),
             "rng",
         ]
         macs = {f"net{i}": parse_mac(n.mac) for i, n in enumerate(self.config.nets) if n.mac}
@@ -280,11 +305,9 @@ class Vmm:
             ram=[(r.guest_addr, r.size) for r in self.mem.ram_regions],
             intx=(intx.gsi, intx.fd, intx.resample_fd),
             disk=None
-            if backing is None or isinstance(backing, Tap)
+            if backing is None or isinstance(backing, Nic)
             else DiskSpec(backing.fd, backing.path, backing.writable, f"pyvmm-{name}"),
-            tap=TapSpec(backing.fd, backing.name, backing.created, mac.hex() if mac else None)
-            if isinstance(backing, Tap)
-            else None,
+            tap=_tap_spec(backing, mac) if isinstance(backing, Nic) else None,
             policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
             jail=True,
@@ -297,23 +320,44 @@ class Vmm:
     def _open_disks(self) -> list[Disk]:
         return [open_disk(d.path, d.writable, d.flag) for d in self.config.disks]
 
-    def _open_taps(self) -> list[Tap]:
-        """Each NIC's TAP: made and given its host address, or the caller's, checked."""
-        taps: list[Tap] = []
+    def _open_nics(self) -> list[Nic]:
+        """Each NIC's TAP (made and given its host address, or the caller's, checked), and
+        /dev/vhost-net as --net-vhost asks."""
+        nics: list[Nic] = []
         try:
             for net in self.config.nets:
                 if net.tap_fd is not None:
-                    taps.append(Tap.from_fd(net.tap_fd))
-                    continue
-                assert net.host_ip is not None and net.netmask is not None
-                tap = Tap.create(net.flag)
-                taps.append(tap)
-                configure_host_side(tap.name, IPv4Address(net.host_ip), IPv4Address(net.netmask))
+                    tap = Tap.from_fd(net.tap_fd)
+                else:
+                    assert net.host_ip is not None and net.netmask is not None
+                    tap = Tap.create(net.flag)
+                nics.append(Nic(tap, None))
+                if net.tap_fd is None:
+                    host, mask = IPv4Address(net.host_ip), IPv4Address(net.netmask)
+                    configure_host_side(tap.name, host, mask)
+                nics[-1].vhost_fd = self._open_vhost()
         except BaseException:
-            for tap in taps:
-                tap.close()
+            for nic in nics:
+                nic.close()
             raise
-        return taps
+        return nics
+
+    def _open_vhost(self) -> int | None:
+        mode = self.config.net_vhost
+        if mode == "off":
+            return None
+        try:
+            fd = open_vhost_net(f"--net-vhost {mode}")
+        except VhostError as e:
+            if mode == "on":
+                raise
+            log.info("%s; NICs use pyvmm's own device", e)
+            return None
+        if fd is None and mode == "on":
+            raise VhostError(
+                f"--net-vhost on: {VHOST_NET_PATH} does not exist (load it: modprobe vhost_net)"
+            )
+        return fd
 
     def request_exit(self, exit: VmExit) -> None:
         """Record why the VM ends (first reason wins), stop the vCPUs at their next exit and

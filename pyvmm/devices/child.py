@@ -57,6 +57,7 @@ class TapSpec:
     name: str
     created: bool  # pyvmm made it (it goes away with the last fd)
     mac: str | None  # the guest's MAC as 12 hex digits; None: the driver picks one
+    vhost_fd: int | None = None  # /dev/vhost-net, when the kernel runs the queues
 
 
 @dataclass
@@ -64,7 +65,7 @@ class DeviceSpec:
     """What a device process is to be: the VMM writes it, the process reads it from argv."""
 
     name: str  # "vda", "net0", "rng": also what its log lines and errors say
-    kind: str  # "block_device", "net_device" or "rng_device": also its policy's name
+    kind: str  # "block_device", "net_device", ... "rng_device": also its policy's name
     parent_pid: int
     sock: int
     memfd: int
@@ -132,14 +133,21 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
             raise ValueError("a block device needs a disk")
         disk = RawDisk.from_fd(spec.disk.fd, spec.disk.path, spec.disk.writable)
         return Block(disk, name=spec.name, serial=spec.disk.serial)
-    if spec.kind == "net_device":
+    if spec.kind in ("net_device", "vhost_net_device"):
         from pyvmm.devices.virtio.net import Net
+        from pyvmm.devices.virtio.vhost_net import VhostNet
         from pyvmm.net.tap import Tap
+        from pyvmm.net.vhost import Vhost
 
         if spec.tap is None:
             raise ValueError("a net device needs a TAP")
         tap = Tap(spec.tap.fd, spec.tap.name, spec.tap.created)
-        return Net(tap, spec.name, bytes.fromhex(spec.tap.mac) if spec.tap.mac else None)
+        mac = bytes.fromhex(spec.tap.mac) if spec.tap.mac else None
+        if spec.kind == "net_device":
+            return Net(tap, spec.name, mac)
+        if spec.tap.vhost_fd is None:
+            raise ValueError("a vhost-net device needs /dev/vhost-net")
+        return VhostNet(tap, Vhost(spec.tap.vhost_fd), spec.name, mac)
     if spec.kind == "rng_device":
         from pyvmm.devices.virtio.rng import Rng
 

@@ -304,6 +304,8 @@ def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
         fds.append(spec.disk.fd)
     if spec.tap is not None:
         fds.append(spec.tap.fd)
+        if spec.tap.vhost_fd is not None:
+            fds.append(spec.tap.vhost_fd)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "pyvmm.devices.child", spec.to_json()],

@@ -29,6 +29,8 @@ INPUT_READY = b"GUEST input ready"
 DEFAULT_TIMEOUT = 180.0
 STACKS_SIGNAL = signal.SIGUSR2  # pyvmm dumps its threads' stacks on this (pyvmm/cli.py)
 STACK_DUMP_WAIT_S = 3.0
+# unshare execs the VMM in a new network namespace (so the VMM keeps its pid).
+NEW_NETNS = ["unshare", "--net", "--"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class BootSpec:
     on_line: dict[str, list[str]] = field(default_factory=dict)
     # Paths whose state is recorded just before the VMM starts and just after it exits.
     watch: list[str] = field(default_factory=list)
+    # Run the VMM, and the on_line commands, in a network namespace of their own (needs root):
+    # for boots that make TAPs, whose packets must stay there (DESIGN.md, "Tests that use the
+    # network").
+    netns: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,11 @@ def run_command(
     return CommandResult(marker, argv, proc.returncode, output, at_s, watched)
 
 
+def in_netns_of(pid: int, argv: list[str]) -> list[str]:
+    """`argv`, to be run in the network namespace of the process `pid`."""
+    return ["nsenter", f"--target={pid}", "--net", "--", *argv]
+
+
 def parse_checks(output: str) -> dict[str, list[str]]:
     checks: dict[str, list[str]] = {}
     for line in output.splitlines():
@@ -165,7 +176,8 @@ def run_boot(spec: BootSpec) -> BootResult:
     pending = {marker.encode(): (marker, argv) for marker, argv in spec.on_line.items()}
     commands: list[CommandResult] = []
     start = time.monotonic()
-    proc = subprocess.Popen(spec.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = [*NEW_NETNS, *spec.argv] if spec.netns else spec.argv
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     out = bytearray()
     err = bytearray()
@@ -193,6 +205,8 @@ def run_boot(spec: BootSpec) -> BootResult:
                 typed = True
             for key in [k for k in pending if k in out]:
                 marker, command = pending.pop(key)
+                if spec.netns:
+                    command = in_netns_of(proc.pid, command)
                 now = time.monotonic() - start
                 commands.append(run_command(marker, command, spec.timeout - now, now, spec.watch))
     finally:

@@ -33,7 +33,7 @@ GUEST_INIT = ROOT / "guest" / "linux" / "init"
 TESTVM_OVERHEAD_S = 180.0
 # Drivers the guest checks need that Debian builds as modules. ext4 asks for crc32c (its
 # checksums) through request_module, which finds no modprobe in the guest: load it ourselves.
-GUEST_MODULES = ["virtio_pci", "virtio_blk", "virtio_rng", "crc32c_generic", "ext4"]
+GUEST_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "crc32c_generic", "ext4"]
 # The guest root disk (-r): busybox, the same init, and a marker file that tells the init it runs
 # from the disk (see guest/linux/init).
 ROOT_IMAGE_FORMAT = b"pyvmm-guest-root-1"  # bump when the image layout changes

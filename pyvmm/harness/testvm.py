@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # What the test VM's init loads: virtio-pci and 9p for the shares, overlay to make the host's
 # tree writable (into a tmpfs), KVM for SVM guests, tun for network tests.
-TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun"]
+TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net"]
 HOSTROOT_TAG = "hostroot"
 SCRATCH_TAG = "scratch"
 QEMU = "qemu-system-x86_64"

@@ -129,6 +129,17 @@ EXTRA_CONSTANTS = {
     # virtio-net sets the TAP's offloads and header size when the driver starts the device.
     "TUNSETOFFLOAD": 0x400454D0,
     "TUNSETVNETHDRSZ": 0x400454D8,
+    # vhost-net's set-up when the driver starts the device (<linux/vhost.h>).
+    "VHOST_SET_OWNER": 0xAF01,
+    "VHOST_SET_FEATURES": 0x4008AF00,
+    "VHOST_SET_MEM_TABLE": 0x4008AF03,
+    "VHOST_SET_VRING_NUM": 0x4008AF10,
+    "VHOST_SET_VRING_ADDR": 0x4028AF11,
+    "VHOST_SET_VRING_BASE": 0x4008AF12,
+    "VHOST_GET_VRING_BASE": 0xC008AF12,
+    "VHOST_SET_VRING_KICK": 0x4008AF20,
+    "VHOST_SET_VRING_CALL": 0x4008AF21,
+    "VHOST_NET_SET_BACKEND": 0x4008AF30,
 }
 # Prefixes of the names taken from the standard library's modules (their values are this
 # machine's, as the C library's headers have them).

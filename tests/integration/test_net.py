@@ -240,3 +240,15 @@ def test_the_probe_talks_to_the_host_kernel(
     assert results["net-ping"][1] == "3 replies"
     assert results["net-udp"][1] == f"sent {count} received {count}"
     assert peer.received == set(range(count))
+
+
+def test_vhost_on_where_there_is_none_is_one_line(ns: Namespace, probe_elf: Path) -> None:
+    if os.path.exists("/dev/vhost-net"):
+        pytest.skip("this host has /dev/vhost-net")
+    r = run_pyvmm("run", *NET_FLAGS, "--net-vhost", "on", str(probe_elf), wrapper=ns.wrapper)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        "pyvmm: --net-vhost on: /dev/vhost-net does not exist (load it: modprobe vhost_net)"
+    ]
+    assert not _taps(ns)  # the TAP made before it is gone

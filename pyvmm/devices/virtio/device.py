@@ -132,6 +132,19 @@ class VirtioDevice(abc.ABC):
         timer), each with what to call when it is readable. Called once after `activate`."""
         return {}
 
+    def take_notifications(self, notify: dict[int, int]) -> bool:
+        """Offered after `activate`: the eventfds the driver's notifications arrive on, by queue.
+        A device whose queues a kernel backend runs (vhost) takes them and returns True; the
+        worker then leaves those queues alone. By default the worker keeps them."""
+        return False
+
+    def park(self) -> None:  # noqa: B027
+        """The worker is parking (the VM is being suspended): stop whatever runs the queues
+        outside the worker (a vhost backend) until `unpark`."""
+
+    def unpark(self) -> None:  # noqa: B027
+        """The worker goes on after `park`."""
+
     def has_work(self, index: int, queue: SplitQueue) -> bool:
         """Whether `process_queue` should run again at once (the worker's round left chains
         waiting). A queue of buffers the device fills when data comes (net receive) has none:

@@ -583,7 +583,13 @@ class VirtioPciDevice(PciDevice):
         self.interrupt.queue_vectors = {i: self.queues[i].msix_vector for i in active}
         queues = {index: queue for index, (queue, _) in active.items()}
         self.device.activate(self.mem, self.interrupt, queues, self.driver_features)
-        self._worker = QueueWorker(self.device, active, self.interrupt, self._worker_control)
+        notify = {index: fd for index, (_, fd) in active.items()}
+        kernel_runs_queues = self.device.take_notifications(notify)
+        watched: dict[int, tuple[SplitQueue, int | None]] = {
+            index: (queue, None if kernel_runs_queues else fd)
+            for index, (queue, fd) in active.items()
+        }
+        self._worker = QueueWorker(self.device, watched, self.interrupt, self._worker_control)
         self._worker.start()
 
     def _needs_reset(self) -> None:

@@ -38,11 +38,12 @@ class QueueWorker:
     def __init__(
         self,
         device: VirtioDevice,
-        queues: dict[int, tuple[SplitQueue, int]],
+        queues: dict[int, tuple[SplitQueue, int | None]],
         interrupt: DeviceInterrupt,
         control: int,
     ) -> None:
-        """`queues` maps queue index -> (queue, ioeventfd) of an activated `device`; its
+        """`queues` maps queue index -> (queue, ioeventfd, or None for a queue the device's
+        kernel backend watches itself) of an activated `device`; its
         `interrupt` is signalled for used buffers, and told once if the device breaks.
         `control` is an eventfd the worker is woken by (to stop or pause); the caller owns it
         and may give it to the next worker, so that a jailed device process, which can open no
@@ -109,17 +110,18 @@ class QueueWorker:
             self._interrupt.resample_fd: self._resample,
         }
         handlers.update(self.device.event_sources())
-        notify = {fd: index for index, (_, fd) in self.queues.items()}
+        notify = {fd: index for index, (_, fd) in self.queues.items() if fd is not None}
         for fd in (*handlers, *notify):
             poller.register(fd, select.POLLIN)
         resting: set[int] = set()  # sources whose handler asked to be left alone for now
         # Anything the driver queued before DRIVER_OK (or before a resume) is handled at once.
-        pending = set(self.queues)
+        watched = set(notify.values())
+        pending = set(watched)
         try:
             while not self._stopping:
                 if self._pause_requested:
                     self._park()
-                    pending.update(self.queues)
+                    pending.update(watched)
                     continue
                 more = {index for index in sorted(pending) if self._process(index)}
                 if pending and resting:
@@ -156,9 +158,11 @@ class QueueWorker:
         return True
 
     def _park(self) -> None:
+        self.device.park()
         self._paused.set()
         self._resume.wait()
         self._paused.clear()
+        self.device.unpark()
 
     def _process(self, index: int) -> bool:
         """One round on a queue: at most a queue's worth of chains, taken with guest

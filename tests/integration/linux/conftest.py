@@ -16,3 +16,25 @@ def warn_if_rerun(result: BootResult) -> None:
             f"boot {result.name} hung once and was run again:\n{result.hung_attempt}",
             stacklevel=2,
         )
+
+
+def completed(result: BootResult) -> None:
+    """The boot ran to its end and pyvmm exited 0 (rerun warnings and its log kept)."""
+    warn_if_rerun(result)
+    assert not result.timed_out, (
+        f"{result.name} timed out; output:\n{result.output[-3000:]}\n{result.stderr[-6000:]}"
+    )
+    assert result.returncode == 0, (
+        f"{result.name}: pyvmm exited {result.returncode}: {result.stderr.strip()}\n"
+        + result.output[-3000:]
+    )
+
+
+def guest_check(result: BootResult, name: str) -> str:
+    """The details of the guest's `GUEST <name> ok ...` line; fails on FAIL or no line."""
+    assert name in result.checks, f"{result.name}: no GUEST {name} line in:\n{result.output}"
+    status, details = result.checks[name]
+    assert status == "ok", (
+        f"{result.name}: GUEST {name} FAIL {details}\npyvmm's stderr: {result.stderr.strip()}"
+    )
+    return details

@@ -13,7 +13,7 @@ import pytest
 
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.linux import LinuxHarness
-from tests.integration.linux.conftest import warn_if_rerun
+from tests.integration.linux.conftest import completed
 
 MEM_MIB = 2048
 TOKEN = "pyvmm.token=7f3a9c"
@@ -78,17 +78,6 @@ def boots() -> Iterator[Boots]:
     yield {r.name: (r, (started, finished)) for r in results}
 
 
-def _completed(result: BootResult) -> None:
-    warn_if_rerun(result)
-    assert not result.timed_out, (
-        f"{result.name} timed out; output:\n{result.output[-3000:]}\n{result.stderr[-6000:]}"
-    )
-    assert result.returncode == 0, (
-        f"{result.name}: pyvmm exited {result.returncode}: {result.stderr.strip()}\n"
-        + result.output[-3000:]
-    )
-
-
 def _all_ok(result: BootResult, names: list[str]) -> None:
     for name in names:
         assert name in result.checks, f"{result.name}: no GUEST {name} line in:\n{result.output}"
@@ -100,7 +89,7 @@ def _all_ok(result: BootResult, names: list[str]) -> None:
 @pytest.mark.parametrize("name", ["bzimage-initrd-2cpu", "vmlinux-initrd-1cpu"])
 def test_kernel_boots_to_init_and_sees_the_machine(boots: Boots, name: str) -> None:
     result, (started, finished) = boots[name]
-    _completed(result)
+    completed(result)
     _all_ok(result, WITH_INITRD_CHECKS.split(","))
     cpus = 2 if "2cpu" in name else 1
     assert result.checks["cpus"][1].startswith(f"{cpus} online")
@@ -113,7 +102,7 @@ def test_kernel_boots_to_init_and_sees_the_machine(boots: Boots, name: str) -> N
 
 def test_kernel_command_line_carries_params(boots: Boots) -> None:
     result, _ = boots["bzimage-initrd-2cpu"]
-    _completed(result)
+    completed(result)
     cmdline = result.checks["cmdline"][1].split()
     assert TOKEN in cmdline
     assert "console=ttyS0" in cmdline
@@ -121,7 +110,7 @@ def test_kernel_command_line_carries_params(boots: Boots) -> None:
 
 def test_console_input_reaches_the_guest(boots: Boots) -> None:
     result, _ = boots["bzimage-initrd-2cpu"]
-    _completed(result)
+    completed(result)
     assert result.checks.get("input") == ["ok", TYPED]
 
 
@@ -129,5 +118,5 @@ def test_console_input_reaches_the_guest(boots: Boots) -> None:
 def test_kernel_without_initrd_boots_to_the_root_mount(boots: Boots, name: str) -> None:
     # No disks yet: the kernel gets as far as mounting a root and, with panic=1, resets.
     result, _ = boots[name]
-    _completed(result)
+    completed(result)
     assert VFS_PANIC in result.output

@@ -23,7 +23,7 @@ import pytest
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.kit import make_ext4
 from pyvmm.harness.linux import LinuxHarness, RootImage
-from tests.integration.linux.conftest import warn_if_rerun
+from tests.integration.linux.conftest import completed, guest_check
 
 MiB = 1 << 20
 MEM_MIB = 1024
@@ -195,44 +195,23 @@ def boots() -> Iterator[Boots]:
         )
 
 
-def _completed(result: BootResult) -> None:
-    warn_if_rerun(result)
-    assert not result.timed_out, (
-        f"{result.name} timed out; output:\n{result.output[-3000:]}\n{result.stderr[-6000:]}"
-    )
-    assert result.returncode == 0, (
-        f"{result.name}: pyvmm exited {result.returncode}: {result.stderr.strip()}\n"
-        + result.output[-3000:]
-    )
-
-
-def _check(result: BootResult, name: str) -> str:
-    """The details of the guest's `GUEST <name> ok ...` line; fails on FAIL or no line."""
-    assert name in result.checks, f"{result.name}: no GUEST {name} line in:\n{result.output}"
-    status, details = result.checks[name]
-    assert status == "ok", (
-        f"{result.name}: GUEST {name} FAIL {details}\npyvmm's stderr: {result.stderr.strip()}"
-    )
-    return details
-
-
 def test_disk_boot_runs_every_check_and_resets(boots: Boots) -> None:
     result = boots.disks
-    _completed(result)
+    completed(result)
     for name in DISK_CHECKS:
-        _check(result, name)
+        guest_check(result, name)
     assert "GUEST done" in result.output, f"init did not finish:\n{result.output[-3000:]}"
 
 
 def test_ext4_root_disk_is_mounted_read_only(boots: Boots) -> None:
-    details = _check(boots.disks, "root")
+    details = guest_check(boots.disks, "root")
     # The init found its own marker on /, i.e. it switched from the initramfs to the disk.
     assert details.startswith(f"/dev/vda ext4 ro marker={boots.files.root.token},"), details
     assert details.endswith("write refused: Read-only file system"), details
 
 
 def test_disks_are_named_in_command_line_order_with_their_sizes(boots: Boots) -> None:
-    details = _check(boots.disks, "disks")
+    details = guest_check(boots.disks, "disks")
     root_bytes = boots.files.root.size_mib * MiB
     assert details.split() == [
         f"vda:{root_bytes}:ro:pyvmm-vda",
@@ -243,7 +222,7 @@ def test_disks_are_named_in_command_line_order_with_their_sizes(boots: Boots) ->
 
 
 def test_guest_writes_to_rwdisk_reach_the_image(boots: Boots) -> None:
-    details = _check(boots.disks, "rwdisk")
+    details = guest_check(boots.disks, "rwdisk")
     want = hashlib.sha256(boots.files.source).hexdigest()
     assert details.split()[:2] == ["sha256", want], "the guest read back other data"
     data = boots.files.data
@@ -257,7 +236,7 @@ def test_guest_writes_to_rwdisk_reach_the_image(boots: Boots) -> None:
 
 
 def test_fstrim_gives_the_freed_blocks_back_to_the_host(boots: Boots) -> None:
-    details = _check(boots.disks, "trim")
+    details = guest_check(boots.disks, "trim")
     m = re.search(r"(\d+) bytes\)? trimmed", details)  # busybox: "/mnt: N bytes trimmed"
     assert m, details
     assert int(m.group(1)) >= MIN_TRIMMED, details
@@ -272,19 +251,19 @@ def test_fstrim_gives_the_freed_blocks_back_to_the_host(boots: Boots) -> None:
 
 
 def test_hwrng_gives_entropy_from_virtio_rng(boots: Boots) -> None:
-    assert _check(boots.disks, "hwrng").startswith("virtio_rng")
+    assert guest_check(boots.disks, "hwrng").startswith("virtio_rng")
 
 
 def test_kernel_log_is_clean_with_disks(boots: Boots) -> None:
-    _check(boots.disks, "dmesg")
+    guest_check(boots.disks, "dmesg")
 
 
 def test_pyvmm_stop_ends_the_vm_in_an_orderly_way(boots: Boots) -> None:
     result = boots.stop
-    _completed(result)
+    completed(result)
     assert STOP_MARKER in result.output, f"the guest never got ready:\n{result.output[-3000:]}"
     assert "GUEST done" not in result.output, "the guest ended by itself, not by pyvmm stop"
-    _check(result, "hwrng")  # with --disable-sandbox: virtio-rng as a thread
+    guest_check(result, "hwrng")  # with --disable-sandbox: virtio-rng as a thread
     [stop] = result.commands
     assert stop.returncode == 0, f"pyvmm stop exited {stop.returncode}: {stop.output}"
     assert stop.output == "", "pyvmm stop is silent on success"
@@ -303,9 +282,9 @@ def _intx_pins(details: str) -> dict[str, int]:
 
 def test_intx_boot_runs_every_check_and_resets(boots: Boots) -> None:
     result = boots.intx
-    _completed(result)
+    completed(result)
     for name in INTX_CHECKS:
-        _check(result, name)
+        guest_check(result, name)
     assert "GUEST done" in result.output, f"init did not finish:\n{result.output[-3000:]}"
 
 
@@ -315,7 +294,7 @@ def _intx_copies() -> list[tuple[str, str]]:
 
 
 def test_pci_nomsi_puts_the_virtio_devices_on_shared_intx_lines(boots: Boots) -> None:
-    details = _check(boots.intx, "intx")  # the guest checked: no MSI, level-triggered IO-APIC
+    details = guest_check(boots.intx, "intx")  # the guest checked: no MSI, level-triggered IO-APIC
     pins = _intx_pins(details)
     assert sorted(pins) == sorted(INTX_DEVICES), details
     assert all(16 <= pin <= 23 for pin in pins.values()), f"not PCI's IO-APIC pins: {details}"
@@ -327,7 +306,7 @@ def test_pci_nomsi_puts_the_virtio_devices_on_shared_intx_lines(boots: Boots) ->
 def test_sustained_io_on_shared_intx_lines_completes_and_reaches_the_images(
     boots: Boots,
 ) -> None:
-    details = _check(boots.intx, "intxio")  # FAIL says which I/O job stalled, and how
+    details = guest_check(boots.intx, "intxio")  # FAIL says which I/O job stalled, and how
     seeds = boots.intx_files.seeds
     sums = dict(re.findall(r"(\w+>\w+):([0-9a-f]{32})", details))
     assert sums == {
@@ -345,8 +324,8 @@ def test_sustained_io_on_shared_intx_lines_completes_and_reaches_the_images(
 
 
 def test_the_shared_intx_lines_carried_the_interrupts(boots: Boots) -> None:
-    pins = _intx_pins(_check(boots.intx, "intx"))
-    details = _check(boots.intx, "intxio")
+    pins = _intx_pins(guest_check(boots.intx, "intx"))
+    details = guest_check(boots.intx, "intxio")
     taken = {int(pin): int(n) for pin, n in re.findall(r"(\d+) [\w+]+ \+(\d+)", details)}
     for device in INTX_BUSY:
         assert taken.get(pins[device], 0) > 0, (

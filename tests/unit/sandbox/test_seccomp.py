@@ -148,7 +148,7 @@ def test_every_shipped_policy_compiles() -> None:
 def test_every_shipped_policy_names_real_system_calls_of_its_architecture(arch: str) -> None:
     directory = Path(seccomp.__file__).resolve().parents[2] / "seccomp" / arch
     policies = sorted(directory.glob("*.policy"))
-    devices = {"common_device", "block_device", "net_device", "rng_device"}
+    devices = {"common_device", "block_device", "net_device", "vhost_net_device", "rng_device"}
     assert {p.stem for p in policies} >= devices
     for path in policies:
         policy = load_policy(path, seccomp.constant, seccomp.errno_value)
@@ -177,5 +177,5 @@ def test_constants_match_the_system_headers(tmp_path: Path) -> None:
     ]
     facts += layout_facts(seccomp._ffi, ["seccomp_data", "seccomp_notif", "seccomp_notif_resp"])
     headers = ["seccomp.h", "linux/fcntl.h", "linux/futex.h", "linux/sched.h", "linux/falloc.h"]
-    headers += ["sys/ioctl.h", "linux/if_tun.h"]
+    headers += ["sys/ioctl.h", "linux/if_tun.h", "linux/vhost.h"]
     assert not mismatches(tmp_path, ["sys/prctl.h", *headers], facts)
