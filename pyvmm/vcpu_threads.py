@@ -194,6 +194,8 @@ class VcpuThreads:
             elif isinstance(ex, InterruptedExit):
                 continue
             elif isinstance(ex, ShutdownExit):
+                # A reset all the same (as on hardware), but not one the guest asked for: said.
+                log.warning("vCPU %d: triple fault: the guest resets", vcpu.id)
                 on_exit(VmExit(0, "guest reset (triple fault)"))
             elif isinstance(ex, SystemEventExit):
                 if ex.type == SYSTEM_EVENT_CRASH:

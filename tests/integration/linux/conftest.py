@@ -32,7 +32,10 @@ def completed(result: BootResult) -> None:
 
 def guest_check(result: BootResult, name: str) -> str:
     """The details of the guest's `GUEST <name> ok ...` line; fails on FAIL or no line."""
-    assert name in result.checks, f"{result.name}: no GUEST {name} line in:\n{result.output}"
+    assert name in result.checks, (
+        f"{result.name}: no GUEST {name} line in:\n{result.output}\n"
+        f"pyvmm's stderr: {result.stderr.strip()[-3000:]}"
+    )
     status, details = result.checks[name]
     assert status == "ok", (
         f"{result.name}: GUEST {name} FAIL {details}\npyvmm's stderr: {result.stderr.strip()}"
