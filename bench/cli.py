@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import native, nested
+from bench import net as netbench
 from bench.measure import Row, table
 from bench.vmms import PROBE, QEMU_MACHINE, ROOT, qemu_argv, qemu_available, qemu_version
 from pyvmm.harness.linux import cpuinfo
 
-GROUPS = ("startup", "exit", "blk", "linux")
+GROUPS = ("startup", "exit", "blk", "net", "linux")
 MiB = 1 << 20
 
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exits", type=int, default=100_000, help="port writes per exit run")
     parser.add_argument("--image-mib", type=int, default=1024, help="virtio-blk image size")
     parser.add_argument("--rand-mib", type=int, default=64, help="bytes read at random")
+    parser.add_argument(
+        "--net-count", type=int, default=netbench.DEFAULT_COUNT, help="datagrams per net case"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "latest.json")
     args = parser.parse_args(argv)
     only = [g.strip() for g in args.only.split(",") if g.strip()]
@@ -91,11 +95,17 @@ def main(argv: list[str] | None = None) -> int:
             if group in only:
                 disks = [Path("IMAGE")] if group == "blk" else []
                 commands[f"qemu {group}"] = shlex.join(qemu_argv(PROBE, params, disks=disks))
+        if "net" in only:
+            argv = qemu_argv(
+                PROBE, netbench.probe_params(args.net_count), extra=netbench.QEMU_NET_ARGS
+            )
+            commands["qemu net"] = shlex.join(["ip", "netns", "exec", "NS", *argv])
 
     benches: dict[str, Callable[[], list[Row]]] = {
         "startup": lambda: native.startup(args.runs, qemu),
         "exit": lambda: native.exits(args.runs, args.exits, qemu),
         "blk": lambda: native.blk(args.runs, args.image_mib * MiB, args.rand_mib * MiB, qemu),
+        "net": lambda: netbench.net(args.runs, args.net_count, qemu),
     }
     rows: list[Row] = []
     for group in only:
@@ -106,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             linux_rows, linux_commands = nested.run(args.runs)
             rows += linux_rows
             commands.update(linux_commands)
+            continue
+        if group == "net" and (why := netbench.unavailable()):
+            notes.append(why)
             continue
         print(f"bench: {group} ...", file=sys.stderr, flush=True)
         rows += benches[group]()

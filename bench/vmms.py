@@ -43,9 +43,11 @@ def pyvmm_argv(
     disks: Sequence[Path] = (),
     mem_mib: int = PROBE_MEM_MIB,
     sandbox: bool = True,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """pyvmm with its devices in processes of their own (the default), or as threads."""
-    argv = [sys.executable, "-m", "pyvmm", "run", "-m", str(mem_mib)]
+    """pyvmm with its devices in processes of their own (the default), or as threads; `extra`:
+    more flags (a NIC)."""
+    argv = [sys.executable, "-m", "pyvmm", "run", "-m", str(mem_mib), *extra]
     if not sandbox:
         argv.append("--disable-sandbox")
     for disk in disks:
@@ -56,15 +58,24 @@ def pyvmm_argv(
 
 
 def pyvmm_threads_argv(
-    kernel: Path, params: list[str], disks: Sequence[Path] = (), mem_mib: int = PROBE_MEM_MIB
+    kernel: Path,
+    params: list[str],
+    disks: Sequence[Path] = (),
+    mem_mib: int = PROBE_MEM_MIB,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """pyvmm --disable-sandbox: the devices as threads in the VMM process."""
-    return pyvmm_argv(kernel, params, disks, mem_mib, sandbox=False)
+    return pyvmm_argv(kernel, params, disks, mem_mib, sandbox=False, extra=extra)
 
 
 def qemu_argv(
-    kernel: Path, params: list[str], disks: Sequence[Path] = (), mem_mib: int = PROBE_MEM_MIB
+    kernel: Path,
+    params: list[str],
+    disks: Sequence[Path] = (),
+    mem_mib: int = PROBE_MEM_MIB,
+    extra: Sequence[str] = (),
 ) -> list[str]:
+    """QEMU with KVM booting `kernel` through its PVH note; `extra`: more arguments (a NIC)."""
     argv = [
         QEMU_BINARY, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", QEMU_MACHINE,
         "-m", str(mem_mib), "-nodefaults", "-display", "none", "-serial", "stdio",
@@ -72,7 +83,7 @@ def qemu_argv(
     ]  # fmt: skip
     for index, disk in enumerate(disks):
         argv += qemu_disk_args(disk, index)
-    return argv
+    return [*argv, *extra]
 
 
 def qemu_disk_args(disk: Path | str, index: int = 0) -> list[str]:

@@ -32,6 +32,7 @@ static const struct test tests[] = {
 	{ "blk-discard-bomb", test_blk_discard_bomb, false },
 	{ "spin", test_spin, false },
 	{ "blkbench", test_blkbench, false },
+	{ "netbench", test_netbench, false },
 };
 
 static void run_test(const struct test *t)

@@ -1,5 +1,6 @@
 /* virtio-net driver and frame helpers (see lib/virtio_net.h). */
 #include "lib/virtio_net.h"
+#include "lib/boot.h"
 #include "lib/clock.h"
 #include "lib/io.h"
 #include "lib/util.h"
@@ -299,6 +300,42 @@ bool vnet_arp_resolve(struct vnet *n, uint32_t ip, uint8_t *mac, uint64_t timeou
 	return false;
 }
 
+/* ---- Transmitting without waiting (benchmarks) ---- */
+
+bool vnet_tx_fill(struct vnet *n, const void *frame, uint32_t len)
+{
+	if (len > VNET_TX_BUF_SIZE - VNET_HDR_LEN) {
+		snprintf(why, sizeof(why), "a %u-byte frame is over the %lu-byte transmit buffer",
+			 len, VNET_TX_BUF_SIZE - VNET_HDR_LEN);
+		n->dev->error = why;
+		return false;
+	}
+	for (unsigned i = 0; i < VNET_TX_SLOTS; i++) {
+		memset(n->tx_buf[i], 0, VNET_HDR_LEN);	/* flags 0: the checksums are complete */
+		memcpy(n->tx_buf[i] + VNET_HDR_LEN, frame, len);
+	}
+	return true;
+}
+
+bool vnet_tx_post(struct vnet *n, uint32_t len)
+{
+	struct vbuf b;
+	uint8_t *buf;
+
+	if (!n->tx_nfree)
+		return false;
+	buf = n->tx_buf[n->tx_free[--n->tx_nfree]];
+	b = (struct vbuf){ (uint64_t)buf, VNET_HDR_LEN + len, false };
+	virtq_add(&n->tx, &b, 1, buf);
+	n->tx_frames++;
+	return true;
+}
+
+bool vnet_tx_reclaim(struct vnet *n)
+{
+	return tx_reclaim(n);
+}
+
 /* ---- Byte order and the Internet checksum ---- */
 
 uint32_t csum_add(uint32_t sum, const void *data, size_t len)
@@ -530,4 +567,28 @@ bool udp_parse(const struct ipv4_info *ip, struct udp_info *out)
 	out->data = ip->payload + UDP_HLEN;
 	out->len = len - UDP_HLEN;
 	return true;
+}
+
+/* ---- The probe.net.* parameters the network tests share ---- */
+
+const char *vnet_read_params(struct vnet_params *p)
+{
+	const char *value;
+	size_t len;
+
+	*p = (struct vnet_params){ VNET_DEFAULT_IP, VNET_DEFAULT_HOST, VNET_DEFAULT_PORT, 0 };
+	if (cmdline_find("probe.net.ip", &value, &len) && !parse_ipv4(value, len, &p->ip))
+		return "probe.net.ip is not an address A.B.C.D";
+	if (cmdline_find("probe.net.host", &value, &len) && !parse_ipv4(value, len, &p->host))
+		return "probe.net.host is not an address A.B.C.D";
+	if (cmdline_find("probe.net.port", &value, &len) &&
+	    !(parse_u64(value, len, &p->port) && p->port && p->port <= VNET_MAX_PORT)) {
+		snprintf(why, sizeof(why), "probe.net.port is not a number from 1 to %u",
+			 VNET_MAX_PORT);
+		return why;
+	}
+	if (cmdline_find("probe.net.mrg", &value, &len) &&
+	    !(parse_u64(value, len, &p->mrg) && p->mrg <= 1))
+		return "probe.net.mrg is not 0 or 1";
+	return NULL;
 }

@@ -105,6 +105,19 @@ int vnet_recv(struct vnet *n, void *frame, uint32_t size, uint64_t timeout_ms);
 /* ARP for `ip` (the request repeated every second) until the reply: its sender's MAC. */
 bool vnet_arp_resolve(struct vnet *n, uint32_t ip, uint8_t *mac, uint64_t timeout_ms);
 
+/* ---- Transmitting without waiting (benchmarks) ---- */
+
+/* Write a virtio-net header and `frame` into every transmit slot, to be sent again and again by
+ * vnet_tx_post (all slots must be free: right after vnet_open, or once all came back). false
+ * (error set) if it is too long. */
+bool vnet_tx_fill(struct vnet *n, const void *frame, uint32_t len);
+/* Make a free slot, as vnet_tx_fill left it (len bytes of frame), available without a kick;
+ * false if no slot is free. */
+bool vnet_tx_post(struct vnet *n, uint32_t len);
+/* Take back the slots of every frame the device is done with (into n->tx_nfree); false (error
+ * set) if the device returned one that was not outstanding. */
+bool vnet_tx_reclaim(struct vnet *n);
+
 /* ---- Byte order and the Internet checksum ---- */
 
 static inline uint16_t htons(uint16_t x)
@@ -226,5 +239,23 @@ bool arp_parse(const uint8_t *frame, size_t len, struct arp_info *out);
 bool ipv4_parse(const uint8_t *frame, size_t len, struct ipv4_info *out);
 bool icmp_echo_parse(const struct ipv4_info *ip, struct icmp_echo_info *out);
 bool udp_parse(const struct ipv4_info *ip, struct udp_info *out);
+
+/* ---- The probe.net.* parameters the network tests share ---- */
+
+#define VNET_IPV4(a, b, c, d) ((uint32_t)(a) << 24 | (b) << 16 | (c) << 8 | (d))
+#define VNET_DEFAULT_IP VNET_IPV4(192, 0, 2, 2)
+#define VNET_DEFAULT_HOST VNET_IPV4(192, 0, 2, 1)
+#define VNET_DEFAULT_PORT 5555
+#define VNET_MAX_PORT 65534		/* port + 1 is the guest's */
+
+struct vnet_params {
+	uint32_t ip, host;		/* the guest's and the host's addresses (host order) */
+	uint64_t port;			/* the host's UDP port; the guest's is port + 1 */
+	uint64_t mrg;			/* negotiate VIRTIO_NET_F_MRG_RXBUF */
+};
+
+/* probe.net.ip, probe.net.host, probe.net.port and probe.net.mrg (or their defaults) into p:
+ * NULL, or why not (one is malformed). */
+const char *vnet_read_params(struct vnet_params *p);
 
 #endif

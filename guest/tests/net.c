@@ -31,12 +31,7 @@
 #include "lib/virtio_net.h"
 #include "tests/tests.h"
 
-#define IPV4(a, b, c, d) ((uint32_t)(a) << 24 | (b) << 16 | (c) << 8 | (d))
-#define DEFAULT_IP IPV4(192, 0, 2, 2)
-#define DEFAULT_HOST IPV4(192, 0, 2, 1)
-#define DEFAULT_PORT 5555
 #define DEFAULT_COUNT 1000
-#define MAX_PORT 65534			/* port + 1 is the guest's */
 #define MAX_COUNT (1u << 20)
 #define ARP_TIMEOUT_MS 5000
 #define POLL_MS 50
@@ -53,44 +48,26 @@
 #define SHORT_LEN 4
 #define HOSTILE_CASES 5
 
-struct net_params {
-	uint32_t ip, host;
-	uint64_t port, count, mrg;
-};
-
 static struct vnet net;
 static struct virtio_dev *dev;
-static struct net_params params;
+static struct vnet_params params;
+static uint64_t count;			/* probe.net.count */
 static struct net_ends ends;		/* guest to host */
 static uint8_t frame[ETH_FRAME_MAX];
 static uint8_t seen[MAX_COUNT / 8];
 
-/* The probe.net.* parameters into params; false (reported) if one is malformed. */
+/* The probe.net.* parameters into params and count; false (reported) if one is malformed. */
 static bool read_params(void)
 {
-	const char *value;
+	const char *value, *why = vnet_read_params(&params);
 	size_t len;
 
-	params = (struct net_params){ DEFAULT_IP, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_COUNT, 0 };
-	if (cmdline_find("probe.net.ip", &value, &len) &&
-	    !report(parse_ipv4(value, len, &params.ip), "probe.net.ip is not an address A.B.C.D"))
+	if (!report(!why, "%s", why))
 		return false;
-	if (cmdline_find("probe.net.host", &value, &len) &&
-	    !report(parse_ipv4(value, len, &params.host),
-		    "probe.net.host is not an address A.B.C.D"))
-		return false;
-	if (cmdline_find("probe.net.port", &value, &len) &&
-	    !report(parse_u64(value, len, &params.port) && params.port && params.port <= MAX_PORT,
-		    "probe.net.port is not a number from 1 to %u", MAX_PORT))
-		return false;
+	count = DEFAULT_COUNT;
 	if (cmdline_find("probe.net.count", &value, &len) &&
-	    !report(parse_u64(value, len, &params.count) && params.count &&
-		    params.count <= MAX_COUNT, "probe.net.count is not a number from 1 to %u",
-		    MAX_COUNT))
-		return false;
-	if (cmdline_find("probe.net.mrg", &value, &len) &&
-	    !report(parse_u64(value, len, &params.mrg) && params.mrg <= 1,
-		    "probe.net.mrg is not 0 or 1"))
+	    !report(parse_u64(value, len, &count) && count && count <= MAX_COUNT,
+		    "probe.net.count is not a number from 1 to %u", MAX_COUNT))
 		return false;
 	return true;
 }
@@ -201,7 +178,7 @@ static bool udp_send_all(void)
 {
 	uint8_t payload[UDP_PAYLOAD];
 
-	for (uint32_t seq = 0; seq < params.count; seq++) {
+	for (uint32_t seq = 0; seq < count; seq++) {
 		payload[0] = seq >> 24;
 		payload[1] = seq >> 16;
 		payload[2] = seq >> 8;
@@ -226,7 +203,7 @@ static int64_t udp_receive_all(void)
 	struct udp_info udp;
 
 	memset(seen, 0, sizeof(seen));
-	while (received < params.count && !expired(idle)) {
+	while (received < count && !expired(idle)) {
 		int len = vnet_recv(&net, frame, sizeof(frame), POLL_MS);
 		uint32_t seq;
 
@@ -240,8 +217,8 @@ static int64_t udp_receive_all(void)
 			return -1;
 		seq = (uint32_t)udp.data[0] << 24 | udp.data[1] << 16 | udp.data[2] << 8 |
 		      udp.data[3];
-		if (!report(seq < params.count, "sequence number %u is not below the count %lu",
-			    seq, params.count))
+		if (!report(seq < count, "sequence number %u is not below the count %lu",
+			    seq, count))
 			return -1;
 		if (!(seen[seq / 8] & 1 << seq % 8)) {
 			seen[seq / 8] |= 1 << seq % 8;
@@ -261,10 +238,10 @@ void test_net_udp(void)
 	received = udp_receive_all();
 	if (received < 0)
 		goto out;
-	report(received == (int64_t)params.count, "received %lu of %lu datagrams (none new for "
-	       "%u ms)", received, params.count, UDP_IDLE_MS);
+	report(received == (int64_t)count, "received %lu of %lu datagrams (none new for "
+	       "%u ms)", received, count, UDP_IDLE_MS);
 	check_merged();
-	report_details("sent %lu received %lu", params.count, received);
+	report_details("sent %lu received %lu", count, received);
 out:
 	net_stop();
 }

@@ -23,5 +23,6 @@ void test_net_udp(void);
 void test_net_hostile(void);
 void test_spin(void);
 void test_blkbench(void);
+void test_netbench(void);
 
 #endif

@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.integration.netns import namespaces_work
+
 ROOT = Path(__file__).resolve().parents[2]
+NET_CASES = ["guest to host, 64 B", "guest to host, 1,400 B", "host to guest, 64 B",
+             "host to guest, 1,400 B"]  # fmt: skip
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +52,31 @@ def test_startup_and_exit_rows_for_both_vmms(tmp_path: Path) -> None:
         assert "qemu startup: qemu-system-x86_64 -enable-kvm" in proc.stdout
     else:
         assert any("pyvmm-only" in note for note in report["notes"])
+
+
+def test_net_rows_for_both_vmms(tmp_path: Path) -> None:
+    # Each case's rate is taken between its first and last datagram and its CPU between two
+    # lines of the guest's output, so a few thousand datagrams give every row a figure.
+    why = namespaces_work()
+    if why:
+        pytest.skip(why)
+    out = tmp_path / "bench.json"
+    proc = bench("--runs", "1", "--only", "net", "--net-count", "5000", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {
+        name
+        for case in NET_CASES
+        for name in (f"UDP {case}", f"VMM CPU, {case}", f"arrived of sent, {case}")
+    }
+    assert all(r["group"] == "net" for r in rows.values())
+    assert all(r["pyvmm"] > 0 and r["threads"] > 0 for r in rows.values()), rows
+    if shutil.which("qemu-system-x86_64"):
+        assert all(r["qemu"] > 0 and r["ratio"] > 0 for r in rows.values()), rows
+        assert "qemu net: ip netns exec NS qemu-system-x86_64 -enable-kvm" in proc.stdout
+        assert "vhost=off" in proc.stdout
+    assert "| net: UDP guest to host, 64 B " in proc.stdout
 
 
 def test_an_unknown_benchmark_is_one_line_naming_it() -> None:
