@@ -5,27 +5,23 @@ packets, with the probe's `netbench` under pyvmm (processes and threads) and QEM
 
 Every VM runs in a network namespace made for it (`ip netns add`, deleted after), under `ip netns
 exec`; the host's sockets are opened, and its netlink requests made, on threads that have entered
-it (pyroute2's `netns.pushns`: setns is per thread; its NetNS and netns.create would fork this
-threaded process). Nothing touches the host's own network.
+it (pyvmm.harness.netns). Nothing touches the host's own network.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
 import queue
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.measure import PYVMM, QEMU, THREADS, Row, interleave
 from bench.native import ArgvFor, run_vmm, tree_cpu_s
 from bench.vmms import PROBE, pyvmm_argv, pyvmm_threads_argv, qemu_argv
+from pyvmm.harness import netns
 
 HOST_IP, NETMASK, PREFIX_LEN = "192.0.2.1", "255.255.255.0", 24
 GUEST_IP = "192.0.2.2"  # the probe's default probe.net.ip
@@ -62,27 +58,6 @@ IFF_LOWER_UP = 0x10000  # the carrier: the TAP's reader has it open
 NUD_PERMANENT = 0x80
 US = 1e-6
 DEFAULT_COUNT = 30000  # datagrams per case: ~0.5 to 1.5 s each here
-
-_numbers = itertools.count()
-
-
-@contextlib.contextmanager
-def namespace() -> Iterator[str]:
-    """A fresh network namespace with its loopback up, deleted afterwards with all it holds."""
-    name = f"pyvmm-bench-{os.getpid()}-{next(_numbers)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def enter(name: str) -> None:
-    """Move the calling thread (only) into namespace `name`."""
-    from pyroute2 import netns  # ~0.4 s to import: only when the net group runs
-
-    netns.pushns(name)
 
 
 def tap_counters(tap: str) -> tuple[int, int]:
@@ -149,7 +124,7 @@ class Peer:
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
-                enter(self.ns)
+                netns.enter(self.ns)
                 fn()
             except BaseException as e:  # handed to close()
                 self.errors.append(e)
@@ -273,7 +248,7 @@ def measure(
     """One boot running every case of CASES: per case, packets per second, the VMM's CPU
     seconds per million packets, and the share of the datagrams sent that arrived (%)."""
     params = probe_params(count)
-    with namespace() as ns:
+    with netns.network_namespace("pyvmm-bench") as ns:
         peer = Peer(ns, tap, configure, count)
         peer.start()
         try:
@@ -308,11 +283,8 @@ def measure(
 
 def unavailable() -> str | None:
     """Why the net group cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "net: skipped, it needs root (network namespaces, TAPs)"
-    if not os.path.exists("/dev/net/tun"):
-        return "net: skipped, no /dev/net/tun"
-    return None
+    why = netns.unavailable()
+    return f"net: skipped, {why}" if why else None
 
 
 def net(runs: int, count: int, qemu: bool) -> list[Row]:

@@ -1,22 +1,19 @@
-"""Network namespaces for tests that move packets: every test that makes a TAP or sends a frame
-does it in a namespace of its own (DESIGN.md), made here and removed with all it holds."""
+"""A network namespace for each test that moves packets (pyvmm.harness.netns), with what the
+tests ask of it: its interfaces, a UDP socket in it, a command prefix to run inside it."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
 import socket
-import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
+
+from pyvmm.harness import netns
 
 T = TypeVar("T")
-_numbers = itertools.count()
 IP_FREEBIND = 15  # <linux/in.h>; not in Python's socket module
 
 
@@ -32,24 +29,8 @@ class Namespace:
         return ["ip", "netns", "exec", self.name]
 
     def inside(self, fn: Callable[[], T]) -> T:
-        """Call `fn` on a thread that has entered the namespace (setns is per thread), so that
-        the sockets and TAPs it opens belong there; the calling thread stays where it is."""
-        result: list[T] = []
-        error: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                netns.pushns(self.name)
-                result.append(fn())
-            except BaseException as e:  # handed back to the caller
-                error.append(e)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-        if error:
-            raise error[0]
-        return result[0]
+        """Call `fn` on a thread inside the namespace (see pyvmm.harness.netns.call_inside)."""
+        return netns.call_inside(self.name, fn)
 
     def udp_socket(self, address: str, port: int) -> socket.socket:
         def make() -> socket.socket:
@@ -84,26 +65,11 @@ class Namespace:
         return self.inside(read)
 
 
-def namespaces_work() -> str | None:
-    """Why network namespaces cannot be made here, or None."""
-    if os.geteuid() != 0:
-        return "network namespaces need root (CAP_SYS_ADMIN and CAP_NET_ADMIN)"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun"
-    return None
-
-
 @contextlib.contextmanager
 def network_namespace() -> Iterator[Namespace]:
     """A fresh namespace, deleted afterwards (with every interface still in it)."""
-    why = namespaces_work()
+    why = netns.unavailable()
     if why:
         pytest.skip(why)
-    name = f"pyvmm-test-{os.getpid()}-{next(_numbers)}"
-    # `ip`, not pyroute2's netns.create, which forks this (threaded) process to make it.
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with netns.network_namespace("pyvmm-test") as name:
         yield Namespace(name)
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netns import namespaces_work
+from pyvmm.harness import netns
 
 ROOT = Path(__file__).resolve().parents[2]
 NET_CASES = ["guest to host, 64 B", "guest to host, 1,400 B", "host to guest, 64 B",
@@ -57,7 +57,7 @@ def test_startup_and_exit_rows_for_both_vmms(tmp_path: Path) -> None:
 def test_net_rows_for_both_vmms(tmp_path: Path) -> None:
     # Each case's rate is taken between its first and last datagram and its CPU between two
     # lines of the guest's output, so a few thousand datagrams give every row a figure.
-    why = namespaces_work()
+    why = netns.unavailable()
     if why:
         pytest.skip(why)
     out = tmp_path / "bench.json"
