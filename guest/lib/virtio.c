@@ -5,6 +5,9 @@
 #include "lib/io.h"
 #include "lib/util.h"
 
+/* How often virtq_await_outcome reads the device status (an MMIO exit each time). */
+#define OUTCOME_STATUS_POLL_MS 2
+
 #define RESET_TIMEOUT_MS 1000
 #define MSIX_CONTROL 2
 #define MSIX_TABLE 4
@@ -533,4 +536,25 @@ bool virtq_wait(struct virtq *vq, void **token, uint32_t *len, uint64_t timeout_
 		cpu_relax();
 	}
 	return true;
+}
+
+const char *virtq_await_outcome(struct virtq *vq, struct virtio_dev *dev, uint64_t timeout_ms,
+				uint8_t *dev_status)
+{
+	uint64_t deadline = deadline_ms(timeout_ms), next_status = 0;
+
+	*dev_status = 0;
+	for (;;) {
+		if (virtq_has_used(vq))
+			return "used";
+		if (expired(next_status)) {
+			*dev_status = virtio_get_status(dev);
+			if (*dev_status & VIRTIO_STATUS_NEEDS_RESET)
+				return "reset";
+			next_status = deadline_ms(OUTCOME_STATUS_POLL_MS);
+		}
+		if (expired(deadline))
+			return "none";
+		cpu_relax();
+	}
 }

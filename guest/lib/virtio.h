@@ -217,6 +217,11 @@ bool virtq_has_used(struct virtq *vq);
 bool virtq_poll(struct virtq *vq, void **token, uint32_t *len);
 /* The ring indices as text (for failure messages): avail, kicked, used, consumed, events.
  * It reads the device status, an MMIO exit: compute it only once something has failed. */
+/* How a device answered what a test expects it to refuse: "used" (an entry on vq's used ring),
+ * "reset" (DEVICE_NEEDS_RESET in dev's status, read every few ms) or "none" after timeout_ms.
+ * *dev_status gets the last status read. */
+const char *virtq_await_outcome(struct virtq *vq, struct virtio_dev *dev, uint64_t timeout_ms,
+				uint8_t *dev_status);
 const char *virtq_state(struct virtq *vq);
 /* virtq_poll, waiting at most timeout_ms. */
 bool virtq_wait(struct virtq *vq, void **token, uint32_t *len, uint64_t timeout_ms);

@@ -43,7 +43,6 @@
 #define UDP_SEQ_LEN 4
 #define UDP_IDLE_MS 10000
 #define CASE_TIMEOUT_MS 1000
-#define STATUS_POLL_MS 2
 #define OUTSIDE_RAM (1ULL << 40)	/* 1 TiB */
 #define SHORT_LEN 4
 #define HOSTILE_CASES 5
@@ -291,8 +290,7 @@ static struct virtq *build_case(int n)
 static const char *run_case(int n, const char **how)
 {
 	static char why[160];
-	uint64_t deadline = deadline_ms(CASE_TIMEOUT_MS), next_status = 0;
-	uint8_t dev_status = 0;
+	uint8_t dev_status;
 	struct virtq *vq;
 
 	*how = "none";
@@ -302,33 +300,20 @@ static const char *run_case(int n, const char **how)
 		return why;
 	}
 	vq = build_case(n);
-	for (;;) {
-		if (virtq_has_used(vq)) {
-			struct virtq_used_elem e = vq->used->ring[vq->last_used % vq->size];
+	*how = virtq_await_outcome(vq, dev, CASE_TIMEOUT_MS, &dev_status);
+	if ((*how)[0] == 'u') {
+		struct virtq_used_elem e = vq->used->ring[vq->last_used % vq->size];
 
-			*how = "used";
-			if (e.id != 0 || e.len != 0) {
-				snprintf(why, sizeof(why), "case %d (%s): used id %u length %u, "
-					 "expected id 0 length 0", n, case_names[n], e.id, e.len);
-				return why;
-			}
-			break;
-		}
-		if (expired(next_status)) {
-			dev_status = virtio_get_status(dev);
-			if (dev_status & VIRTIO_STATUS_NEEDS_RESET) {
-				*how = "reset";
-				break;
-			}
-			next_status = deadline_ms(STATUS_POLL_MS);
-		}
-		if (expired(deadline)) {
-			snprintf(why, sizeof(why), "case %d (%s): neither a used entry nor "
-				 "DEVICE_NEEDS_RESET within %u ms (device status 0x%02x)", n,
-				 case_names[n], CASE_TIMEOUT_MS, dev_status);
+		if (e.id != 0 || e.len != 0) {
+			snprintf(why, sizeof(why), "case %d (%s): used id %u length %u, "
+				 "expected id 0 length 0", n, case_names[n], e.id, e.len);
 			return why;
 		}
-		cpu_relax();
+	} else if ((*how)[0] == 'n') {
+		snprintf(why, sizeof(why), "case %d (%s): neither a used entry nor "
+			 "DEVICE_NEEDS_RESET within %u ms (device status 0x%02x)", n,
+			 case_names[n], CASE_TIMEOUT_MS, dev_status);
+		return why;
 	}
 	if (!vnet_open(&net, dev, params.ip, params.mrg)) {
 		snprintf(why, sizeof(why), "case %d (%s): set-up after reset failed: %s", n,

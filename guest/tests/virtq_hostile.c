@@ -13,7 +13,6 @@
 #include "tests/tests.h"
 
 #define CASE_TIMEOUT_MS 1000
-#define STATUS_POLL_MS 2
 #define OUTSIDE_RAM 0x7ffffffff000ULL
 #define HUGE_LEN 0xffffffffu
 #define STATUS_UNTOUCHED 0xaa	/* neither OK (0) nor anything a device writes by default */
@@ -93,31 +92,15 @@ static uint8_t *build_case(int n)
 static const char *run_case(int n, const char **how)
 {
 	static char why[160];
-	uint8_t *reachable = build_case(n), dev_status = 0;
-	uint64_t deadline = deadline_ms(CASE_TIMEOUT_MS), next_status = 0;
+	uint8_t *reachable = build_case(n), dev_status;
 	int rc;
 
-	*how = "none";
-	for (;;) {
-		if (virtq_has_used(&blk.vq)) {
-			*how = "used";
-			break;
-		}
-		if (expired(next_status)) {
-			dev_status = virtio_get_status(blk.dev);
-			if (dev_status & VIRTIO_STATUS_NEEDS_RESET) {
-				*how = "reset";
-				break;
-			}
-			next_status = deadline_ms(STATUS_POLL_MS);
-		}
-		if (expired(deadline)) {
-			snprintf(why, sizeof(why), "case %d (%s): neither a used entry nor "
-				 "DEVICE_NEEDS_RESET within %u ms (device status 0x%02x)", n,
-				 case_names[n], CASE_TIMEOUT_MS, dev_status);
-			return why;
-		}
-		cpu_relax();
+	*how = virtq_await_outcome(&blk.vq, blk.dev, CASE_TIMEOUT_MS, &dev_status);
+	if ((*how)[0] == 'n') {
+		snprintf(why, sizeof(why), "case %d (%s): neither a used entry nor "
+			 "DEVICE_NEEDS_RESET within %u ms (device status 0x%02x)", n,
+			 case_names[n], CASE_TIMEOUT_MS, dev_status);
+		return why;
 	}
 	if ((*how)[0] == 'u' && reachable && READ_ONCE(*reachable) == VIRTIO_BLK_S_OK) {
 		snprintf(why, sizeof(why), "case %d (%s): returned with status OK", n,

@@ -17,7 +17,6 @@
 #include "tests/tests.h"
 
 #define OUTCOME_TIMEOUT_MS 1000
-#define STATUS_POLL_MS 2
 #define AVAIL_OFFSET 2		/* avail ring at area.avail + 2: 2-aligned, not 4-aligned */
 #define USED_AFTER_AVAIL 2	/* used ring at avail + 2 (4-aligned): its flags on avail.idx */
 
@@ -48,29 +47,6 @@ static bool open_overlapped(struct virtio_dev *v)
 	return true;
 }
 
-/* Wait for DEVICE_NEEDS_RESET or a used entry; "reset", "used" or "none" (timed out). The
- * request's head is 0 and used.idx is avail.ring[0], which we set to that head: it only
- * changes if the device writes a used entry. */
-static const char *await_outcome(uint8_t *dev_status)
-{
-	uint64_t deadline = deadline_ms(OUTCOME_TIMEOUT_MS), next_status = 0;
-
-	*dev_status = 0;
-	for (;;) {
-		if (virtq_has_used(&blk.vq))
-			return "used";
-		if (expired(next_status)) {
-			*dev_status = virtio_get_status(blk.dev);
-			if (*dev_status & VIRTIO_STATUS_NEEDS_RESET)
-				return "reset";
-			next_status = deadline_ms(STATUS_POLL_MS);
-		}
-		if (expired(deadline))
-			return "none";
-		cpu_relax();
-	}
-}
-
 void test_virtq_overlap(void)
 {
 	struct virtio_dev *v = vblk_find(VBLK_LAST);
@@ -89,7 +65,9 @@ void test_virtq_overlap(void)
 		    "the request did not get head 0"))
 		return;
 	virtq_notify(&blk.vq);
-	outcome = await_outcome(&dev_status);
+	/* The request's head is 0 and used.idx is avail.ring[0], which we set to that head: it
+	 * only changes if the device writes a used entry. */
+	outcome = virtq_await_outcome(&blk.vq, blk.dev, OUTCOME_TIMEOUT_MS, &dev_status);
 	if (outcome[0] == 'u')
 		report(false, "device accepted overlapping rings (used.idx %u, status 0x%02x)",
 		       READ_ONCE(blk.vq.used->idx), virtio_get_status(v));
