@@ -43,6 +43,7 @@ DECLARING_MODULES = [
     "pyvmm.net.vhost",
     "pyvmm.devices.virtio.pci",
     "pyvmm.native.fences",
+    "pyvmm.native.virtq",
     "pyvmm.sandbox.seccomp",
     "pyvmm.sandbox.jail",
 ]

@@ -6,6 +6,9 @@ number ever becomes a host pointer unchecked. Device processes (multiprocess mod
 will map the same memfd (a `GuestMemory` built from it), so the data a device writes is the
 data the guest sees, with no copies. Besides RAM, a file can be mapped into guest-physical
 memory (pmem): such a region is not RAM (not in the e820 map) and may be read-only.
+
+The compiled virtqueue walker (pyvmm/native/virtq.c) checks guest addresses against the same
+regions, through `GuestMemory.native`: a table of them that pins their mappings while in use.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm.kvm.abi import ffi
+from pyvmm.native import virtq
 
 PAGE_SIZE = 4096
 # The most guest RAM pyvmm maps, in MiB (what -m/--mem accepts). Guest RAM above 4 GiB is not
@@ -150,6 +154,8 @@ class GuestMemory:
         self._views: list[memoryview] = []
         # (start, end, view) per region: what view() scans on every device access.
         self._spans: list[tuple[int, int, memoryview]] = []
+        self.native = NativeRegions([])
+        """The regions as the compiled walker sees them (see NativeRegions)."""
         for r in self.regions:
             self._add_span(r)
 
@@ -157,6 +163,9 @@ class GuestMemory:
         view = memoryview(region.mapping)
         self._views.append(view)
         self._spans = sorted([*self._spans, (region.guest_addr, region.end, view)], key=_start)
+        self.native = NativeRegions(
+            sorted(self.regions, key=lambda r: r.guest_addr), [span[2] for span in self._spans]
+        )
 
     @property
     def ram_regions(self) -> list[MemoryRegion]:
@@ -185,8 +194,11 @@ class GuestMemory:
         Views handed out earlier may outlive this call (a worker that was abandoned, a chain
         not yet dropped): a mapping that still has views is not unmapped here but unmaps itself
         when the last of them goes. So no view ever points at unmapped memory, and nothing
-        depends on when the garbage collector runs."""
+        depends on when the garbage collector runs. The same holds for the compiled walker: a
+        walk in progress holds the table it was given (and its pins); later walks get an empty
+        one, in which no address is guest memory."""
         self._spans = []
+        self.native = NativeRegions([])
         for v in self._views:
             v.release()
         self._views = []
@@ -305,6 +317,27 @@ class GuestMemory:
 
     def unpack(self, fmt: str, addr: int) -> tuple[Any, ...]:
         return struct.unpack_from(fmt, self.view(addr, struct.calcsize(fmt)))
+
+
+class NativeRegions:
+    """Guest memory's regions as `struct pyvmm_memory` for the compiled walker, in address
+    order, with a pin (a cffi buffer) on each mapping: a mapping is not unmapped while a table
+    that names it exists. `views[i]` is region i's memoryview, for views of what the walker
+    found there."""
+
+    def __init__(self, regions: list[MemoryRegion], views: list[memoryview] | None = None) -> None:
+        self.views = views or []
+        self._pins = [virtq.ffi.from_buffer(r.mapping) for r in regions]
+        self._table: Any = virtq.ffi.new("struct pyvmm_region[]", max(len(regions), 1))
+        for i, (region, pin) in enumerate(zip(regions, self._pins, strict=True)):
+            entry = self._table[i]
+            entry.guest_addr = region.guest_addr
+            entry.size = region.size
+            entry.host_addr = int(virtq.ffi.cast("uintptr_t", pin))
+            entry.readonly = region.readonly
+        self.c: Any = virtq.ffi.new("struct pyvmm_memory *")
+        self.c.regions = self._table
+        self.c.count = len(regions)
 
 
 def _start(span: tuple[int, int, memoryview]) -> int:

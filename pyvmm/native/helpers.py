@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 NATIVE_DIR = Path(__file__).resolve().parent
-HELPERS = ("fences",)
+HELPERS = ("fences", "virtq")
 BUILD_COMMAND = "python -m pyvmm.native"
 DEFAULT_CC = "gcc"
 # -nostdlib: the helpers call nothing, so the object needs no libc (nor libc6-dev to link it)

@@ -21,19 +21,21 @@ test_headers.py checks them against it).
 from __future__ import annotations
 
 import enum
+import errno as errno_module
 import os
 from typing import Any
 
 from pyvmm.cdecl import declare, struct_for
 from pyvmm.devices.virtio.device import (
+    DeviceError,
     DeviceInterrupt,
     DeviceType,
     EventHandler,
     VirtioDevice,
-    available_chains,
 )
-from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
-from pyvmm.memory import GuestMemory
+from pyvmm.devices.virtio.queue import BadAvailIndex, DescriptorChain, InvalidChain, SplitQueue
+from pyvmm.memory import GuestMemory, NativeRegions
+from pyvmm.native import virtq
 from pyvmm.net.tap import Offload, Tap
 
 ffi: Any = declare(
@@ -73,6 +75,7 @@ NUM_BUFFERS_AT = ffi.offsetof("struct virtio_net_hdr_v1", "num_buffers")
 MAX_FRAME = 65535 + 14 + 4
 # readv/writev take at most IOV_MAX (1024) buffers.
 IOV_MAX = 1024
+TX_MIN_LEN = HEADER_SIZE + 1  # a frame is its header and at least a byte
 LINK_UP = 1
 
 
@@ -124,8 +127,12 @@ class Net(VirtioDevice):
         self._mergeable = False
         # Where a frame goes past the buffers taken for it (then copied into more of them).
         self._overflow = memoryview(bytearray(MAX_FRAME + HEADER_SIZE))
-        self._expected = 1  # room to take for the next frame: recent frames' sizes, decaying
+        self._spill: Any = virtq.ffi.from_buffer(self._overflow)
         self._pending: bytes | None = None  # a frame waiting for the driver to add room
+        # The compiled loops' arguments and counters, made once.
+        self._budget: Any = virtq.ffi.new("uint32_t *")
+        self._read: Any = virtq.ffi.new("uint64_t *")
+        self._stats: Any = virtq.ffi.new("struct pyvmm_net_stats *")
 
     @property
     def queue_max_sizes(self) -> list[int]:
@@ -201,71 +208,151 @@ class Net(VirtioDevice):
     # ---- transmit ----
 
     def _transmit(self, queue: SplitQueue) -> None:
-        for chain in available_chains(queue, self.guest_log):
+        """Send what the driver queued: the compiled loop does one writev per frame; here are
+        only the chains it hands back (invalid, or not a frame) and the drops it counted."""
+        while queue.budget > 0:
+            memory = self.mem.native  # held for the loop: it keeps the regions mapped
+            got = self._run_tx(queue, memory)
+            self._log_tx_drops()
+            if got == virtq.POP_NONE:
+                return
+            chain = self._walked(queue, memory.views, "tx")
+            if chain is None:
+                continue
             if chain.writable_len or chain.readable_len <= HEADER_SIZE:
                 self.guest_log.info(
                     "bad frame", "tx chain %d: %d readable bytes, %d writable", chain.head,
                     chain.readable_len, chain.writable_len,
                 )  # fmt: skip
             else:
-                self._send(chain)
+                self.guest_log.info(
+                    "bad frame", "tx chain %d has over %d buffers", chain.head, IOV_MAX
+                )
             queue.add_used(chain.head, 0)
 
-    def _send(self, chain: DescriptorChain) -> None:
-        if len(chain.readable) > IOV_MAX:
-            self.guest_log.info("bad frame", "tx chain %d has over %d buffers", chain.head, IOV_MAX)
-            return
+    def _run_tx(self, queue: SplitQueue, memory: NativeRegions) -> int:
+        """The compiled transmit loop on `queue`, within its budget; what it returned."""
+        budget = self._start_loop(queue)
+        got: int = virtq.lib.pyvmm_net_tx(
+            queue.native, memory.c, self.tap.fd, self._budget, TX_MIN_LEN, queue.walked.chain,
+            self._stats,
+        )  # fmt: skip
+        return self._end_loop(queue, budget, got)
+
+    def _run_rx(self, queue: SplitQueue, memory: NativeRegions) -> int:
+        """The compiled receive loop on `queue`, within its budget; what it returned."""
+        budget = self._start_loop(queue)
+        got: int = virtq.lib.pyvmm_net_rx(
+            queue.native, memory.c, self.tap.fd, self._budget, HEADER_SIZE, NUM_BUFFERS_AT,
+            self._spill, len(self._overflow), queue.walked.chain, self._stats, self._read,
+        )  # fmt: skip
+        return self._end_loop(queue, budget, got)
+
+    def _start_loop(self, queue: SplitQueue) -> int:
+        budget = min(queue.budget, queue.size)
+        self._budget[0] = budget
+        return budget
+
+    def _end_loop(self, queue: SplitQueue, budget: int, got: int) -> int:
+        """Charge the chains a loop took to the round's budget (the worker may have cut it
+        meanwhile, to stop: that is kept); raise what the loop ran into."""
+        queue.budget = max(0, queue.budget - (budget - self._budget[0]))
+        if got == virtq.POP_BAD_AVAIL:
+            raise BadAvailIndex(queue.walked.chain.error_index, queue.next_avail, queue.size)
+        if got <= virtq.RX_ERRNO_BASE:
+            errno = virtq.RX_ERRNO_BASE - got
+            raise OSError(errno, f"reading the TAP {self.tap.name}: {os.strerror(errno)}")
+        return got
+
+    def _walked(
+        self, queue: SplitQueue, views: list[memoryview], direction: str
+    ) -> DescriptorChain | None:
+        """The chain a loop handed back; None (after returning it empty) if it is invalid."""
         try:
-            os.writev(self.tap.fd, chain.readable)
-        except BlockingIOError:
-            self.guest_log.info("tx dropped", "the TAP %s is full; frame dropped", self.tap.name)
-        except OSError as e:
+            return queue.walked_chain(views)
+        except InvalidChain as e:
+            if e.head is None:
+                raise DeviceError(f"{e}: nothing to return to the driver") from e
+            self.guest_log.info("bad chain", "%s chain %d: %s", direction, e.head, e)
+            queue.add_used(e.head, 0)
+            return None
+
+    def _log_tx_drops(self) -> None:
+        stats = self._stats
+        if not stats.dropped:
+            return
+        if stats.last_errno == errno_module.EAGAIN:
+            self.guest_log.info("tx dropped", "the TAP %s is full; %d frames dropped",
+                                self.tap.name, stats.dropped)  # fmt: skip
+        else:
             # The TAP refused the frame (bad header, too long, link down): a NIC drops it too.
-            self.guest_log.info("tx dropped", "the TAP %s refused a frame: %s", self.tap.name,
-                                e.strerror)  # fmt: skip
+            self.guest_log.info("tx dropped", "the TAP %s refused %d frames: %s", self.tap.name,
+                                stats.dropped, os.strerror(stats.last_errno))  # fmt: skip
+        stats.dropped = 0
 
     # ---- receive ----
 
     def _receive(self, queue: SplitQueue) -> bool:
         """Move frames from the TAP into receive buffers until the TAP is empty (True: keep
         watching it), the round's budget is spent (True), or the driver's buffers run out
-        (False: rest until it adds some)."""
+        (False: rest until it adds some). The compiled loop moves each frame that fits the
+        chain it reads into; here are the rest: invalid chains, and frames larger than their
+        chain (merged into more buffers, or dropped when the driver did not ask for merging)."""
+        asked = False  # whether the driver was asked to notify of new buffers this call
         while queue.budget > 0:
-            queue.budget -= 1
             if self._pending is not None:
+                queue.budget -= 1
                 if not self._deliver_pending(queue):
                     return False
                 continue
-            chains = self._take_buffers(queue, self._expected)
-            if not chains:
-                return False
-            views = [view for chain in chains for view in chain.writable]
-            room = sum(chain.writable_len for chain in chains)
-            try:
-                length = os.readv(self.tap.fd, [*views, self._overflow])
-            except BlockingIOError:
-                queue.undo_pop(len(chains))
+            memory = self.mem.native  # held for the loop: it keeps the regions mapped
+            got = self._run_rx(queue, memory)
+            if got == virtq.RX_EMPTY:
                 return True
-            self._expected = max(length, self._expected - self._expected // 8)
-            if length <= room:
-                self._complete(queue, chains, views, length)
+            if got == virtq.POP_NONE:
+                if queue.budget <= 0:
+                    return True
+                if asked:
+                    return False
+                queue.enable_notification()  # then look again: buffers added before it was seen
+                asked = True
                 continue
-            tail = bytes(self._overflow[: length - room])
-            if not self._mergeable:
-                # The driver's buffer is smaller than what it negotiated allows: a NIC drops.
-                queue.undo_pop(len(chains))
-                self.guest_log.info("rx dropped", "a %d-byte frame did not fit a %d-byte "
-                                    "receive buffer", length, room)  # fmt: skip
+            length = self._read[0]
+            chain = self._walked(queue, memory.views, "rx")
+            if chain is None:
                 continue
-            more = self._take_buffers(queue, length - room)
-            if sum(chain.writable_len for chain in more) < length - room:
-                # Held until the driver gives more room (copied in then): never dropped.
-                queue.undo_pop(len(chains) + len(more))
-                self._pending = b"".join(bytes(v) for v in views) + tail
-                queue.enable_notification()
+            if not length:
+                self.guest_log.info(
+                    "bad chain", "rx chain %d: %d readable bytes, %d writable in %d buffers",
+                    chain.head, chain.readable_len, chain.writable_len, len(chain.writable),
+                )  # fmt: skip
+                queue.add_used(chain.head, 0)
+                continue
+            if not self._merge(queue, chain, length):
                 return False
-            _write_at([view for chain in more for view in chain.writable], 0, tail)
-            self._complete(queue, chains + more, views, length)
+        return True
+
+    def _merge(self, queue: SplitQueue, chain: DescriptorChain, length: int) -> bool:
+        """A frame of `length` bytes ran past `chain` (its head is in the chain, the rest in
+        the spill buffer): spread it over more buffers. False when the driver has too few: it
+        is held until it adds some (never dropped)."""
+        room = chain.writable_len
+        tail = bytes(self._overflow[: length - room])
+        if not self._mergeable:
+            # The driver's buffer is smaller than what it negotiated allows: a NIC drops.
+            queue.undo_pop(1)
+            self.guest_log.info("rx dropped", "a %d-byte frame did not fit a %d-byte "
+                                "receive buffer", length, room)  # fmt: skip
+            return True
+        views = list(chain.writable)
+        more = self._take_buffers(queue, length - room)
+        if sum(c.writable_len for c in more) < length - room:
+            queue.undo_pop(1 + len(more))
+            self._pending = b"".join(bytes(v) for v in views) + tail
+            queue.enable_notification()
+            return False
+        _write_at([view for c in more for view in c.writable], 0, tail)
+        self._complete(queue, [chain, *more], views, length)
         return True
 
     def _deliver_pending(self, queue: SplitQueue) -> bool:

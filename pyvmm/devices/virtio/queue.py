@@ -2,9 +2,12 @@
 
 A `SplitQueue` is driven by one device worker thread. `pop` walks the next available descriptor
 chain and hands back its buffers as zero-copy memoryviews of guest RAM (for `os.preadv` /
-`os.pwritev`); `add_used` returns a chain to the driver. Every guest-supplied address and length
-is checked through `GuestMemory`; anything a driver writes into the rings or descriptor tables
-ends in a `QueueError` subclass at worst, after a bounded amount of work.
+`os.pwritev`); `add_used` returns a chain to the driver. The walk and the used ring's writes are
+compiled (pyvmm/native/virtq.c, the one walker of chains, which the net device's frame loops use
+too); the queue's state lives in the `struct pyvmm_vq` both sides share. Every guest-supplied
+address and length is checked against `GuestMemory`'s regions; anything a driver writes into
+the rings or descriptor tables ends in a `QueueError` subclass at worst, after a bounded amount
+of work.
 
 Behaviour the device code relies on:
 - A malformed chain raises an `InvalidChain` subclass *after* its avail ring slot is consumed;
@@ -18,9 +21,10 @@ Behaviour the device code relies on:
 
 The ring indexes are read and written as single 16-bit native loads and stores (a torn used.idx
 would make the driver see a bogus index); hosts are little-endian, as virtio 1.x rings are. Their
-order against the rest of the rings comes from `pyvmm.native.fences`, at each place below. The
-layouts are the cffi declarations below, which tests/unit/devices/virtio/test_headers.py checks
-against <linux/virtio_ring.h>.
+order against the rest of the rings comes from C11 fences: in virtq.c for the walk and the used
+ring, from `pyvmm.native.fences` at each place below. The layouts are the cffi declarations
+below, which tests/unit/devices/virtio/test_headers.py checks against <linux/virtio_ring.h> (and
+tests/unit/native/test_virtq.py checks virtq.c's against these).
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvmm.cdecl import declare, field_index, field_type, int_format, struct_for
+from pyvmm.cdecl import declare, field_index, field_type, int_format
 from pyvmm.memory import GuestMemory, GuestMemoryError
-from pyvmm.native import fences
+from pyvmm.native import fences, virtq
 
 if sys.byteorder != "little":  # pragma: no cover - x86_64 and aarch64 hosts only
     raise ImportError("pyvmm virtqueues need a little-endian host")
@@ -96,24 +100,16 @@ USED_ELEM_SIZE: int = ffi.sizeof("struct vring_used_elem")
 _AVAIL_RING_AT: int = ffi.offsetof("struct vring_avail", "ring")
 _USED_RING_AT: int = ffi.offsetof("struct vring_used", "ring")
 _AVAIL_ENTRY = field_type(ffi, "struct vring_avail", "ring").item
-_USED_WORD = field_type(ffi, "struct vring_used_elem", "id")
 _AVAIL_ENTRY_SIZE: int = ffi.sizeof(_AVAIL_ENTRY)
 _EVENT_SIZE = _AVAIL_ENTRY_SIZE  # used_event and avail_event are u16s, as ring entries are
 
-_DESC = struct_for(ffi, "struct vring_desc", "addr", "len", "flags", "next")
-
-# The avail ring is read as u16s; the used ring's flags, idx and avail_event are written as u16s
-# and its elements as u32s. Where each field is in those views:
+# The avail ring is read as u16s; the used ring's flags and avail_event are written as u16s (its
+# elements and idx by virtq.c). Where each field is in those views:
 _U16 = int_format(ffi, _AVAIL_ENTRY)
-_U32 = int_format(ffi, _USED_WORD)
 _AVAIL_FLAGS = field_index(ffi, "struct vring_avail", "flags")
 _AVAIL_IDX = field_index(ffi, "struct vring_avail", "idx")
 _AVAIL_RING = field_index(ffi, "struct vring_avail", "ring")
 _USED_FLAGS = field_index(ffi, "struct vring_used", "flags")
-_USED_IDX = field_index(ffi, "struct vring_used", "idx")
-_USED_ID = field_index(ffi, "struct vring_used_elem", "id")
-_USED_LEN = field_index(ffi, "struct vring_used_elem", "len")
-_USED_ELEM_WORDS: int = USED_ELEM_SIZE // ffi.sizeof(_USED_WORD)
 
 
 def desc_table_size(size: int) -> int:
@@ -129,11 +125,6 @@ def avail_ring_size(size: int) -> int:
 def used_ring_size(size: int) -> int:
     """Bytes of the used ring of a queue of `size` entries, avail_event included."""
     return _USED_RING_AT + USED_ELEM_SIZE * size + _EVENT_SIZE
-
-
-_NEXT = int(VirtqFlags.NEXT)
-_WRITE = int(VirtqFlags.WRITE)
-_INDIRECT = int(VirtqFlags.INDIRECT)
 
 
 class QueueError(Exception):
@@ -341,22 +332,26 @@ class SplitQueue:
         self.desc_table = desc_table
         self.avail_ring = avail_ring
         self.used_ring = used_ring
-        self._desc = desc
         # u16 views: flags, idx, ring entries and used_event (ring entry `size`).
         self._avail16 = avail.cast(_U16)
         # u16 views of the used ring: flags, idx and avail_event.
         self._used16 = used.cast(_U16)
-        # u32 views of the used elements' ids and lens: element i's at [i] of each.
-        elems = used[_USED_RING_AT : _USED_RING_AT + USED_ELEM_SIZE * size].cast(_U32)
-        self._used_id = elems[_USED_ID::_USED_ELEM_WORDS]
-        self._used_len = elems[_USED_LEN::_USED_ELEM_WORDS]
         self._used_event_at = _AVAIL_RING + size
         self._avail_event_at = (_USED_RING_AT + USED_ELEM_SIZE * size) // _EVENT_SIZE
-        self._mask = size - 1
-        self._next_avail = next_avail & IDX_MASK
-        self._next_used = next_used & IDX_MASK
-        self._unsignalled = 0  # used elements published since the last needs_interrupt
-        self._signalled_used = self._next_used
+        # The compiled side's view of the queue (pyvmm/native/virtq.c): where the rings are, and
+        # the indexes, which both sides keep here. The pins keep the rings mapped meanwhile.
+        self._views = [desc, avail, used]
+        self._pins = [virtq.ffi.from_buffer(view) for view in self._views]
+        self._vq: Any = virtq.ffi.new("struct pyvmm_vq *")
+        desc_pin, avail_pin, used_pin = self._pins
+        self._vq.desc = virtq.ffi.cast("const uint8_t *", desc_pin)
+        self._vq.avail = virtq.ffi.cast("uint16_t *", avail_pin)
+        self._vq.used = virtq.ffi.cast("uint8_t *", used_pin)
+        self._vq.size = size
+        self._vq.next_avail = next_avail & IDX_MASK
+        self._vq.next_used = next_used & IDX_MASK
+        self._signalled_used = next_used & IDX_MASK
+        self._walked = virtq.ChainBuffer(size)
         self.budget = UNLIMITED
         """How many more chains `available_chains` may hand out before the device must return
         from the queue: the worker's bound on one round (0 makes the device return at once)."""
@@ -381,107 +376,79 @@ class SplitQueue:
     @property
     def next_avail(self) -> int:
         """The (wrapping 16-bit) avail index of the next chain `pop` will take."""
-        return self._next_avail
+        return int(self._vq.next_avail)
 
     @property
     def next_used(self) -> int:
         """The (wrapping 16-bit) used index the next `add_used` will publish."""
-        return self._next_used
+        return int(self._vq.next_used)
+
+    @property
+    def native(self) -> Any:
+        """The compiled side's `struct pyvmm_vq` (for the loops of pyvmm.native.virtq)."""
+        return self._vq
+
+    @property
+    def walked(self) -> virtq.ChainBuffer:
+        """Where the compiled walker puts the chain it walked last."""
+        return self._walked
 
     def reset(self) -> None:
         """Back to the state of a freshly enabled queue; guest memory is not touched."""
-        self._next_avail = 0
-        self._next_used = 0
-        self._unsignalled = 0
+        self._vq.next_avail = 0
+        self._vq.next_used = 0
+        self._vq.unsignalled = 0
         self._signalled_used = 0
 
     def release(self) -> None:
         """Drop this queue's views of guest RAM (so the memory can be unmapped); ends its use."""
-        for view in (self._used_id, self._used_len, self._used16, self._avail16, self._desc):
+        for pin in self._pins:
+            virtq.ffi.release(pin)
+        self._vq.desc = self._vq.avail = self._vq.used = virtq.ffi.NULL
+        self._vq.size = 0
+        for view in (self._used16, self._avail16, *self._views):
             view.release()
 
     def has_pending(self) -> bool:
         """Whether the driver has made chains available that `pop` has not taken yet."""
-        return self._avail16[_AVAIL_IDX] != self._next_avail
+        return bool(self._avail16[_AVAIL_IDX] != self._vq.next_avail)
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None; raises `BadAvailIndex` or an `InvalidChain`."""
-        avail_idx = self._avail16[_AVAIL_IDX]
-        ahead = (avail_idx - self._next_avail) & IDX_MASK
-        if ahead == 0:
+        memory = self._mem.native  # held for the walk: it keeps the regions mapped
+        got = virtq.lib.pyvmm_vq_pop(self._vq, memory.c, self._walked.chain)
+        if got == virtq.POP_NONE:
             return None
-        if ahead > self._size:
-            raise BadAvailIndex(avail_idx, self._next_avail, self._size)
-        # The driver wrote the ring entry and the chain before avail.idx (virtio 1.2, 2.7.13.3.1):
-        # read them only after the index.
-        fences.acquire()
-        head = self._avail16[_AVAIL_RING + (self._next_avail & self._mask)]
-        self._next_avail = (self._next_avail + 1) & IDX_MASK
-        if head >= self._size:
-            raise BadHeadIndex(head, self._size)
-        return self._walk(head)
+        if got == virtq.POP_BAD_AVAIL:
+            walked = self._walked.chain
+            raise BadAvailIndex(walked.error_index, self._vq.next_avail, self._size)
+        return self.walked_chain(memory.views)
+
+    def walked_chain(self, views: list[memoryview]) -> DescriptorChain:
+        """The chain the compiled walker put in `walked`, with its buffers as views of guest
+        memory (`views`: the regions' views of the table it walked with); its error raised as
+        the `InvalidChain` it is."""
+        walked = self._walked
+        head, readable, writable, readable_len, writable_len, error = (
+            virtq.CHAIN_SUMMARY.unpack_from(walked.summary, virtq.CHAIN_SUMMARY_AT)
+        )
+        if error:
+            raise _chain_error(walked.chain, self._size)
+        iov, regions, offsets = walked.iov_words, walked.regions, walked.offsets
+        buffers = []
+        at_len = virtq.IOV_LEN
+        for i in range(readable + writable):
+            at = offsets[i]
+            buffers.append(views[regions[i]][at : at + iov[at_len]])
+            at_len += virtq.ChainBuffer.IOV_WORDS
+        return DescriptorChain(
+            head, buffers[:readable], buffers[readable:], readable_len, writable_len
+        )
 
     def undo_pop(self, count: int) -> None:
         """Give back the last `count` chains `pop` took and nothing has used: the next `pop`
         takes them again (a device that took more buffers than the data needed, net RX)."""
-        self._next_avail = (self._next_avail - count) & IDX_MASK
-
-    def _walk(self, head: int) -> DescriptorChain:
-        mem = self._mem
-        table = self._desc
-        limit = self._size  # entries in the current table; also the most a chain may visit in it
-        budget = limit
-        in_indirect = False
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        total = 0
-        readable_len = 0
-        index = head
-        while True:
-            if budget == 0:
-                raise ChainTooLong(head, limit)
-            budget -= 1
-            addr, length, flags, nxt = _DESC.unpack_from(table, index * DESC_SIZE)
-            if flags & _INDIRECT:
-                if in_indirect:
-                    raise NestedIndirect(head)
-                if flags & _NEXT:
-                    raise IndirectWithNext(head)
-                entries, rest = divmod(length, DESC_SIZE)
-                # No chain may be longer than the queue size (virtio 1.2, 2.7.5.3.1), indirect
-                # tables included: that bounds the work of walking any one chain.
-                if rest or not 0 < entries <= self._size:
-                    raise IndirectTableInvalid(head, length, self._size)
-                try:
-                    table = mem.view(addr, length)
-                except GuestMemoryError as e:
-                    raise DescriptorOutsideRam(head, addr, length) from e
-                in_indirect = True
-                limit = budget = entries
-                index = 0
-                continue
-            if length:
-                total += length
-                if total > MAX_CHAIN_BYTES:
-                    raise ChainTooLarge(head)
-                try:
-                    view = mem.view(addr, length)
-                except GuestMemoryError as e:
-                    raise DescriptorOutsideRam(head, addr, length) from e
-                if flags & _WRITE:
-                    if view.readonly:
-                        raise DescriptorReadOnly(head, addr, length)
-                    writable.append(view)
-                elif writable:
-                    raise ReadableAfterWritable(head)
-                else:
-                    readable.append(view)
-                    readable_len += length
-            if not flags & _NEXT:
-                return DescriptorChain(head, readable, writable, readable_len, total - readable_len)
-            if nxt >= limit:
-                raise DescriptorOutOfRange(head, nxt, limit)
-            index = nxt
+        self._vq.next_avail = (self._vq.next_avail - count) & IDX_MASK
 
     def add_used(self, head: int, length: int) -> None:
         """Give chain `head` back to the driver with `length` bytes written into it.
@@ -492,32 +459,25 @@ class SplitQueue:
             raise ValueError(f"used head {head} is not below the queue size {self._size}")
         if not 0 <= length <= MAX_USED_LEN:
             raise ValueError(f"used length {length} does not fit in 32 bits")
-        slot = self._next_used & self._mask
-        self._used_id[slot] = head
-        self._used_len[slot] = length
-        # The element, and the data written into the chain's buffers, are visible before the
-        # index that publishes them (virtio 1.2, 2.7.8.2).
-        fences.release()
-        self._next_used = (self._next_used + 1) & IDX_MASK
-        self._used16[_USED_IDX] = self._next_used
-        self._unsignalled += 1
+        virtq.lib.pyvmm_vq_add_used(self._vq, head, length)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what `add_used` published since last asked.
 
         False when nothing was published since the previous call.
         """
-        if self._unsignalled == 0:
+        unsignalled = self._vq.unsignalled
+        if unsignalled == 0:
             return False
         # used.idx is visible before the driver's suppression fields are read: else a driver that
         # re-enabled interrupts and then saw the old used.idx waits for ever (virtio 1.2, 2.7.7.2;
         # the driver's side of it is 2.7.13.4.1).
         fences.full()
         old = self._signalled_used
-        new = self._next_used
-        many = self._unsignalled > IDX_MASK
+        new = int(self._vq.next_used)
+        many = bool(unsignalled > IDX_MASK)
         self._signalled_used = new
-        self._unsignalled = 0
+        self._vq.unsignalled = 0
         if self._event_idx:
             event = self._avail16[self._used_event_at]
             return many or ((new - event - 1) & IDX_MASK) < ((new - old) & IDX_MASK)
@@ -526,7 +486,7 @@ class SplitQueue:
     def enable_notification(self) -> None:
         """Ask the driver to notify on new chains; re-check `has_pending` afterwards."""
         if self._event_idx:
-            self._used16[self._avail_event_at] = self._next_avail
+            self._used16[self._avail_event_at] = self._vq.next_avail
         else:
             self._used16[_USED_FLAGS] = 0
         # Our request is visible before the caller re-reads avail.idx: else a chain the driver
@@ -539,3 +499,29 @@ class SplitQueue:
         if not self._event_idx:
             self._used16[_USED_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX, leaving avail_event behind next_avail suppresses further notifies.
+
+
+def _chain_error(c: Any, size: int) -> InvalidChain:
+    """The exception for a chain the compiled walker refused (its `struct pyvmm_chain`)."""
+    head, error = int(c.head), c.error
+    if error == virtq.CHAIN_BAD_HEAD:
+        return BadHeadIndex(head, size)
+    if error == virtq.CHAIN_OUT_OF_RANGE:
+        return DescriptorOutOfRange(head, c.error_index, c.error_len)
+    if error == virtq.CHAIN_TOO_LONG:
+        return ChainTooLong(head, c.error_len)
+    if error == virtq.CHAIN_TOO_LARGE:
+        return ChainTooLarge(head)
+    if error == virtq.CHAIN_NESTED_INDIRECT:
+        return NestedIndirect(head)
+    if error == virtq.CHAIN_INDIRECT_WITH_NEXT:
+        return IndirectWithNext(head)
+    if error == virtq.CHAIN_INDIRECT_INVALID:
+        return IndirectTableInvalid(head, c.error_len, size)
+    if error == virtq.CHAIN_READABLE_AFTER_WRITABLE:
+        return ReadableAfterWritable(head)
+    if error == virtq.CHAIN_OUTSIDE_RAM:
+        return DescriptorOutsideRam(head, c.error_addr, c.error_len)
+    if error == virtq.CHAIN_READ_ONLY:
+        return DescriptorReadOnly(head, c.error_addr, c.error_len)
+    raise AssertionError(f"unknown chain error {error} from the compiled walker")

@@ -845,3 +845,26 @@ def test_a_writable_buffer_in_read_only_memory_is_refused(tmp_path: Path) -> Non
     finally:
         m.close()
         os.close(fd)
+
+
+def test_a_released_queue_takes_nothing_and_publishes_nothing(mem: GuestMemory) -> None:
+    d = Driver(mem)
+    q = d.queue()
+    d.publish(d.chain([(DATA, 8, True)]))
+    q.release()
+    assert q.pop() is None
+    q.add_used(0, 8)
+    assert d.used_idx == 0
+
+
+def test_after_the_memory_is_closed_no_buffer_is_guest_memory() -> None:
+    """A queue that outlives its GuestMemory (a worker left behind) still reads its own rings,
+    which it keeps mapped, but finds no buffer anywhere: nothing points at unmapped memory."""
+    m = GuestMemory([(0, MiB)])
+    d = Driver(m)
+    q = d.queue()
+    d.publish(d.chain([(DATA, 8, True)]))
+    m.close()
+    with pytest.raises(DescriptorOutsideRam):
+        q.pop()
+    q.release()

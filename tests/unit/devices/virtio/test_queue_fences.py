@@ -1,7 +1,9 @@
 """Where a split virtqueue fences: each ordering the spec needs, between the right ring accesses.
 
 The queue's ring views are swapped for ones that log each field they touch, and its fences for
-ones that log themselves, into one log: removing or moving a fence changes the log.
+ones that log themselves, into one log: removing or moving a fence changes the log. Taking a chain
+and publishing a used element are compiled (pyvmm/native/virtq.c, with its own fences at the
+same two places, 2.7.13.3.1 and 2.7.8.2): Python must not touch those ring fields itself.
 """
 
 from __future__ import annotations
@@ -91,8 +93,6 @@ def recorded_queue(
     monkeypatch.setattr(queue, "fences", RecordedFences(log))
     monkeypatch.setattr(q, "_avail16", RecordedView(q._avail16, log, avail_field))
     monkeypatch.setattr(q, "_used16", RecordedView(q._used16, log, used_field))
-    monkeypatch.setattr(q, "_used_id", RecordedView(q._used_id, log, lambda i: "used.elem"))
-    monkeypatch.setattr(q, "_used_len", RecordedView(q._used_len, log, lambda i: "used.elem"))
     return q, log
 
 
@@ -108,13 +108,9 @@ def test_each_ring_access_is_ordered_as_the_spec_needs(
 
     chain = q.pop()
     assert chain is not None
-    # The entry and the chain it names only after avail.idx (virtio 1.2, 2.7.13.3.1).
-    assert log == ["read avail.idx", "acquire", "read avail.ring"]
-
-    log.clear()
     q.add_used(chain.head, 16)
-    # The element before the index that publishes it (2.7.8.2).
-    assert log == ["write used.elem", "write used.elem", "release", "write used.idx"]
+    assert log == []  # the walk and the used element: virtq.c's
+    assert q.next_used == 1
 
     log.clear()
     q.needs_interrupt()
