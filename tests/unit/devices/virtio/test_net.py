@@ -5,6 +5,7 @@ receive queue with no room makes the device rest the TAP, and broken chains come
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Iterator
@@ -295,3 +296,35 @@ def test_a_readable_rx_buffer_is_returned_empty(plain: Rig) -> None:
     plain.host.send(header() + b"frame")
     plain.tap_readable()
     assert plain.rx.used() == [(bad, 0), (good, HEADER_SIZE + 5)]
+
+
+def test_frames_the_tap_refuses_are_dropped_counted_and_returned(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.host.close()  # the TAP's other end is gone: every write fails, as on a link that is down
+    heads = [rig.tx.add([(rig.tx.buffer(header() + b"x" * 60), 72, False)]) for _ in range(3)]
+    with caplog.at_level(logging.INFO):
+        rig.process(TX)
+    assert rig.tx.used() == [(head, 0) for head in heads]
+    assert "refused 3 frames" in caplog.text
+
+
+def test_a_tx_chain_of_more_buffers_than_writev_takes_is_returned_unsent(mem: GuestMemory) -> None:
+    r = Rig(mem, 0)
+    try:
+        # A chain of 1,100 buffers (writev takes at most 1,024) in a queue long enough for it.
+        big = 2048
+        r.queues[TX] = SplitQueue(mem, big, 0x90000, 0xA0000, 0xA8000, False)
+        r.net.activate(mem, r.irq, r.queues, VERSION_1)
+        for i in range(1100):
+            mem.write(0x90000 + rings.DESC_SIZE * i,
+                      rings.descriptor(0xB0000 + i, 1, VirtqFlags.NEXT, i + 1))  # fmt: skip
+        mem.write(0x90000 + rings.DESC_SIZE * 1099, rings.descriptor(0xB0000, 13, 0, 0))
+        mem.write_u16(0xA0000 + rings.avail_entry(0), 0)
+        mem.write_u16(0xA0000 + rings.AVAIL_IDX, 1)
+        r.process(TX)
+        assert mem.read_u16(0xA8000 + rings.USED_IDX) == 1
+        with pytest.raises(BlockingIOError):
+            r.host.recv(4096)
+    finally:
+        r.close()
