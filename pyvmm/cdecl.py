@@ -41,6 +41,7 @@ DECLARING_MODULES = [
     "pyvmm.devices.virtio.net",
     "pyvmm.net.tap",
     "pyvmm.net.vhost",
+    "pyvmm.vsock.packet",
     "pyvmm.devices.virtio.pci",
     "pyvmm.native.fences",
     "pyvmm.native.virtq",

@@ -33,6 +33,7 @@ from pyvmm.devices.virtio.device import (
     EventHandler,
     VirtioDevice,
 )
+from pyvmm.devices.virtio.iov import write_at
 from pyvmm.devices.virtio.queue import BadAvailIndex, DescriptorChain, InvalidChain, SplitQueue
 from pyvmm.memory import GuestMemory, NativeRegions
 from pyvmm.native import virtq
@@ -351,7 +352,7 @@ class Net(VirtioDevice):
             self._pending = b"".join(bytes(v) for v in views) + tail
             queue.enable_notification()
             return False
-        _write_at([view for c in more for view in c.writable], 0, tail)
+        write_at([view for c in more for view in c.writable], 0, tail)
         self._complete(queue, [chain, *more], views, length)
         return True
 
@@ -365,7 +366,7 @@ class Net(VirtioDevice):
             queue.enable_notification()
             return False
         views = [view for chain in chains for view in chain.writable]
-        _write_at(views, 0, frame)
+        write_at(views, 0, frame)
         self._pending = None
         self._complete(queue, chains, views, len(frame))
         return True
@@ -436,23 +437,9 @@ class Net(VirtioDevice):
             used.append((chain.head, part))
             left -= part
         queue.undo_pop(len(chains) - len(used))
-        _write_at(views, NUM_BUFFERS_AT, NUM_BUFFERS.pack(len(used)))
+        write_at(views, NUM_BUFFERS_AT, NUM_BUFFERS.pack(len(used)))
         for head, part in used:
             queue.add_used(head, part)
 
     def close(self) -> None:
         self.tap.close()
-
-
-def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
-    """Write `data` at `offset` into the concatenation of `views` (a header may be split)."""
-    for view in views:
-        if offset >= len(view):
-            offset -= len(view)
-            continue
-        n = min(len(data), len(view) - offset)
-        view[offset : offset + n] = data[:n]
-        data = data[n:]
-        offset = 0
-        if not data:
-            return

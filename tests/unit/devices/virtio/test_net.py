@@ -17,6 +17,7 @@ from pyvmm.devices.virtio.queue import SplitQueue, VirtqFlags
 from pyvmm.memory import GuestMemory
 from pyvmm.net.tap import Offload, Tap
 from tests.unit.devices.virtio import rings
+from tests.unit.devices.virtio.rings import Interrupts, QueueDriver
 
 MiB = 1 << 20
 SIZE = 16
@@ -40,70 +41,6 @@ class FakeTap(Tap):
 
     def supports_offload(self, offload: Offload) -> bool:
         return True
-
-
-class QueueDriver:
-    """The guest's half of one virtqueue at `base` (descriptors, avail, used, 4 KiB each)."""
-
-    def __init__(self, mem: GuestMemory, base: int, data: int) -> None:
-        self.mem = mem
-        self.desc_at, self.avail_at, self.used_at = base, base + 0x1000, base + 0x2000
-        self.avail_idx = self.used_seen = self.free = 0
-        self.next_data = data
-
-    def queue(self) -> SplitQueue:
-        return SplitQueue(self.mem, SIZE, self.desc_at, self.avail_at, self.used_at, False)
-
-    def buffer(self, data: bytes | int) -> int:
-        length = data if isinstance(data, int) else len(data)
-        at = self.next_data
-        self.next_data += (length + 15) & ~15
-        self.mem.write(at, b"\xee" * length if isinstance(data, int) else data)
-        return at
-
-    def add(self, bufs: list[tuple[int, int, bool]]) -> int:
-        """Publish a chain of (address, length, device-writable); returns its head."""
-        idxs = [(self.free + n) % SIZE for n in range(len(bufs))]
-        self.free = (self.free + len(bufs)) % SIZE
-        for n, (addr, length, writable) in enumerate(bufs):
-            last = n == len(bufs) - 1
-            flags = (VirtqFlags.WRITE if writable else 0) | (0 if last else VirtqFlags.NEXT)
-            at = self.desc_at + rings.DESC_SIZE * idxs[n]
-            self.mem.write(at, rings.descriptor(addr, length, flags, 0 if last else idxs[n + 1]))
-        self.mem.write_u16(self.avail_at + rings.avail_entry(self.avail_idx % SIZE), idxs[0])
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write_u16(self.avail_at + rings.AVAIL_IDX, self.avail_idx)
-        return idxs[0]
-
-    def used(self) -> list[tuple[int, int]]:
-        idx = self.mem.read_u16(self.used_at + rings.USED_IDX)
-        out = []
-        while self.used_seen != idx:
-            at = self.used_at + rings.used_elem(self.used_seen % SIZE)
-            out.append(rings.used_element(self.mem.read(at, rings.USED_ELEM_SIZE)))
-            self.used_seen = (self.used_seen + 1) & 0xFFFF
-        return out
-
-
-class Interrupts:
-    def __init__(self) -> None:
-        self.used: list[int] = []
-
-    def signal_used(self, queue: int) -> None:
-        self.used.append(queue)
-
-    def signal_config_changed(self) -> None:
-        raise AssertionError("no config change expected")
-
-    def set_needs_reset(self) -> None:
-        raise AssertionError("no reset expected")
-
-    @property
-    def resample_fd(self) -> int:
-        return -1
-
-    def resample(self) -> None:
-        pass
 
 
 def header(num_buffers: int = 0, flags: int = 0) -> bytes:
