@@ -34,6 +34,7 @@ from pyvmm.native.helpers import HelperError
 from pyvmm.net.tap import TapError
 from pyvmm.net.vhost import VhostError
 from pyvmm.sandbox.seccomp import SeccompError
+from pyvmm.unix_listener import ListenerError
 
 if TYPE_CHECKING:
     from pyvmm.vmm import Vmm
@@ -57,6 +58,7 @@ USER_ERRORS = (
     SeccompError,
     TapError,
     VhostError,
+    ListenerError,
 )
 
 

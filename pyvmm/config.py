@@ -9,12 +9,12 @@ import stat
 from dataclasses import dataclass, field
 
 from pyvmm.arch.x86_64.mptable import MAX_PCI_IRQS, max_cpus
-from pyvmm.control.protocol import socket_is_live
 from pyvmm.devices.pci.root import NUM_SLOTS
 from pyvmm.files import FileKindError, check_kind
 from pyvmm.memory import MAX_MEM_MIB
 from pyvmm.net import parse_mac
 from pyvmm.net.tap import TapError, check_tap_fd
+from pyvmm.unix_listener import socket_is_live
 
 DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1

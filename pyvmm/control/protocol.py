@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 # The commands a VM answers; the CLI offers one subcommand per entry.
@@ -16,7 +15,6 @@ COMMANDS: dict[str, str] = {
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 1024 * 1024
 # How long probing an existing socket file may wait for a listener to accept.
-PROBE_TIMEOUT = 2.0
 # The longest command name echoed back in an "unknown command" reply.
 MAX_ECHOED_COMMAND = 64
 NEWLINE = b"\n"
@@ -52,14 +50,6 @@ class ConnectionLostError(ControlError):
 
 class BadReplyError(ControlError):
     """The VM's reply is not a well-formed reply line."""
-
-
-class SocketInUseError(ControlError):
-    """Another process listens on the socket path the server wants."""
-
-
-class SocketBindError(ControlError):
-    """The server's socket could not be created at its path."""
 
 
 class RequestError(Exception):
@@ -106,17 +96,3 @@ def one_line(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def socket_is_live(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
-    """True if something accepts connections on the socket at `path`, False if the socket is
-    stale (connection refused). Other failures (no such file, permission) raise OSError."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except ConnectionRefusedError:
-            return False
-        except (BlockingIOError, TimeoutError):
-            return True  # a full accept queue: a listener exists but is busy
-    return True

@@ -22,7 +22,6 @@ import math
 import os
 import select
 import socket
-import stat
 import struct
 import threading
 import time
@@ -35,19 +34,16 @@ from pyvmm.control.protocol import (
     MAX_REQUEST_BYTES,
     NEWLINE,
     RequestError,
-    SocketBindError,
-    SocketInUseError,
     encode_message,
     error_reply,
     ok_reply,
     one_line,
     parse_request,
-    socket_is_live,
 )
+from pyvmm.unix_listener import UnixListener
 
 log = logging.getLogger(__name__)
 
-SOCKET_MODE = 0o600
 LISTEN_BACKLOG = 64
 MAX_CONNECTIONS = 64
 # How long a connection may stay idle (see the module docstring) before it is closed.
@@ -140,7 +136,7 @@ class ControlServer:
         self._conns: dict[_Connection, threading.Thread] = {}
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            self._sock, self._ident = _bind(path)
+            self._listener = UnixListener(path, LISTEN_BACKLOG)
         except BaseException:
             os.close(self._stop_r)
             os.close(self._stop_w)
@@ -165,9 +161,9 @@ class ControlServer:
         me = threading.current_thread()
         if self._thread is not me:
             self._thread.join(CLOSE_JOIN)
-        self._unlink_if_ours()
+        self._listener.unlink_if_ours()
         if not self._thread.is_alive():
-            self._sock.close()  # else leave it open rather than let its poller see a reused fd
+            self._listener.sock.close()  # else leave it open: its poller must not see a reused fd
 
         with self._lock:
             threads = [t for t in self._conns.values() if t is not me]
@@ -182,24 +178,16 @@ class ControlServer:
         os.close(self._stop_r)
         os.close(self._stop_w)
 
-    def _unlink_if_ours(self) -> None:
-        try:
-            st = os.lstat(self.path)
-            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self.path)
-        except OSError as e:
-            log.debug("control socket %s: not removed: %s", self.path, e)
-
     def _accept_loop(self) -> None:
         poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._listener.sock.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         while not self._closing.is_set():
             poller.poll()
             if self._closing.is_set():
                 return
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = self._listener.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
             except OSError as e:
@@ -341,48 +329,6 @@ class ControlServer:
                 log.debug("control command %s failed", cmd, exc_info=True)
                 return error_reply(one_line(str(e)) or type(e).__name__)
         return ok_reply()
-
-
-def _bind(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening socket at `path` with mode 0600 and the (st_dev, st_ino) of its file."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # On Linux the mode of an unbound socket's inode is the mode bind() gives the file
-        # (less the umask), so the file is never wider than 0600, even for an instant.
-        os.fchmod(sock.fileno(), SOCKET_MODE)
-        try:
-            sock.bind(path)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise SocketBindError(f"{path}: cannot create the socket: {_reason(e)}") from None
-            _remove_stale(path)
-            sock.bind(path)
-        st = os.lstat(path)
-        if stat.S_IMODE(st.st_mode) != SOCKET_MODE:
-            # Narrower than 0600 because of the umask: nobody can connect before listen().
-            os.chmod(path, SOCKET_MODE)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise SocketBindError(f"{path}: cannot create the socket: {_reason(e)}") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock, (st.st_dev, st.st_ino)
-
-
-def _remove_stale(path: str) -> None:
-    """Unlink a socket nobody listens on; raise SocketInUseError if someone does."""
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise SocketBindError(f"{path}: exists and is not a socket")
-    if socket_is_live(path):
-        raise SocketInUseError(f"{path}: another VM is listening there")
-    os.unlink(path)
-
-
-def _reason(e: OSError) -> str:
-    return e.strerror or str(e)
 
 
 def _too_long() -> dict[str, Any]:

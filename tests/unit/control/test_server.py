@@ -22,13 +22,14 @@ import pytest
 from pyvmm.config import ConfigError, VmConfig, check_socket_path
 from pyvmm.control import server as server_module
 from pyvmm.control.client import send_command
-from pyvmm.control.protocol import MAX_REQUEST_BYTES, SocketBindError, SocketInUseError
+from pyvmm.control.protocol import MAX_REQUEST_BYTES
 from pyvmm.control.server import (
     ControlServer,
     PeerCredentials,
     peer_allowed,
     peer_credentials,
 )
+from pyvmm.unix_listener import SocketBindError, SocketInUseError
 from tests.unit.control.conftest import FakeHandler, connect
 
 IO_TIMEOUT = 5.0
