@@ -23,6 +23,7 @@ from pyvmm.config import (
     DiskConfig,
     NetConfig,
     VmConfig,
+    VsockConfig,
 )
 from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
 from pyvmm.devices.proxy import DeviceProcessError
@@ -148,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
         "opened (auto, the default), always (on), or never: pyvmm's own device (off)",
     )
     run.add_argument(
+        "--cid",
+        type=int,
+        metavar="N",
+        help="give the guest a virtio-vsock device with context ID N (3 or more)",
+    )
+    run.add_argument(
+        "--vsock-uds",
+        metavar="PATH",
+        help="host programs reach the guest's vsock ports through a Unix socket at PATH "
+        "(connect, send 'CONNECT <port>\\n', read 'OK <host port>\\n'); the guest's "
+        "connections to host port P go to PATH_P",
+    )
+    run.add_argument(
         "-s",
         "--socket",
         metavar="PATH",
@@ -185,6 +199,14 @@ def _nets(args: argparse.Namespace) -> tuple[NetConfig, ...]:
     return (*nets, *(NetConfig(tap_fd=fd) for fd in args.tap_fds))
 
 
+def _vsock(args: argparse.Namespace) -> VsockConfig | None:
+    if args.cid is None:
+        if args.vsock_uds is not None:
+            raise ConfigError(f"--vsock-uds {args.vsock_uds}: needs --cid N, the guest's CID")
+        return None
+    return VsockConfig(args.cid, args.vsock_uds)
+
+
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     return VmConfig(
         kernel=args.kernel,
@@ -196,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         socket=args.socket,
         disks=tuple(sorted(args.disks, key=lambda d: not d.root)),
         nets=_nets(args),
+        vsock=_vsock(args),
         net_vhost=args.net_vhost,
         sandbox=not args.disable_sandbox,
         seccomp_policy_dir=args.seccomp_policy_dir,

@@ -15,6 +15,9 @@ from pyvmm.memory import MAX_MEM_MIB
 from pyvmm.net import parse_mac
 from pyvmm.net.tap import TapError, check_tap_fd
 from pyvmm.unix_listener import socket_is_live
+from pyvmm.vsock.dialer import DialerError
+from pyvmm.vsock.dialer import check_path as check_dial_path
+from pyvmm.vsock.packet import check_guest_cid
 
 DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1
@@ -22,8 +25,9 @@ MIN_MEM_MIB = 2
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 SOCKET_FLAG = "-s/--socket"
-# Every disk and NIC is a PCI device on bus 0 beside the host bridge and virtio-rng, each with an
-# INTx line the MP table must describe.
+VSOCK_UDS_FLAG = "--vsock-uds"
+# Every disk, NIC and vsock device is a PCI device on bus 0 beside the host bridge and virtio-rng,
+# each with an INTx line the MP table must describe.
 MAX_PCI_DEVICES = min(NUM_SLOTS - 1, MAX_PCI_IRQS)
 MAX_DISKS = MAX_PCI_DEVICES - 1
 
@@ -58,6 +62,15 @@ class NetConfig:
         return "--host_ip" if self.tap_fd is None else f"--tap-fd {self.tap_fd}"
 
 
+@dataclass(frozen=True)
+class VsockConfig:
+    """The guest's virtio-vsock device: its context ID (`--cid`), and the Unix socket host
+    programs reach it through (`--vsock-uds`; guest connections to host port P go to PATH_P)."""
+
+    cid: int
+    uds: str | None = None
+
+
 class ConfigError(Exception):
     """A user-supplied setting is invalid; the message names the flag or file at fault."""
 
@@ -76,6 +89,7 @@ class VmConfig:
     nets: tuple[NetConfig, ...] = field(default_factory=tuple)
     # vhost-net for the NICs: "auto" (where /dev/vhost-net can be opened), "on" or "off".
     net_vhost: str = "auto"
+    vsock: VsockConfig | None = None
     # Each virtio device in a process of its own (multiprocess mode), or a thread in this one.
     sandbox: bool = True
     # Where the devices' seccomp policies are; None: seccomp/<arch>/ in pyvmm's tree.
@@ -114,6 +128,11 @@ class VmConfig:
                 f"{nic.flag}: at most {MAX_DISKS} disks and NICs together (the machine "
                 f"describes {MAX_PCI_DEVICES} PCI devices, and virtio-rng is one)"
             )
+        if self.vsock is not None and len(self.disks) + len(self.nets) + 1 > MAX_DISKS:
+            raise ConfigError(
+                f"--cid {self.vsock.cid}: no PCI slot left for virtio-vsock (the machine "
+                f"describes {MAX_PCI_DEVICES} PCI devices; disks and NICs take the others)"
+            )
         _check_nets(self.nets)
         roots = [d for d in self.disks if d.root]
         if len(roots) > 1:
@@ -132,9 +151,27 @@ class VmConfig:
                     f"{disk.flag} {disk.path}: the same image is given twice (also as "
                     f"{first.flag} {first.path}); a writable image can be only one disk"
                 )
+        if self.vsock is not None:  # near the end, as the next: it may remove a stale socket
+            _check_vsock(self.vsock)
         if self.socket is not None:  # last: it may remove a stale socket file
             return dataclasses.replace(self, socket=check_socket_path(self.socket, os.getpid()))
         return self
+
+
+def _check_vsock(vsock: VsockConfig) -> None:
+    why = check_guest_cid(vsock.cid)
+    if why is not None:
+        raise ConfigError(f"--cid {vsock.cid}: {why}")
+    if vsock.uds is None:
+        raise ConfigError(
+            f"--cid {vsock.cid}: needs --vsock-uds PATH, the Unix socket host programs reach "
+            "the guest through"
+        )
+    check_listener_path(vsock.uds, VSOCK_UDS_FLAG)
+    try:
+        check_dial_path(vsock.uds)
+    except DialerError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_nets(nets: tuple[NetConfig, ...]) -> None:
@@ -198,36 +235,41 @@ def check_socket_path(path: str, pid: int) -> str:
         raise ConfigError(f"{SOCKET_FLAG}: empty path")
     if os.path.isdir(path):
         path = os.path.join(path, f"pyvmm-{pid}.sock")
+    return check_listener_path(path, SOCKET_FLAG)
+
+
+def check_listener_path(path: str, flag: str) -> str:
+    """`path` for a listening socket that `flag` names: its directory writable, the path short
+    enough; a stale socket there is removed, a live one or any other file is an error."""
+    if not path:
+        raise ConfigError(f"{flag}: empty path")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
-        raise ConfigError(f"{SOCKET_FLAG} {path}: no such directory {parent}")
+        raise ConfigError(f"{flag} {path}: no such directory {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{SOCKET_FLAG} {path}: directory {parent} is not writable")
+        raise ConfigError(f"{flag} {path}: directory {parent} is not writable")
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(
-            f"{SOCKET_FLAG} {path}: longer than {MAX_SOCKET_PATH_BYTES} bytes, "
-            "too long for a Unix socket"
+            f"{flag} {path}: longer than {MAX_SOCKET_PATH_BYTES} bytes, too long for a Unix socket"
         )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return path
     except OSError as e:
-        raise ConfigError(f"{SOCKET_FLAG} {path}: {e.strerror}") from None
+        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{SOCKET_FLAG} {path}: exists and is not a socket")
+        raise ConfigError(f"{flag} {path}: exists and is not a socket")
     try:
         live = socket_is_live(path)
     except OSError as e:
-        raise ConfigError(f"{SOCKET_FLAG} {path}: {e.strerror or e}") from None
+        raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
     if live:
-        raise ConfigError(f"{SOCKET_FLAG} {path}: another VM is listening there")
+        raise ConfigError(f"{flag} {path}: another VM is listening there")
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise ConfigError(
-            f"{SOCKET_FLAG} {path}: cannot remove the stale socket: {e.strerror}"
-        ) from None
+        raise ConfigError(f"{flag} {path}: cannot remove the stale socket: {e.strerror}") from None
     return path

@@ -22,7 +22,7 @@ from pyvmm.arch.interface import Arch, GuestImage, Platform
 from pyvmm.config import VmConfig
 from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
-from pyvmm.devices.child import DeviceSpec, DiskSpec, TapSpec
+from pyvmm.devices.child import DeviceSpec, DiskSpec, TapSpec, VsockSpec
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.root import PciRoot
@@ -33,6 +33,7 @@ from pyvmm.devices.virtio.net import Net
 from pyvmm.devices.virtio.pci import VirtioPciDevice, plain_bar_sizes
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.devices.virtio.vhost_net import VhostNet
+from pyvmm.devices.virtio.vsock import Vsock
 from pyvmm.disk import Disk, open_disk
 from pyvmm.kvm import Kvm, Vcpu, Vm
 from pyvmm.kvm.abi import Cap
@@ -47,7 +48,9 @@ from pyvmm.net.vhost import VHOST_NET_PATH, Vhost, VhostError, open_vhost_net
 from pyvmm.ratelimit import flush_all as flush_guest_logs
 from pyvmm.sandbox.seccomp import load_filter, policy_dir
 from pyvmm.terminal import StdinPump
+from pyvmm.unix_listener import UnixListener
 from pyvmm.vcpu_threads import VcpuThreads, VmExit
+from pyvmm.vsock.dialer import Dialer, DialRequests
 
 __all__ = ["SuspendError", "VmExit", "Vmm", "disk_name"]
 
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 # How long suspend waits for vCPUs and device workers to park, and exit for vCPUs to stop.
 PAUSE_TIMEOUT_S = 10.0
+VSOCK_BACKLOG = 64
 STOP_TIMEOUT_S = 10.0
 EXIT_START_FAILED = 1  # pyvmm's status when a device process could not start
 
@@ -88,14 +92,52 @@ class Nic:
             self.vhost_fd = None
 
 
-# What each virtio device is backed by: a disk image, a NIC's TAP, or nothing (the rng).
-Backing = Disk | Nic | None
+@dataclass
+class VsockHost:
+    """The vsock device's host side: the socket host programs connect to, and the dialer that
+    joins the guest to host listeners (PATH_<port>), which runs in this process."""
+
+    cid: int
+    listener: UnixListener
+    dialer: Dialer
+
+    @classmethod
+    def open(cls, cid: int, path: str) -> VsockHost:
+        dialer = Dialer(path)
+        try:
+            listener = UnixListener(path, VSOCK_BACKLOG)
+        except BaseException:
+            dialer.close()
+            raise
+        dialer.start()
+        return cls(cid, listener, dialer)
+
+    def dial_requests(self) -> DialRequests:
+        """The device's end of the dialer (a socket of its own: the device closes it)."""
+        return DialRequests(self.dialer.device_end.dup())
+
+    def handed_over(self) -> None:
+        """The device process holds the listening socket and its end of the dialer now."""
+        self.listener.sock.close()
+        self.dialer.device_end.close()
+
+    def close(self) -> None:
+        """At the VM's end: the socket file goes, the dialer stops."""
+        self.listener.close()
+        self.dialer.close()
+
+
+# What each virtio device is backed by: a disk image, a NIC's TAP, the vsock host side, or
+# nothing (the rng).
+Backing = Disk | Nic | VsockHost | None
 
 
 def _device_kind(backing: Backing) -> str:
     """What a virtio device's process builds, and the name of its seccomp policy."""
     if isinstance(backing, Nic):
         return "net_device" if backing.vhost_fd is None else "vhost_net_device"
+    if isinstance(backing, VsockHost):
+        return "vsock_device"
     return "rng_device" if backing is None else "block_device"
 
 
@@ -105,6 +147,8 @@ def _backend(name: str, backing: Backing, mac: bytes | None) -> VirtioDevice:
         if backing.vhost_fd is not None:
             return VhostNet(backing.tap, Vhost(backing.vhost_fd), name, mac)
         return Net(backing.tap, name, mac)
+    if isinstance(backing, VsockHost):
+        return Vsock(backing.cid, backing.listener.sock, backing.dial_requests(), name)
     if backing is None:
         return Rng()
     return Block(backing, name=name, serial=f"pyvmm-{name}")
@@ -113,6 +157,10 @@ def _backend(name: str, backing: Backing, mac: bytes | None) -> VirtioDevice:
 def _tap_spec(nic: Nic, mac: bytes | None) -> TapSpec:
     tap = nic.tap
     return TapSpec(tap.fd, tap.name, tap.created, mac.hex() if mac else None, nic.vhost_fd)
+
+
+def _vsock_spec(host: VsockHost) -> VsockSpec:
+    return VsockSpec(host.cid, host.listener.sock.fileno(), host.dialer.device_end.fileno())
 
 
 class _VmControl:
@@ -149,6 +197,7 @@ class Vmm:
         self._pause_lock = threading.Lock()
         self._paused = False
         self.control: ControlServer | None = None
+        self._vsock_host: VsockHost | None = None
         self.kvm = Kvm(config.kvm_path, self.arch.required_caps)
         try:
             self._build(console_out, console_in_fd)
@@ -234,10 +283,16 @@ class Vmm:
 
         disks = self._open_disks()
         nics = self._open_nics()
-        backings: list[Backing] = [*disks, *nics, None]
+        vsock = self.config.vsock
+        if vsock is not None:
+            assert vsock.uds is not None  # validate() saw to it
+            self._vsock_host = VsockHost.open(vsock.cid, vsock.uds)
+        vsocks = [self._vsock_host] if self._vsock_host is not None else []
+        backings: list[Backing] = [*disks, *nics, *vsocks, None]
         names = [
             *(disk_name(i) for i in range(len(disks))),
             *(f"net{i}" for i in range(len(nics))),
+            *("vsock" for _ in vsocks),
             "rng",
         ]
         macs = {f"net{i}": parse_mac(n.mac) for i, n in enumerate(self.config.nets) if n.mac}
@@ -272,7 +327,9 @@ class Vmm:
             self.pci_irqs.append((self.pci.add_device(device), line.gsi))
         if self.config.sandbox:
             for backing in backings:
-                if backing is not None:
+                if isinstance(backing, VsockHost):
+                    backing.handed_over()
+                elif backing is not None:
                     backing.close()  # the device processes have the images and TAPs now
             self._starter = threading.Thread(target=self._start_devices, name="device start")
             self._starter.start()
@@ -305,9 +362,10 @@ class Vmm:
             ram=[(r.guest_addr, r.size) for r in self.mem.ram_regions],
             intx=(intx.gsi, intx.fd, intx.resample_fd),
             disk=None
-            if backing is None or isinstance(backing, Nic)
+            if backing is None or isinstance(backing, Nic | VsockHost)
             else DiskSpec(backing.fd, backing.path, backing.writable, f"pyvmm-{name}"),
             tap=_tap_spec(backing, mac) if isinstance(backing, Nic) else None,
+            vsock=_vsock_spec(backing) if isinstance(backing, VsockHost) else None,
             policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
             jail=True,
@@ -425,6 +483,9 @@ class Vmm:
         starter = getattr(self, "_starter", None)
         if starter is not None:
             starter.join(STOP_TIMEOUT_S)  # its waits end once the processes are gone
+        if self._vsock_host is not None:
+            self._vsock_host.close()
+            self._vsock_host = None
         for line in getattr(self, "_intx_lines", []):
             line.close()
         ring = getattr(self, "coalesced", None)

@@ -61,6 +61,13 @@ class TapSpec:
 
 
 @dataclass
+class VsockSpec:
+    cid: int
+    listener: int  # where host programs connect
+    dialer: int  # the device's end of the VMM's dialer (pyvmm.vsock.dialer)
+
+
+@dataclass
 class DeviceSpec:
     """What a device process is to be: the VMM writes it, the process reads it from argv."""
 
@@ -75,6 +82,7 @@ class DeviceSpec:
     bars: list[tuple[int, int, int]] = field(default_factory=list)
     disk: DiskSpec | None = None
     tap: TapSpec | None = None
+    vsock: VsockSpec | None = None
     policy_dir: str | None = None  # where <kind>.policy is; None: no seccomp filter
     log_failures: bool = False
     jail: bool = False
@@ -87,12 +95,14 @@ class DeviceSpec:
         data = json.loads(text)
         disk = data.pop("disk")
         tap = data.pop("tap")
+        vsock = data.pop("vsock")
         spec = cls(**data)
         spec.ram = [(int(a), int(s)) for a, s in spec.ram]
         spec.intx = (int(spec.intx[0]), int(spec.intx[1]), int(spec.intx[2]))
         spec.bars = [(int(i), int(a), int(s)) for i, a, s in spec.bars]
         spec.disk = DiskSpec(**disk) if disk is not None else None
         spec.tap = TapSpec(**tap) if tap is not None else None
+        spec.vsock = VsockSpec(**vsock) if vsock is not None else None
         return spec
 
 
@@ -148,6 +158,17 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
         if spec.tap.vhost_fd is None:
             raise ValueError("a vhost-net device needs /dev/vhost-net")
         return VhostNet(tap, Vhost(spec.tap.vhost_fd), spec.name, mac)
+    if spec.kind == "vsock_device":
+        import socket
+
+        from pyvmm.devices.virtio.vsock import Vsock
+        from pyvmm.vsock.dialer import DialRequests
+
+        if spec.vsock is None:
+            raise ValueError("a vsock device needs its host sockets")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, spec.vsock.listener)
+        dialer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, spec.vsock.dialer)
+        return Vsock(spec.vsock.cid, listener, DialRequests(dialer), spec.name)
     if spec.kind == "rng_device":
         from pyvmm.devices.virtio.rng import Rng
 

@@ -306,6 +306,8 @@ def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
         fds.append(spec.tap.fd)
         if spec.tap.vhost_fd is not None:
             fds.append(spec.tap.vhost_fd)
+    if spec.vsock is not None:
+        fds += [spec.vsock.listener, spec.vsock.dialer]
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "pyvmm.devices.child", spec.to_json()],

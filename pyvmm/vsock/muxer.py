@@ -209,8 +209,11 @@ class Muxer:
         self._ready.clear()
 
     def close(self) -> None:
+        """Close every stream, the epoll fd and the listening socket (the device's to close)."""
         self.reset()
         self._epoll.close()
+        if self._listener is not None:
+            self._listener.close()
 
     # ---- the guest's side ----
 

@@ -96,10 +96,14 @@ class Vsock(VirtioDevice):
         self._reset_event_due = False
 
     def close(self) -> None:
+        """Idempotent: the device process closes its device when told to and on its way out."""
+        if self._more < 0:
+            return
         self.muxer.close()
         if self._dialer is not None:
             self._dialer.close()
         os.close(self._more)
+        self._more = -1
 
     # ---- the guest's packets ----
 
