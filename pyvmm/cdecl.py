@@ -40,7 +40,7 @@ DECLARING_MODULES = [
     "pyvmm.devices.virtio.block",
     "pyvmm.devices.virtio.net",
     "pyvmm.net.tap",
-    "pyvmm.net.vhost",
+    "pyvmm.vhost",
     "pyvmm.vsock.packet",
     "pyvmm.devices.virtio.pci",
     "pyvmm.native.fences",

@@ -33,9 +33,9 @@ from pyvmm.loader import CmdlineError, InitrdError, KernelLoadError
 from pyvmm.memory import GuestMemoryError
 from pyvmm.native.helpers import HelperError
 from pyvmm.net.tap import TapError
-from pyvmm.net.vhost import VhostError
 from pyvmm.sandbox.seccomp import SeccompError
 from pyvmm.unix_listener import ListenerError
+from pyvmm.vhost import VhostError
 
 if TYPE_CHECKING:
     from pyvmm.vmm import Vmm
@@ -152,12 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cid",
         type=int,
         metavar="N",
-        help="give the guest a virtio-vsock device with context ID N (3 or more)",
+        help="give the guest a virtio-vsock device with context ID N (3 or more): run by the "
+        "host kernel's vhost-vsock (host programs use AF_VSOCK), or by pyvmm with --vsock-uds",
     )
     run.add_argument(
         "--vsock-uds",
         metavar="PATH",
-        help="host programs reach the guest's vsock ports through a Unix socket at PATH "
+        help="pyvmm's own vsock device: host programs reach the guest's ports through a Unix "
+        "socket at PATH "
         "(connect, send 'CONNECT <port>\\n', read 'OK <host port>\\n'); the guest's "
         "connections to host port P go to PATH_P",
     )

@@ -65,7 +65,9 @@ class NetConfig:
 @dataclass(frozen=True)
 class VsockConfig:
     """The guest's virtio-vsock device: its context ID (`--cid`), and the Unix socket host
-    programs reach it through (`--vsock-uds`; guest connections to host port P go to PATH_P)."""
+    programs reach it through (`--vsock-uds`; guest connections to host port P go to PATH_P),
+    which pyvmm's own device serves. Without it the host kernel's vhost-vsock runs the device
+    and host programs use AF_VSOCK sockets."""
 
     cid: int
     uds: str | None = None
@@ -163,10 +165,7 @@ def _check_vsock(vsock: VsockConfig) -> None:
     if why is not None:
         raise ConfigError(f"--cid {vsock.cid}: {why}")
     if vsock.uds is None:
-        raise ConfigError(
-            f"--cid {vsock.cid}: needs --vsock-uds PATH, the Unix socket host programs reach "
-            "the guest through"
-        )
+        return  # vhost-vsock: host programs use AF_VSOCK (the VMM checks /dev/vhost-vsock)
     check_listener_path(vsock.uds, VSOCK_UDS_FLAG)
     try:
         check_dial_path(vsock.uds)

@@ -33,6 +33,7 @@ from pyvmm.devices.virtio.net import Net
 from pyvmm.devices.virtio.pci import VirtioPciDevice, plain_bar_sizes
 from pyvmm.devices.virtio.rng import Rng
 from pyvmm.devices.virtio.vhost_net import VhostNet
+from pyvmm.devices.virtio.vhost_vsock import VhostVsock
 from pyvmm.devices.virtio.vsock import Vsock
 from pyvmm.disk import Disk, open_disk
 from pyvmm.kvm import Kvm, Vcpu, Vm
@@ -44,12 +45,19 @@ from pyvmm.memory import GuestMemory, shmem_huge_pages
 from pyvmm.net import parse_mac
 from pyvmm.net.host import configure as configure_host_side
 from pyvmm.net.tap import Tap
-from pyvmm.net.vhost import VHOST_NET_PATH, Vhost, VhostError, open_vhost_net
 from pyvmm.ratelimit import flush_all as flush_guest_logs
 from pyvmm.sandbox.seccomp import load_filter, policy_dir
 from pyvmm.terminal import StdinPump
 from pyvmm.unix_listener import UnixListener
 from pyvmm.vcpu_threads import VcpuThreads, VmExit
+from pyvmm.vhost import (
+    VHOST_NET_PATH,
+    VHOST_VSOCK_PATH,
+    Vhost,
+    VhostError,
+    open_vhost,
+    open_vhost_net,
+)
 from pyvmm.vsock.dialer import Dialer, DialRequests
 
 __all__ = ["SuspendError", "VmExit", "Vmm", "disk_name"]
@@ -127,9 +135,38 @@ class VsockHost:
         self.dialer.close()
 
 
-# What each virtio device is backed by: a disk image, a NIC's TAP, the vsock host side, or
-# nothing (the rng).
-Backing = Disk | Nic | VsockHost | None
+@dataclass
+class VsockKernel:
+    """/dev/vhost-vsock with the guest's CID claimed: the host kernel runs the vsock device."""
+
+    cid: int
+    vhost_fd: int
+
+    @classmethod
+    def open(cls, cid: int) -> VsockKernel:
+        flag = f"--cid {cid}"
+        fd = open_vhost(VHOST_VSOCK_PATH, flag)
+        if fd is None:
+            raise VhostError(
+                f"{flag}: {VHOST_VSOCK_PATH} does not exist (load it: modprobe vhost_vsock), "
+                "and without it host programs need pyvmm's own device: --vsock-uds PATH"
+            )
+        try:
+            Vhost(fd, "vhost-vsock").set_guest_cid(cid, flag)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(cid, fd)
+
+    def close(self) -> None:
+        if self.vhost_fd >= 0:
+            os.close(self.vhost_fd)
+            self.vhost_fd = -1
+
+
+# What each virtio device is backed by: a disk image, a NIC's TAP, the vsock host side (pyvmm's
+# or the kernel's), or nothing (the rng).
+Backing = Disk | Nic | VsockHost | VsockKernel | None
 
 
 def _device_kind(backing: Backing) -> str:
@@ -138,6 +175,8 @@ def _device_kind(backing: Backing) -> str:
         return "net_device" if backing.vhost_fd is None else "vhost_net_device"
     if isinstance(backing, VsockHost):
         return "vsock_device"
+    if isinstance(backing, VsockKernel):
+        return "vhost_vsock_device"
     return "rng_device" if backing is None else "block_device"
 
 
@@ -149,6 +188,10 @@ def _backend(name: str, backing: Backing, mac: bytes | None) -> VirtioDevice:
         return Net(backing.tap, name, mac)
     if isinstance(backing, VsockHost):
         return Vsock(backing.cid, backing.listener.sock, backing.dial_requests(), name)
+    if isinstance(backing, VsockKernel):
+        vhost = Vhost(backing.vhost_fd, "vhost-vsock")
+        backing.vhost_fd = -1  # the device's now
+        return VhostVsock(backing.cid, vhost, name)
     if backing is None:
         return Rng()
     return Block(backing, name=name, serial=f"pyvmm-{name}")
@@ -159,7 +202,9 @@ def _tap_spec(nic: Nic, mac: bytes | None) -> TapSpec:
     return TapSpec(tap.fd, tap.name, tap.created, mac.hex() if mac else None, nic.vhost_fd)
 
 
-def _vsock_spec(host: VsockHost) -> VsockSpec:
+def _vsock_spec(host: VsockHost | VsockKernel) -> VsockSpec:
+    if isinstance(host, VsockKernel):
+        return VsockSpec(host.cid, vhost_fd=host.vhost_fd)
     return VsockSpec(host.cid, host.listener.sock.fileno(), host.dialer.device_end.fileno())
 
 
@@ -284,10 +329,12 @@ class Vmm:
         disks = self._open_disks()
         nics = self._open_nics()
         vsock = self.config.vsock
-        if vsock is not None:
-            assert vsock.uds is not None  # validate() saw to it
+        vsocks: list[Backing] = []
+        if vsock is not None and vsock.uds is not None:
             self._vsock_host = VsockHost.open(vsock.cid, vsock.uds)
-        vsocks = [self._vsock_host] if self._vsock_host is not None else []
+            vsocks.append(self._vsock_host)
+        elif vsock is not None:
+            vsocks.append(VsockKernel.open(vsock.cid))
         backings: list[Backing] = [*disks, *nics, *vsocks, None]
         names = [
             *(disk_name(i) for i in range(len(disks))),
@@ -362,10 +409,10 @@ class Vmm:
             ram=[(r.guest_addr, r.size) for r in self.mem.ram_regions],
             intx=(intx.gsi, intx.fd, intx.resample_fd),
             disk=None
-            if backing is None or isinstance(backing, Nic | VsockHost)
+            if backing is None or isinstance(backing, Nic | VsockHost | VsockKernel)
             else DiskSpec(backing.fd, backing.path, backing.writable, f"pyvmm-{name}"),
             tap=_tap_spec(backing, mac) if isinstance(backing, Nic) else None,
-            vsock=_vsock_spec(backing) if isinstance(backing, VsockHost) else None,
+            vsock=_vsock_spec(backing) if isinstance(backing, VsockHost | VsockKernel) else None,
             policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
             jail=True,

@@ -63,8 +63,9 @@ class TapSpec:
 @dataclass
 class VsockSpec:
     cid: int
-    listener: int  # where host programs connect
-    dialer: int  # the device's end of the VMM's dialer (pyvmm.vsock.dialer)
+    listener: int | None = None  # where host programs connect (pyvmm's own device)
+    dialer: int | None = None  # the device's end of the VMM's dialer (pyvmm.vsock.dialer)
+    vhost_fd: int | None = None  # /dev/vhost-vsock with the CID claimed (the kernel's device)
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
         from pyvmm.devices.virtio.net import Net
         from pyvmm.devices.virtio.vhost_net import VhostNet
         from pyvmm.net.tap import Tap
-        from pyvmm.net.vhost import Vhost
+        from pyvmm.vhost import Vhost
 
         if spec.tap is None:
             raise ValueError("a net device needs a TAP")
@@ -164,11 +165,18 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
         from pyvmm.devices.virtio.vsock import Vsock
         from pyvmm.vsock.dialer import DialRequests
 
-        if spec.vsock is None:
+        if spec.vsock is None or spec.vsock.listener is None or spec.vsock.dialer is None:
             raise ValueError("a vsock device needs its host sockets")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, spec.vsock.listener)
         dialer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, spec.vsock.dialer)
         return Vsock(spec.vsock.cid, listener, DialRequests(dialer), spec.name)
+    if spec.kind == "vhost_vsock_device":
+        from pyvmm.devices.virtio.vhost_vsock import VhostVsock
+        from pyvmm.vhost import Vhost
+
+        if spec.vsock is None or spec.vsock.vhost_fd is None:
+            raise ValueError("a vhost-vsock device needs /dev/vhost-vsock")
+        return VhostVsock(spec.vsock.cid, Vhost(spec.vsock.vhost_fd, "vhost-vsock"), spec.name)
     if spec.kind == "rng_device":
         from pyvmm.devices.virtio.rng import Rng
 

@@ -307,7 +307,8 @@ def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
         if spec.tap.vhost_fd is not None:
             fds.append(spec.tap.vhost_fd)
     if spec.vsock is not None:
-        fds += [spec.vsock.listener, spec.vsock.dialer]
+        vsock = spec.vsock
+        fds += [fd for fd in (vsock.listener, vsock.dialer, vsock.vhost_fd) if fd is not None]
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "pyvmm.devices.child", spec.to_json()],

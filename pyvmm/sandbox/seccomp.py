@@ -140,6 +140,7 @@ EXTRA_CONSTANTS = {
     "VHOST_SET_VRING_KICK": 0x4008AF20,
     "VHOST_SET_VRING_CALL": 0x4008AF21,
     "VHOST_NET_SET_BACKEND": 0x4008AF30,
+    "VHOST_VSOCK_SET_RUNNING": 0x4004AF61,
 }
 # Prefixes of the names taken from the standard library's modules (their values are this
 # machine's, as the C library's headers have them).

@@ -132,11 +132,11 @@ class VirtioDevice(abc.ABC):
         timer), each with what to call when it is readable. Called once after `activate`."""
         return {}
 
-    def take_notifications(self, notify: dict[int, int]) -> bool:
+    def take_notifications(self, notify: dict[int, int]) -> set[int]:
         """Offered after `activate`: the eventfds the driver's notifications arrive on, by queue.
-        A device whose queues a kernel backend runs (vhost) takes them and returns True; the
-        worker then leaves those queues alone. By default the worker keeps them."""
-        return False
+        A device whose queues a kernel backend runs (vhost) takes theirs and returns those
+        queues' indexes; the worker then leaves them alone. By default the worker keeps all."""
+        return set()
 
     def park(self) -> None:  # noqa: B027
         """The worker is parking (the VM is being suspended): stop whatever runs the queues

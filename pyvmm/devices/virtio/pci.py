@@ -584,9 +584,9 @@ class VirtioPciDevice(PciDevice):
         queues = {index: queue for index, (queue, _) in active.items()}
         self.device.activate(self.mem, self.interrupt, queues, self.driver_features)
         notify = {index: fd for index, (_, fd) in active.items()}
-        kernel_runs_queues = self.device.take_notifications(notify)
+        kernel_runs = self.device.take_notifications(notify)
         watched: dict[int, tuple[SplitQueue, int | None]] = {
-            index: (queue, None if kernel_runs_queues else fd)
+            index: (queue, None if index in kernel_runs else fd)
             for index, (queue, fd) in active.items()
         }
         self._worker = QueueWorker(self.device, watched, self.interrupt, self._worker_control)

@@ -14,8 +14,9 @@ import pytest
 from pyvmm.devices.virtio.net import RX, TX, NetFeature
 from pyvmm.devices.virtio.vhost_net import VhostNet
 from pyvmm.memory import GuestMemory
-from pyvmm.net.vhost import VHOST_FILE_UNBIND, Vhost
-from tests.unit.devices.virtio.test_net import MAC, VERSION_1, FakeTap, Interrupts, QueueDriver
+from pyvmm.vhost import VHOST_FILE_UNBIND, Vhost
+from tests.unit.devices.virtio.rings import Interrupts, QueueDriver
+from tests.unit.devices.virtio.test_net import MAC, VERSION_1, FakeTap
 
 MiB = 1 << 20
 VHOST_FEATURES = VERSION_1 | NetFeature.MRG_RXBUF | (1 << 29) | (1 << 28)
@@ -60,6 +61,9 @@ class FakeVhost(Vhost):
     def set_backend(self, index: int, fd: int) -> None:
         self.calls.append(("backend", index, fd))
 
+    def set_running(self, running: bool) -> None:
+        self.calls.append(("running", running))
+
 
 @pytest.fixture
 def mem() -> Iterator[GuestMemory]:
@@ -80,7 +84,7 @@ def test_activation_gives_vhost_the_rings_and_the_tap(mem: GuestMemory) -> None:
     dev.activate(mem, irq, queues, features)
     kicks = {RX: os.eventfd(0), TX: os.eventfd(0)}
     try:
-        assert dev.take_notifications(kicks) is True  # the worker leaves them to vhost
+        assert dev.take_notifications(kicks) == {RX, TX}  # the worker leaves them to vhost
         base = mem.host_address(0, MiB)
         calls = vhost.calls
         assert calls[0] == ("owner",)  # at the first activation: the device's own process
@@ -110,10 +114,10 @@ def test_activation_gives_vhost_the_rings_and_the_tap(mem: GuestMemory) -> None:
         ]
         del vhost.calls[:]
         dev.reset()
-        assert vhost.calls == [
+        assert vhost.calls == [  # the TAP off every ring, then the rings stopped
             ("backend", RX, VHOST_FILE_UNBIND),
-            ("stop", RX),
             ("backend", TX, VHOST_FILE_UNBIND),
+            ("stop", RX),
             ("stop", TX),
         ]
     finally:

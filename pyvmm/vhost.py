@@ -1,11 +1,12 @@
-"""vhost-net: the host kernel runs a virtio-net device's queues (/dev/vhost-net), as crosvm and
-QEMU use it where it exists. The VMM hands it guest memory (as a table of this process's
-mappings), each queue's rings, size and next index, the eventfd the guest's notifications
-arrive on (kick), the eventfd it signals used buffers on (call), and the TAP; frames then move
-between the TAP and guest memory without waking the VMM.
+"""vhost: the host kernel runs a virtio device's queues, as crosvm and QEMU use it where it
+exists: vhost-net (/dev/vhost-net) for a NIC, vhost-vsock (/dev/vhost-vsock) for vsock. The VMM
+hands it guest memory (as a table of this process's mappings), each queue's rings, size and next
+index, the eventfd the guest's notifications arrive on (kick) and the eventfd it signals used
+buffers on (call); then the NIC's TAP (vhost-net), or the guest's CID and the go-ahead
+(vhost-vsock). Data then moves without waking the VMM.
 
 The structs and ioctl numbers are declared from <linux/vhost.h> and <linux/vhost_types.h>
-(tests/unit/net/test_vhost.py checks them against the headers). Every ioctl is on an fd the
+(tests/unit/test_vhost.py checks them against the headers). Every ioctl is on an fd the
 caller opened: a jailed device process receives the vhost fd ready-made, and becomes its owner
 (VHOST_SET_OWNER binds it to the calling process's memory) before its filter goes in.
 """
@@ -13,6 +14,7 @@ caller opened: a jailed device process receives the vhost fd ready-made, and bec
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import os
 import struct
@@ -55,9 +57,11 @@ ffi: Any = declare(
 )
 
 VHOST_NET_PATH = "/dev/vhost-net"
+VHOST_VSOCK_PATH = "/dev/vhost-vsock"
 VHOST_VIRTIO = 0xAF
 VHOST_FILE_UNBIND = -1
 _U64 = struct.Struct("Q")
+_INT = struct.Struct("i")
 
 
 def _size(ctype: str) -> int:
@@ -79,34 +83,44 @@ class VhostIoctl(enum.IntEnum):
     VHOST_SET_VRING_KICK = ioc(IOC_WRITE, VHOST_VIRTIO, 0x20, _size("struct vhost_vring_file"))
     VHOST_SET_VRING_CALL = ioc(IOC_WRITE, VHOST_VIRTIO, 0x21, _size("struct vhost_vring_file"))
     VHOST_NET_SET_BACKEND = ioc(IOC_WRITE, VHOST_VIRTIO, 0x30, _size("struct vhost_vring_file"))
+    VHOST_VSOCK_SET_GUEST_CID = ioc(IOC_WRITE, VHOST_VIRTIO, 0x60, _U64.size)
+    VHOST_VSOCK_SET_RUNNING = ioc(IOC_WRITE, VHOST_VIRTIO, 0x61, _size("int"))
 
 
 class VhostError(Exception):
-    """vhost-net cannot be used; the message names the flag or step at fault."""
+    """vhost cannot be used; the message names the flag or step at fault."""
+
+
+def open_vhost(path: str, flag: str) -> int | None:
+    """An fd on a vhost device (`path`), or None where the host has none. Any other failure to
+    open it is a VhostError naming `flag`."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise VhostError(f"{flag}: cannot open {path}: {e.strerror}") from None
 
 
 def open_vhost_net(flag: str) -> int | None:
     """An fd on /dev/vhost-net, or None where the host has none (the userspace device is used
-    then). Any other failure to open it is a VhostError naming `flag`."""
-    try:
-        return os.open(VHOST_NET_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise VhostError(f"{flag}: cannot open {VHOST_NET_PATH}: {e.strerror}") from None
+    then)."""
+    return open_vhost(VHOST_NET_PATH, flag)
 
 
 class Vhost:
     """The ioctls on one vhost fd, each raising VhostError naming what failed."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, kind: str = "vhost-net") -> None:
+        """`kind`: what error messages call it (vhost-net, vhost-vsock)."""
         self.fd = fd
+        self.kind = kind
 
     def _ioctl(self, what: str, request: int, arg: int | bytes | bytearray = 0) -> bytes:
         try:
             out = fcntl.ioctl(self.fd, request, arg)
         except OSError as e:
-            raise VhostError(f"vhost-net: {what}: {e.strerror}") from None
+            raise VhostError(f"{self.kind}: {what}: {e.strerror}") from None
         return out if isinstance(out, bytes) else b""
 
     def set_owner(self) -> None:
@@ -181,3 +195,19 @@ class Vhost:
     def set_backend(self, index: int, fd: int) -> None:
         """The TAP behind queue `index`, or VHOST_FILE_UNBIND to stop it."""
         self._file("VHOST_NET_SET_BACKEND", VhostIoctl.VHOST_NET_SET_BACKEND, index, fd)
+
+    def set_guest_cid(self, cid: int, flag: str) -> None:
+        """vhost-vsock: claim `cid` for the guest; a VhostError naming `flag` if another VM on
+        this host has it."""
+        try:
+            fcntl.ioctl(self.fd, VhostIoctl.VHOST_VSOCK_SET_GUEST_CID, _U64.pack(cid))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise VhostError(f"{flag}: another VM on this host has CID {cid}") from None
+            raise VhostError(f"{flag}: vhost-vsock refused CID {cid}: {e.strerror}") from None
+
+    def set_running(self, running: bool) -> None:
+        """vhost-vsock: start (or stop) moving packets on the queues set up."""
+        self._ioctl(
+            "VHOST_VSOCK_SET_RUNNING", VhostIoctl.VHOST_VSOCK_SET_RUNNING, _INT.pack(running)
+        )

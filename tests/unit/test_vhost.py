@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyvmm.net.vhost import VHOST_FILE_UNBIND, VHOST_VIRTIO, VhostIoctl, ffi
+from pyvmm.vhost import VHOST_FILE_UNBIND, VHOST_VIRTIO, VhostIoctl, ffi
 from tests.cheaders import layout_facts, mismatches
 
 HEADERS = ["sys/ioctl.h", "linux/vhost.h"]
