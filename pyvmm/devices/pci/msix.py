@@ -107,6 +107,9 @@ class Msix:
             entry.vector_ctrl = VECTOR_MASKED
         self._table = ffi.buffer(self._entries)  # the entries as the guest reads and writes them
         self._pending = [False] * num_vectors
+        # Called after the driver changed what can be delivered (a mask, the enable bit, an
+        # entry): whoever hands a vector's irqfd to another signaller looks again.
+        self._watchers: list[Callable[[], None]] = []
         self.vectors = [EventFdIrq(allocate_gsi()) for _ in range(num_vectors)]
         for vector in self.vectors:
             register_irqfd(vector.fd, vector.gsi)
@@ -163,10 +166,33 @@ class Msix:
     def _fire(self, vector: int) -> None:
         self.vectors[vector].trigger()
 
+    def direct_fd(self, vector: int) -> int | None:
+        """The irqfd of `vector` while it can be delivered (MSI-X on, nothing masked): a
+        signaller that writes it raises the interrupt without this object (vhost). None while
+        the vector is masked or out of range: signals must come through `notify` then, which
+        keeps them pending."""
+        if not 0 <= vector < self.num_vectors:
+            return None
+        with self._lock:
+            return self.vectors[vector].fd if self._deliverable(vector) else None
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (not under this object's lock) whenever `direct_fd` may change."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
+
     def control_written(self) -> None:
         """Call after a config write that may have touched the message control."""
         with self._lock:
             self._flush_pending()
+        self._changed()
 
     def _flush_pending(self) -> None:
         for vector, pending in enumerate(self._pending):
@@ -195,6 +221,7 @@ class Msix:
                 address = entry.lower_addr | (entry.upper_addr << 32)
                 self._set_route(self.gsis[vector], address, entry.data)
             self._flush_pending()
+        self._changed()
 
     def pba_read(self, offset: int, data: memoryview) -> None:
         with self._lock:

@@ -67,6 +67,12 @@ class DeviceInterrupt(Protocol):
     def resample(self) -> None:
         """Called by the worker when `resample_fd` is readable."""
 
+    def direct_fd(self, queue: int) -> int | None:
+        """An eventfd that raises `queue`'s interrupt when written (None: use signal_used)."""
+
+    def watch_delivery(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` whenever `direct_fd` may have changed (None: stop)."""
+
 
 # Called when an event source is readable; returns whether to keep watching it. A source that
 # returns False (a TAP with no receive buffers to read into) is left alone until the next

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.msix import NO_VECTOR, Msix
@@ -42,6 +43,7 @@ class Interrupt:
         self.config_generation = 0
         self.config_vector = NO_VECTOR
         self.queue_vectors: dict[int, int] = {}  # queue index -> MSI-X vector, set at activation
+        self._delivery_watch: Callable[[], None] | None = None
 
     @property
     def resample_fd(self) -> int:
@@ -64,6 +66,22 @@ class Interrupt:
         with self.lock:
             self.isr |= Isr.QUEUE
             self._intx.trigger()
+
+    def direct_fd(self, queue: int) -> int | None:
+        """An eventfd that raises `queue`'s interrupt when written, for a signaller outside
+        this process's code (vhost): its MSI-X vector's irqfd while that can be delivered.
+        None with INTx (the ISR must be set) or a masked vector: use `signal_used` then."""
+        if not self._msix.enabled:
+            return None
+        return self._msix.direct_fd(self.queue_vectors.get(queue, NO_VECTOR))
+
+    def watch_delivery(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` whenever `direct_fd` may have changed (None: stop)."""
+        if self._delivery_watch is not None:
+            self._msix.unwatch(self._delivery_watch)
+        self._delivery_watch = callback
+        if callback is not None:
+            self._msix.watch(callback)
 
     def signal_config_changed(self) -> None:
         """The device changed its configuration space: a new generation and an interrupt."""

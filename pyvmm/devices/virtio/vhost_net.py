@@ -26,7 +26,7 @@ class VhostNet(Net):
     def __init__(self, tap: Tap, vhost: Vhost, name: str, mac: bytes | None) -> None:
         super().__init__(tap, name, mac)
         self.vhost = vhost
-        self._rings = VhostRings(vhost, (RX, TX))
+        self._rings = VhostRings(vhost, (RX, TX), self._warn)
 
     @property
     def device_features(self) -> int:
@@ -37,7 +37,7 @@ class VhostNet(Net):
 
     def take_notifications(self, notify: dict[int, int]) -> set[int]:
         try:
-            self._rings.start(self.mem, self.queues, self.features, notify)
+            self._rings.start(self.mem, self.queues, self.features, notify, self.interrupt)
             for index in self._rings.running:
                 self.vhost.set_backend(index, self.tap.fd)
         except VhostError as e:
@@ -52,7 +52,10 @@ class VhostNet(Net):
                 self.vhost.set_backend(index, VHOST_FILE_UNBIND)
             except VhostError as e:
                 self.guest_log.warning("vhost", "detaching the TAP from queue %d: %s", index, e)
-        self._rings.stop(lambda why: self.guest_log.warning("vhost", "%s", why))
+        self._rings.stop()
+
+    def _warn(self, why: str) -> None:
+        self.guest_log.warning("vhost", "%s", why)
 
     def event_sources(self) -> dict[int, EventHandler]:
         return self._rings.used_handlers(self.interrupt)

@@ -1,11 +1,17 @@
 """Handing a virtio device's queues to a vhost backend in the host kernel, and taking them back:
-what vhost-net and vhost-vsock devices share. vhost signals used buffers on a call eventfd per
-queue; the worker watches those and raises the queue's interrupt through the transport (MSI-X
-or INTx alike)."""
+what vhost-net and vhost-vsock devices share.
+
+vhost signals used buffers on each queue's call eventfd. While the queue's MSI-X vector can be
+delivered, that is the vector's KVM irqfd itself, so the interrupt reaches the guest without
+waking the VMM (as QEMU and crosvm do); while the vector is masked, or with INTx, it is an
+eventfd of the device's, which the worker turns into the interrupt through the transport (so a
+masked vector's interrupt stays pending, and INTx sets the ISR). The MSI-X table tells the
+rings when that changes."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 from pyvmm.devices.virtio.device import DeviceInterrupt, EventHandler
@@ -22,8 +28,13 @@ from pyvmm.vhost import Vhost, VhostError
 class VhostRings:
     """The queues `indexes` of a device, run by `vhost` while started."""
 
-    def __init__(self, vhost: Vhost, indexes: tuple[int, ...]) -> None:
+    def __init__(self, vhost: Vhost, indexes: tuple[int, ...], warn: Callable[[str], None]) -> None:
+        """`warn` says what failed where nobody waits for an answer (a re-route)."""
         self.vhost = vhost
+        self._warn = warn
+        self._lock = threading.Lock()  # re-routes come from the thread that wrote MSI-X
+        self._interrupt: DeviceInterrupt | None = None
+        self._routes: dict[int, int] = {}  # queue -> the call fd vhost has now
         self.features = vhost.features()
         # VHOST_SET_OWNER binds vhost to the calling process's memory: made at the first start,
         # in the process that runs the device (a device process's jail forks it).
@@ -38,6 +49,7 @@ class VhostRings:
         queues: dict[int, SplitQueue],
         features: int,
         notify: dict[int, int],
+        interrupt: DeviceInterrupt,
     ) -> None:
         """Give vhost the memory and each of its queues the driver enabled (raises VhostError)."""
         vhost = self.vhost
@@ -59,17 +71,45 @@ class VhostRings:
                 mem.host_address(queue.avail_ring, avail_ring_size(size)),
             )
             vhost.set_vring_kick(index, notify[index])
-            vhost.set_vring_call(index, self.calls[index])
-            self.running.append(index)
+            with self._lock:
+                vhost.set_vring_call(index, self.calls[index])
+                self._routes[index] = self.calls[index]
+                self.running.append(index)
+        self._interrupt = interrupt
+        interrupt.watch_delivery(self._reroute)
+        self._reroute()
 
-    def stop(self, warn: Callable[[str], None]) -> None:
-        """Stop every ring vhost runs (`warn` says what failed, if anything)."""
-        for index in self.running:
-            try:
-                self.vhost.get_vring_base(index)  # stops the ring
-            except VhostError as e:
-                warn(f"stopping queue {index}: {e}")
-        self.running = []
+    def _reroute(self) -> None:
+        """Give each running queue's ring the call fd that suits its interrupt now."""
+        interrupt = self._interrupt
+        if interrupt is None:
+            return
+        with self._lock:
+            for index in self.running:
+                direct = interrupt.direct_fd(index)
+                fd = self.calls[index] if direct is None else direct
+                if self._routes.get(index) == fd:
+                    continue
+                try:
+                    self.vhost.set_vring_call(index, fd)
+                except VhostError as e:
+                    self._warn(f"routing queue {index}'s interrupt: {e}")
+                    continue
+                self._routes[index] = fd
+
+    def stop(self) -> None:
+        """Stop every ring vhost runs."""
+        if self._interrupt is not None:
+            self._interrupt.watch_delivery(None)
+            self._interrupt = None
+        with self._lock:
+            for index in self.running:
+                try:
+                    self.vhost.get_vring_base(index)  # stops the ring
+                except VhostError as e:
+                    self._warn(f"stopping queue {index}: {e}")
+            self.running = []
+            self._routes = {}
 
     def used_handlers(self, interrupt: DeviceInterrupt) -> dict[int, EventHandler]:
         """The worker's handlers for the call eventfds: each raises its queue's interrupt."""

@@ -31,7 +31,7 @@ class VhostVsock(VirtioDevice):
         self.name = name
         self.cid = cid
         self.vhost = vhost
-        self._rings = VhostRings(vhost, (RX, TX))
+        self._rings = VhostRings(vhost, (RX, TX), self._warn)
         self._config = CONFIG.pack(cid)
         self._reset_event_due = False
 
@@ -51,7 +51,7 @@ class VhostVsock(VirtioDevice):
         """vhost takes the receive and transmit queues' notifications; the worker keeps the
         event queue's."""
         try:
-            self._rings.start(self.mem, self.queues, self.features, notify)
+            self._rings.start(self.mem, self.queues, self.features, notify, self.interrupt)
             self.vhost.set_running(True)
         except VhostError as e:
             self.guest_log.warning("vhost", "%s; the device needs a reset", e)
@@ -65,7 +65,10 @@ class VhostVsock(VirtioDevice):
                 self.vhost.set_running(False)
             except VhostError as e:
                 self.guest_log.warning("vhost", "%s", e)
-        self._rings.stop(lambda why: self.guest_log.warning("vhost", "%s", why))
+        self._rings.stop()
+
+    def _warn(self, why: str) -> None:
+        self.guest_log.warning("vhost", "%s", why)
 
     def event_sources(self) -> dict[int, EventHandler]:
         return self._rings.used_handlers(self.interrupt)

@@ -330,3 +330,21 @@ def test_close_releases_the_eventfds() -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_a_vectors_irqfd_is_handed_out_only_while_it_can_be_delivered(f: Function) -> None:
+    """vhost writes a vector's irqfd itself while the vector is deliverable; masking it (or the
+    function, or MSI-X off) takes the irqfd back, and whoever holds it is told each time."""
+    changes: list[int | None] = []
+    f.msix.watch(lambda: changes.append(f.msix.direct_fd(1)))
+    irqfd = f.msix.eventfds[1]
+    assert f.msix.direct_fd(1) is None  # masked and MSI-X off at reset
+    f.program(1, ADDRESS, DATA)
+    f.unmask(1)
+    f.set_control(enable=True)
+    assert f.msix.direct_fd(1) == irqfd
+    f.set_control(enable=True, function_mask=True)
+    f.set_control(enable=True)
+    f.mask(1)
+    assert changes[-4:] == [irqfd, None, irqfd, None]
+    assert f.msix.direct_fd(VECTORS) is None  # out of range

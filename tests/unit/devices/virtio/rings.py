@@ -4,6 +4,7 @@ device agree with the header rather than with each other."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pyvmm.devices.virtio.queue import SplitQueue, VirtqFlags, ffi
@@ -105,6 +106,8 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.used: list[int] = []
+        self.direct: dict[int, int] = {}
+        self.watcher: Callable[[], None] | None = None
 
     def signal_used(self, queue: int) -> None:
         self.used.append(queue)
@@ -121,3 +124,10 @@ class Interrupts:
 
     def resample(self) -> None:
         pass
+
+    def direct_fd(self, queue: int) -> int | None:
+        """Each queue's irqfd in `direct` (set by a test), else None: signal_used it is."""
+        return self.direct.get(queue)
+
+    def watch_delivery(self, callback: Callable[[], None] | None) -> None:
+        self.watcher = callback

@@ -127,3 +127,42 @@ def test_activation_gives_vhost_the_rings_and_the_tap(mem: GuestMemory) -> None:
             os.close(fd)
         dev.close()
         host.close()
+
+
+def test_vhost_signals_an_unmasked_vector_directly_and_a_masked_one_through_the_worker(
+    mem: GuestMemory,
+) -> None:
+    """While a queue's MSI-X vector can be delivered vhost writes its irqfd (no VMM wake-up);
+    once the driver masks it, vhost's signals go to the device's eventfd (kept pending)."""
+    host, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    vhost = FakeVhost()
+    dev = VhostNet(FakeTap(guest_end.detach()), vhost, "net0", MAC)
+    rx, tx = QueueDriver(mem, 0x1000, 0x20000), QueueDriver(mem, 0x4000, 0x80000)
+    queues = {RX: rx.queue(), TX: tx.queue()}
+    irq = Interrupts()
+    irqfds = {RX: 1000, TX: 1001}  # stand-ins: the fake vhost only records them
+    irq.direct = dict(irqfds)
+    dev.activate(mem, irq, queues, VERSION_1)
+    kicks = {RX: os.eventfd(0), TX: os.eventfd(0)}
+    try:
+        dev.take_notifications(kicks)
+        calls = [c for c in vhost.calls if c[0] == "call"]
+        own = {index: fd for _, index, fd in calls[:2]}  # set up first with the device's own
+        assert calls[2:] == [("call", RX, irqfds[RX]), ("call", TX, irqfds[TX])]
+        del vhost.calls[:]
+        irq.direct = {TX: irqfds[TX]}  # the driver masked RX's vector
+        assert irq.watcher is not None
+        irq.watcher()
+        assert vhost.calls == [("call", RX, own[RX])]
+        del vhost.calls[:]
+        irq.watcher()  # nothing changed: nothing done
+        assert vhost.calls == []
+        dev.reset()
+        assert irq.watcher is None  # no more re-routing once the rings stop
+    finally:
+        for q in queues.values():
+            q.release()
+        for fd in kicks.values():
+            os.close(fd)
+        dev.close()
+        host.close()
