@@ -45,9 +45,10 @@ def socket_is_live(path: str, timeout: float = PROBE_TIMEOUT) -> bool:
 class UnixListener:
     """A non-blocking listening socket at `path`."""
 
-    def __init__(self, path: str, backlog: int) -> None:
+    def __init__(self, path: str, backlog: int, flag: str = "") -> None:
+        """`flag`: what errors name before the path (the command-line flag that gave it)."""
         self.path = path
-        self.sock, self._ident = _bind(path, backlog)
+        self.sock, self._ident = _bind(path, backlog, f"{flag} {path}" if flag else path)
 
     def unlink_if_ours(self) -> None:
         """Remove the socket file, unless something else has replaced it since."""
@@ -63,7 +64,7 @@ class UnixListener:
         self.sock.close()
 
 
-def _bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
+def _bind(path: str, backlog: int, what: str) -> tuple[socket.socket, tuple[int, int]]:
     """A listening socket at `path` with mode 0600 and the (st_dev, st_ino) of its file."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -74,8 +75,8 @@ def _bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
             sock.bind(path)
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
-                raise SocketBindError(f"{path}: cannot create the socket: {_reason(e)}") from None
-            _remove_stale(path)
+                raise SocketBindError(f"{what}: cannot create the socket: {_reason(e)}") from None
+            _remove_stale(path, what)
             sock.bind(path)
         st = os.lstat(path)
         if stat.S_IMODE(st.st_mode) != SOCKET_MODE:
@@ -85,19 +86,19 @@ def _bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        raise SocketBindError(f"{path}: cannot create the socket: {_reason(e)}") from None
+        raise SocketBindError(f"{what}: cannot create the socket: {_reason(e)}") from None
     except BaseException:
         sock.close()
         raise
     return sock, (st.st_dev, st.st_ino)
 
 
-def _remove_stale(path: str) -> None:
+def _remove_stale(path: str, what: str) -> None:
     """Unlink a socket nobody listens on; raise SocketInUseError if someone does."""
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise SocketBindError(f"{path}: exists and is not a socket")
+        raise SocketBindError(f"{what}: exists and is not a socket")
     if socket_is_live(path):
-        raise SocketInUseError(f"{path}: another VM is listening there")
+        raise SocketInUseError(f"{what}: another VM is listening there")
     os.unlink(path)
 
 

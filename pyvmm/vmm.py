@@ -113,7 +113,7 @@ class VsockHost:
     def open(cls, cid: int, path: str) -> VsockHost:
         dialer = Dialer(path)
         try:
-            listener = UnixListener(path, VSOCK_BACKLOG)
+            listener = UnixListener(path, VSOCK_BACKLOG, "--vsock-uds")
         except BaseException:
             dialer.close()
             raise

@@ -146,6 +146,7 @@ class Dialer:
         """Stop serving: the thread ends when it sees the socket shut."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=1.0)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=1.0)
         self._sock.close()
         self.device_end.close()
