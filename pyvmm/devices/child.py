@@ -11,6 +11,7 @@ eventfds and guest memory this process holds: the VMM sees only register traffic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -276,14 +277,16 @@ def _one_line(exc: BaseException) -> str:
 NOBODY = (65534, 65534)
 
 
-def _jail(spec: DeviceSpec) -> None:
+def _jail(spec: DeviceSpec, new_fds: int) -> None:
     """Enter the jail (pyvmm.sandbox.jail), keeping every fd this process holds by now: the
-    spawner passed it only the device's, and building the device made the rest."""
+    spawner passed it only the device's, and building the device made the rest; `new_fds` is
+    the room the device needs for more."""
     from pyvmm.sandbox.jail import JailSpec, enter_jail, held_fds
 
     run_as = NOBODY if os.geteuid() == 0 else None
     name = f"virtio {spec.name}"
-    enter_jail(JailSpec(name, spec.parent_pid, held_fds(), run_as=run_as, threads=True))
+    jail = JailSpec(name, spec.parent_pid, held_fds(), run_as=run_as, threads=True)
+    enter_jail(dataclasses.replace(jail, new_fds=new_fds))
 
 
 def main(argv: list[str]) -> int:
@@ -311,7 +314,7 @@ def main(argv: list[str]) -> int:
         # this one holds a number for it until then.
         placeholder = os.dup(2) if spec.log_failures and seccomp_filter is not None else None
         if spec.jail:
-            _jail(spec)
+            _jail(spec, server.device.device.new_fds)
         listener = None
         if seccomp_filter is not None:
             if placeholder is not None:

@@ -30,7 +30,8 @@ the very last step. Afterwards nothing can be imported (there is no file system)
 9. rlimits, in the child: no core dumps, no new process or thread (RLIMIT_NPROC 0, enforced
    only once the capabilities are gone: hence after 6; unless the process is to start
    threads, see `JailSpec.threads`), and no new fd: holes below the highest kept fd are filled
-   with inert fds and RLIMIT_NOFILE is set just above it.
+   with inert fds and RLIMIT_NOFILE is set just above it (above it by `JailSpec.new_fds` for a
+   device that accepts sockets).
 
 Every failure raises JailError, one line naming the device, the step and the reason.
 """
@@ -146,6 +147,9 @@ class JailSpec:
     # will start threads (a device's worker) leaves it alone, and its seccomp policy, which
     # lets clone make threads only, is what forbids a new process.
     threads: bool = False
+    # Room for fds made after the jail (sockets a device accepts or is handed): RLIMIT_NOFILE
+    # is this much above the highest kept fd.
+    new_fds: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ class JailReport:
     host_uid: int
     host_gid: int
     nproc_enforced: bool  # False for host uid 0, which the kernel exempts: only seccomp stops fork
-    fd_limit: int  # RLIMIT_NOFILE: every fd below it is open
+    fd_limit: int  # RLIMIT_NOFILE: every fd below it is open, or free for new_fds
     closed_fds: tuple[int, ...]  # fds held but not kept (the spawner leaked them), now closed
     filled_fds: tuple[int, ...]  # holes below the highest kept fd, now inert fds
 
@@ -180,7 +184,7 @@ def enter_jail(spec: JailSpec) -> JailReport:
     _prctl(name, "no_new_privs", Prctl.SET_NO_NEW_PRIVS, 1)
     _fork_into_pid_namespace(name)
     filled = _fill_fd_holes(name, kept)
-    limit = max(kept) + 1
+    limit = max(kept) + 1 + spec.new_fds
     with _step(name, "rlimits"):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if not spec.threads:

@@ -34,8 +34,11 @@ from pyvmm.vsock.packet import HEADER_SIZE, HOST_CID, TYPE_STREAM, Header, Op, S
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256  # streams, dials and handshakes together
 MAX_HANDSHAKES = 64
+# The fds the muxer may hold at once beyond those it starts with: a socket per stream, dial or
+# handshake, and one more that accept() or a dialer reply may bring in before it is refused.
+MAX_STREAM_FDS = MAX_CONNECTIONS + 1
 MAX_CONTROL = 4096
 MAX_LINE = 64  # "CONNECT 4294967295\n" and room to spare
 MAX_PAYLOAD = 64 * 1024  # per packet to the guest
@@ -82,6 +85,7 @@ class Muxer:
         self._listener = listener
         self._dialer = dialer
         self._handlers: dict[int, Callable[[int], None]] = {}
+        self._listening = listener is not None
         if listener is not None:
             listener.setblocking(False)
             self._register(listener.fileno(), _IN, self._accept)
@@ -315,7 +319,13 @@ class Muxer:
             except (BlockingIOError, ConnectionAbortedError):
                 return
             except OSError as e:
-                log.warning("vsock: accepting a host connection failed: %s", e.strerror)
+                # Out of fds (EMFILE, ENFILE) or memory: the program waits in the listener's
+                # queue until a stream ends; the listener is not watched until then (it would
+                # stay readable, and the worker would spin on it).
+                log.warning("vsock: accepting a host connection failed: %s; host programs wait "
+                            "until a stream ends", e.strerror)  # fmt: skip
+                self._unregister(self._listener.fileno())
+                self._listening = False
                 return
             if len(self._handshakes) >= MAX_HANDSHAKES or self._streams() >= MAX_CONNECTIONS:
                 sock.close()
@@ -478,6 +488,9 @@ class Muxer:
             self._unregister(fd)
             del self._watched[fd]
         conn.close()
+        if not self._listening and self._listener is not None:
+            self._register(self._listener.fileno(), _IN, self._accept)
+            self._listening = True
 
     def _watch(self, conn: Connection) -> None:
         """Watch `conn`'s socket for what it can do next: data to read (when the guest has

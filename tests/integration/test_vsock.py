@@ -29,21 +29,10 @@ from tests.integration.conftest import ROOT, Run, needs_kvm, save_serial_log, wa
 
 pytestmark = needs_kvm
 
-# The jailed device process takes no host stream yet (each variant fails fast): its seccomp
-# policy tests accept4's arg2 (the address length; the flags are arg3), so the first host program
-# kills it with SIGSYS; getsockname and getsockopt (CPython's socket() on an accepted or received
-# fd) are not allowed; and RLIMIT_NOFILE just above its kept fds leaves no number for an accepted
-# socket (EMFILE, retried and logged in a busy loop) or for a dialed one passed by SCM_RIGHTS
-# (dropped: the guest's connect is answered with RST). Strict: remove this once it is fixed.
-JAILED_VSOCK_TAKES_NO_STREAM = pytest.mark.xfail(
-    strict=True,
-    reason="the jailed vsock device: accept4 policy on arg2, no getsockname/getsockopt, "
-    "RLIMIT_NOFILE with no free fd",
-)
 BOTH_MODES = pytest.mark.parametrize(
     "mode",
     [
-        pytest.param([], id="process", marks=JAILED_VSOCK_TAKES_NO_STREAM),
+        pytest.param([], id="process"),
         pytest.param(["--disable-sandbox"], id="thread"),
     ],
 )

@@ -165,6 +165,12 @@ class VirtioDevice(abc.ABC):
         """Where the guest now has each shared memory region, by id (None: not reachable); the
         device maps its memory there."""
 
+    @property
+    def new_fds(self) -> int:
+        """How many fds the device may make while it runs (sockets it accepts or is handed),
+        beyond those it holds when built: a jailed device process has room for no more."""
+        return 0
+
     def keep_fds(self) -> list[int]:
         """The host fds the device holds (backing files, sockets): what a device process will
         need besides guest memory and its queues' eventfds."""

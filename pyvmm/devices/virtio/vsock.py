@@ -26,7 +26,7 @@ from pyvmm.devices.virtio.device import (
 from pyvmm.devices.virtio.iov import read_at, views_at, write_at
 from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
 from pyvmm.vsock.dialer import DialRequests
-from pyvmm.vsock.muxer import Muxer
+from pyvmm.vsock.muxer import MAX_STREAM_FDS, Muxer
 from pyvmm.vsock.packet import CONFIG, EVENT, EVENT_TRANSPORT_RESET, HEADER_SIZE, Header
 
 RX, TX, EVENTS = 0, 1, 2
@@ -70,6 +70,10 @@ class Vsock(VirtioDevice):
 
     def event_sources(self) -> dict[int, EventHandler]:
         return {self.muxer.fileno(): self._host_events, self._more: self._come_back}
+
+    @property
+    def new_fds(self) -> int:
+        return MAX_STREAM_FDS
 
     def keep_fds(self) -> list[int]:
         return [*self.muxer.keep_fds(), self._more]
