@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,12 +236,7 @@ def test_the_guest_connects_to_a_host_listener(guest: Guest, path: str) -> None:
     server.settimeout(5)
     guest.send(Op.REQUEST, 40000, 5678)
     conn, _ = server.accept()
-    got: list[tuple[Header, bytes]] = []
-    for _ in range(100):
-        got += guest.receive()
-        if got:
-            break
-        conn.settimeout(0.01)
+    got = wait_for(guest)  # the dialer answers from its thread
     assert [(h.op, h.src_port, h.dst_port) for h, _ in got] == [(Op.RESPONSE, 5678, 40000)]
     guest.send(Op.RW, 40000, 5678, b"from the guest")
     conn.settimeout(5)
@@ -250,12 +246,14 @@ def test_the_guest_connects_to_a_host_listener(guest: Guest, path: str) -> None:
     server.close()
 
 
-def wait_for(guest: Guest) -> list[tuple[Header, bytes]]:
-    for _ in range(500):
+def wait_for(guest: Guest, timeout: float = 10.0) -> list[tuple[Header, bytes]]:
+    """The next packets for the guest, once there are any (an answer from another thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         got = guest.receive()
         if got:
             return got
-        os.sched_yield()
+        time.sleep(0.001)
     return []
 
 
