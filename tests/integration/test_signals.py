@@ -76,8 +76,11 @@ def test_a_stop_signal_restores_the_terminal_and_removes_the_socket(
 # Sends a signal to this very process when pyvmm starts importing `module`, then runs pyvmm's
 # entry point as the `pyvmm` script does: a stop signal at a chosen moment of the start-up.
 _SIGNAL_DURING_IMPORT = """
-import os, sys
+import os, signal, sys
 from importlib.abc import MetaPathFinder
+
+# As an interactive shell starts it: a background job of a script inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 module, signum = sys.argv[1], int(sys.argv[2])
 sys.argv[1:3] = []
