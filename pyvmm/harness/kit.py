@@ -8,6 +8,7 @@ was resolved; `PYVMM_KIT_REFRESH=1` resolves again). Layout of the cache:
     kernel/<version>/root/       the extracted linux-image package, depmod'ed
     kernel/<version>/vmlinux     the ELF kernel, extracted from the bzImage
     busybox/<package file>/busybox
+    helpers/<name>-<key>         small static programs for the guest, compiled from guest/linux
     initramfs/<name>-<key>.cpio.gz
     kit.json  .lock
 
@@ -50,6 +51,7 @@ DEBS_DIR = "debs"
 KERNEL_DIR = "kernel"
 BUSYBOX_DIR = "busybox"
 INITRAMFS_DIR = "initramfs"
+HELPERS_DIR = "helpers"
 VMLINUX_FILE = "vmlinux"
 BUSYBOX_FILE = "busybox"
 
@@ -69,6 +71,7 @@ TOOL_PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "zstd": "zstd",
     "lz4": "lz4",
+    "gcc": "gcc",
 }
 # apt's complaints that mean "the package lists are stale or missing": apt-get update may help.
 APT_UNKNOWN_PACKAGE = (
@@ -97,6 +100,15 @@ DECOMPRESS_ERRORS = (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError)
 MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 MODULES_DEP = "modules.dep"
 MODULES_BUILTIN = "modules.builtin"
+
+# The guest's helper programs: one C file each, static (glibc's libc.a), stripped. The guest
+# kernel is x86_64, so the result must be an x86_64 ELF (e_machine in the ELF header).
+HELPER_CFLAGS = ("-static", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-s")
+HELPER_KEY_FORMAT = b"pyvmm-helper-1"  # bump when the way helpers are built changes
+ELF_MACHINE_OFFSET = 18
+ELF_MACHINE_X86_64 = 62
+ELF_MACHINE_END = ELF_MACHINE_OFFSET + 2
+NO_STATIC_LIBC = "cannot find -lc"
 
 # The initramfs.
 INITRAMFS_KEY_FORMAT = b"pyvmm-initramfs-1"  # bump when the image layout changes
@@ -710,6 +722,58 @@ class GuestKit:
     def busybox(self) -> Path:
         """The static busybox binary from Debian's busybox-static."""
         return self._busybox_entry()[0]
+
+    # -- helpers
+
+    def build_helper(self, source: Path) -> Path:
+        """A static x86_64 program compiled by gcc from the one C file `source`, cached by a
+        hash of the source, the flags and the compiler (helpers/<name>-<key>)."""
+        gcc = find_tool("gcc")
+        try:
+            code = source.read_bytes()
+        except OSError as e:
+            raise KitError(f"guest helper {source}: {e.strerror}") from e
+        compiler = _run([gcc, "-dumpmachine"], "gcc -dumpmachine").stdout.strip()
+        version = _run([gcc, "-dumpfullversion"], "gcc -dumpfullversion").stdout.strip()
+        h = hashlib.sha256()
+        flags = " ".join(HELPER_CFLAGS).encode()
+        for part in (HELPER_KEY_FORMAT, compiler.encode(), version.encode(), flags, code):
+            h.update(len(part).to_bytes(8, "little") + part)
+        name = source.name.removesuffix(".c")
+        out = self.cache_dir / HELPERS_DIR / f"{name}-{h.hexdigest()[:INITRAMFS_KEY_LENGTH]}"
+        if out.is_file():
+            return out
+        with self._locked():
+            if out.is_file():
+                return out
+            self._say(f"kit: compiling {source.name}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
+            os.close(fd)
+            try:
+                cmd = [gcc, *HELPER_CFLAGS, "-o", tmp, str(source)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    hint = " (no static C library: apt-get install libc6-dev)"
+                    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+                    said = errors[0] if errors else _last_error_line(proc)
+                    raise KitError(
+                        f"gcc {source} failed: {said}"
+                        + (hint if NO_STATIC_LIBC in proc.stderr else "")
+                    )
+                header = Path(tmp).read_bytes()[:ELF_MACHINE_END]
+                machine = int.from_bytes(header[ELF_MACHINE_OFFSET:], "little")
+                if not header.startswith(ELF_MAGIC) or machine != ELF_MACHINE_X86_64:
+                    raise KitError(
+                        f"gcc ({compiler}) built {source.name} for ELF machine {machine}, not "
+                        "x86_64: the guest kernel is x86_64"
+                    )
+                os.chmod(tmp, EXEC_MODE)
+                os.replace(tmp, out)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        return out
 
     # -- initramfs
 

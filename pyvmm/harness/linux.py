@@ -33,7 +33,13 @@ GUEST_INIT = ROOT / "guest" / "linux" / "init"
 TESTVM_OVERHEAD_S = 180.0
 # Drivers the guest checks need that Debian builds as modules. ext4 asks for crc32c (its
 # checksums) through request_module, which finds no modprobe in the guest: load it ourselves.
-GUEST_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "crc32c_generic", "ext4"]
+GUEST_MODULES = [
+    "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "crc32c_generic", "ext4",
+    "vmw_vsock_virtio_transport",
+]  # fmt: skip
+# Small static programs for what busybox cannot do, compiled by the kit: path in the
+# initramfs -> C source.
+GUEST_HELPERS = {"bin/vsock": ROOT / "guest" / "linux" / "vsock.c"}
 # The guest root disk (-r): busybox, the same init, and a marker file that tells the init it runs
 # from the disk (see guest/linux/init).
 ROOT_IMAGE_FORMAT = b"pyvmm-guest-root-1"  # bump when the image layout changes
@@ -167,7 +173,12 @@ class LinuxHarness:
 
     def guest_files(self) -> GuestFiles:
         kernel = self.kit.kernel()
-        initramfs = self.kit.build_initramfs("guest", GUEST_INIT.read_text(), GUEST_MODULES)
+        helpers: dict[str, bytes | Path] = {
+            path: self.kit.build_helper(source) for path, source in GUEST_HELPERS.items()
+        }
+        initramfs = self.kit.build_initramfs(
+            "guest", GUEST_INIT.read_text(), GUEST_MODULES, helpers
+        )
         override = os.environ.get("PYVMM_TEST_KERNEL")
         bzimage = Path(override) if override else kernel.bzimage
         vmlinux = Path(override) if override else kernel.vmlinux

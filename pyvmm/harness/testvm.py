@@ -27,8 +27,12 @@ from pyvmm.harness.kit import GuestKit
 log = logging.getLogger(__name__)
 
 # What the test VM's init loads: virtio-pci and 9p for the shares, overlay to make the host's
-# tree writable (into a tmpfs), KVM for SVM guests, tun for network tests.
-TESTVM_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net"]
+# tree writable (into a tmpfs), KVM for SVM guests, tun for network tests, vhost-net and
+# vhost-vsock (/dev/vhost-vsock, with the vsock core: host programs' AF_VSOCK) for pyvmm's
+# kernel data paths.
+TESTVM_MODULES = [
+    "virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net", "vhost_vsock",
+]  # fmt: skip
 HOSTROOT_TAG = "hostroot"
 SCRATCH_TAG = "scratch"
 QEMU = "qemu-system-x86_64"

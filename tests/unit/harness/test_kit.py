@@ -516,3 +516,47 @@ def test_make_ext4_errors(tmp_path: Path) -> None:
         make_ext4(tmp_path, tmp_path / "x.img", 0)
     with pytest.raises(KitError, match=r"source directory .* not found"):
         make_ext4(tmp_path / "missing", tmp_path / "x.img", 8)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+PT_INTERP = 3
+needs_static_gcc = pytest.mark.skipif(
+    shutil.which("gcc") is None or os.uname().machine != "x86_64",
+    reason="guest helpers are built by an x86_64 gcc",
+)
+
+
+def _has_interpreter(elf: bytes) -> bool:
+    """Whether a 64-bit ELF asks for a dynamic loader (a PT_INTERP program header)."""
+    (phoff,) = struct.unpack_from("<Q", elf, 32)  # e_phoff
+    phentsize, phnum = struct.unpack_from("<HH", elf, 54)  # e_phentsize, e_phnum
+    types = [struct.unpack_from("<I", elf, phoff + i * phentsize)[0] for i in range(phnum)]
+    return PT_INTERP in types
+
+
+@needs_static_gcc
+def test_helpers_are_compiled_static_and_cached_by_their_source(tmp_path: Path) -> None:
+    source = tmp_path / "seven.c"
+    source.write_text("int main(void) { return 7; }\n")
+    said: list[str] = []
+    kit = GuestKit(tmp_path / "cache", progress=said.append)
+    out = kit.build_helper(source)
+    assert out.name.startswith("seven-") and out.parent.name == "helpers"
+    assert subprocess.run([out], check=False).returncode == 7
+    assert not _has_interpreter(out.read_bytes()), "a helper must need no dynamic loader"
+    assert kit.build_helper(source) == out
+    assert said == ["kit: compiling seven.c"]
+    source.write_text("int main(void) { return 8; }\n")
+    assert kit.build_helper(source) != out
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@needs_static_gcc
+def test_a_helper_that_does_not_compile_says_why(tmp_path: Path) -> None:
+    source = tmp_path / "broken.c"
+    source.write_text("int main(void) { return undeclared; }\n")
+    with pytest.raises(KitError, match=r"gcc .*broken\.c failed: .*undeclared"):
+        GuestKit(tmp_path / "cache").build_helper(source)
+    with pytest.raises(KitError, match=r"missing\.c: No such file"):
+        GuestKit(tmp_path / "cache").build_helper(tmp_path / "missing.c")
