@@ -22,11 +22,12 @@ from typing import Any
 
 from bench import native, nested
 from bench import net as netbench
+from bench import vsock as vsockbench
 from bench.measure import Row, table
 from bench.vmms import PROBE, QEMU_MACHINE, ROOT, qemu_argv, qemu_available, qemu_version
 from pyvmm.harness.linux import cpuinfo
 
-GROUPS = ("startup", "exit", "blk", "net", "linux")
+GROUPS = ("startup", "exit", "blk", "net", "vsock", "linux")
 MiB = 1 << 20
 
 
@@ -69,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--net-count", type=int, default=netbench.DEFAULT_COUNT, help="datagrams per net case"
     )
+    parser.add_argument(
+        "--vsock-mib",
+        type=int,
+        default=vsockbench.DEFAULT_BYTES // MiB,
+        help="MiB per vsock stream case (at most 64)",
+    )
+    parser.add_argument(
+        "--vsock-count", type=int, default=vsockbench.DEFAULT_COUNT, help="vsock connections"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "latest.json")
     args = parser.parse_args(argv)
     only = [g.strip() for g in args.only.split(",") if g.strip()]
@@ -77,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown benchmark {unknown[0]!r} (choose from {', '.join(GROUPS)})")
     if args.runs < 1:
         parser.error("--runs: must be at least 1")
+    if not 1 <= args.vsock_mib <= vsockbench.MAX_BYTES // MiB:
+        parser.error(f"--vsock-mib: must be from 1 to {vsockbench.MAX_BYTES // MiB}")
+    if not 1 <= args.vsock_count <= vsockbench.MAX_COUNT:
+        parser.error(f"--vsock-count: must be from 1 to {vsockbench.MAX_COUNT:,}")
 
     no_qemu = qemu_available()
     qemu = no_qemu is None
@@ -106,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "exit": lambda: native.exits(args.runs, args.exits, qemu),
         "blk": lambda: native.blk(args.runs, args.image_mib * MiB, args.rand_mib * MiB, qemu),
         "net": lambda: netbench.net(args.runs, args.net_count, qemu),
+        "vsock": lambda: vsockbench.vsock(args.runs, args.vsock_mib * MiB, args.vsock_count),
     }
     rows: list[Row] = []
     for group in only:
@@ -120,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if group == "net" and (why := netbench.unavailable()):
             notes.append(why)
             continue
+        if group == "vsock" and qemu:
+            notes.append(vsockbench.NO_QEMU)
         print(f"bench: {group} ...", file=sys.stderr, flush=True)
         rows += benches[group]()
 

@@ -38,6 +38,7 @@ static const struct test tests[] = {
 	{ "spin", test_spin, false },
 	{ "blkbench", test_blkbench, false },
 	{ "netbench", test_netbench, false },
+	{ "vsockbench", test_vsockbench, false },
 };
 
 static void run_test(const struct test *t)

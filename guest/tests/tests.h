@@ -29,5 +29,6 @@ void test_vsock_hostile(void);
 void test_spin(void);
 void test_blkbench(void);
 void test_netbench(void);
+void test_vsockbench(void);
 
 #endif
