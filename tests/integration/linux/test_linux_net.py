@@ -12,10 +12,8 @@ each test judges every boot's report.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,22 +22,22 @@ import pytest
 
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.linux import LinuxHarness
+from pyvmm.harness.netcheck import (
+    HOST_IP,
+    MAC,
+    NET_READY,
+    kernel_params,
+    peer_argv,
+    peer_report,
+    pyvmm_net_args,
+)
 from tests.integration.linux.conftest import completed, guest_check
 
 MiB = 1 << 20
 MEM_MIB = 512
-HOST_IP, GUEST_IP, NETMASK, PREFIX = "192.0.2.1", "192.0.2.2", "255.255.255.0", 24
-MAC = "52:54:00:12:34:56"
 NET_MIB = 64  # each way
-PORT = 5001  # the guest receives on it, and sends back on PORT + 1
 NET_WAIT_S = 120  # the guest's bound on each transfer (nc is killed then)
 PEER_TIMEOUT_S = 2 * NET_WAIT_S
-# TCP at both ends builds segments of at least this many MSS (net.ipv4.tcp_min_tso_segs; 44 fill
-# the 64 KiB a frame can hold), as a fast host does. Left to size them to ~1 ms at its pacing rate,
-# TCP under the test VM's emulation sends 2-MSS frames, and each frame costs the same few ms to
-# move whatever its size: 64 MiB then took 88 s one way and 49 s the other; with 44, 11 s and 8 s.
-TSO_SEGS = 44
-NET_READY = "GUEST net ready"
 NET_CHECKS = ["net", "dmesg"]
 MTU_FRAME = 1514  # the largest Ethernet frame without segmentation (MTU 1500)
 # What the driver must accept of what pyvmm offers (UFO only where the host kernel's TAP takes it).
@@ -75,19 +73,15 @@ def boots() -> Iterator[dict[str, NetBoot]]:
     if harness.placement.native and os.geteuid() != 0:
         pytest.skip("a boot with a TAP runs in a network namespace of its own: that needs root")
     files = harness.guest_files()
-    params = (
-        f"pyvmm.check={','.join(NET_CHECKS)} pyvmm.mac={MAC} pyvmm.net_ip={GUEST_IP}/{PREFIX} "
-        f"pyvmm.net_host={HOST_IP} pyvmm.net_port={PORT} pyvmm.net_mib={NET_MIB} "
-        f"pyvmm.net_wait={NET_WAIT_S} pyvmm.net_tso_segs={TSO_SEGS}"
-    )
-    peer = [sys.executable, "-m", "pyvmm.harness.netpeer", GUEST_IP, str(PORT), str(NET_MIB)]
-    peer += ["--timeout", str(PEER_TIMEOUT_S), "--min-tso-segs", str(TSO_SEGS)]
+    params = kernel_params(NET_CHECKS, NET_MIB, NET_WAIT_S)
+    peer = peer_argv(NET_MIB, PEER_TIMEOUT_S)
     specs = [
         BootSpec(
             name,
             harness.pyvmm_argv(
                 *["-m", str(MEM_MIB), "-p", "quiet", "-i", str(files.initramfs)],
-                *["--host_ip", HOST_IP, "--netmask", NETMASK, "--mac", MAC, *flags],
+                *pyvmm_net_args(),
+                *flags,
                 *["-p", params, str(files.bzimage)],
             ),
             # Boot, ping, both transfers (each bounded in the guest), the dmesg check.
@@ -100,12 +94,7 @@ def boots() -> Iterator[dict[str, NetBoot]]:
     results = harness.run(specs)
     out: dict[str, NetBoot] = {}
     for result in results:
-        report: dict[str, Any] = {}
-        if result.commands and result.commands[0].returncode is not None:
-            try:
-                report = json.loads(result.commands[0].output.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                report = {"error": f"netpeer said: {result.commands[0].output.strip()}"}
+        report = peer_report(result)
         out[result.name] = NetBoot(result, report)
         _say_throughput(result.name, report)
     yield out
