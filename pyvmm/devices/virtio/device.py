@@ -207,3 +207,30 @@ def available_chains(queue: SplitQueue, guest_log: GuestLog) -> Iterator[Descrip
         if chain is None:
             return
         yield chain
+
+
+def receivable_chain(
+    queue: SplitQueue, min_len: int, guest_log: GuestLog
+) -> DescriptorChain | None:
+    """The next chain fit for the device to write into (no readable buffer, at least `min_len`
+    writable bytes), or None; invalid and unfit ones are given back empty on the way. A bad
+    head index, which leaves nothing to give back, is raised."""
+    while True:
+        try:
+            chain = queue.pop()
+        except InvalidChain as e:
+            if e.head is None:
+                raise
+            guest_log.info("bad chain", "rx chain %d: %s", e.head, e)
+            queue.add_used(e.head, 0)
+            continue
+        if chain is None:
+            return None
+        if chain.readable_len or chain.writable_len < min_len:
+            guest_log.info(
+                "bad chain", "rx chain %d: %d readable bytes, %d writable", chain.head,
+                chain.readable_len, chain.writable_len,
+            )  # fmt: skip
+            queue.add_used(chain.head, 0)
+            continue
+        return chain

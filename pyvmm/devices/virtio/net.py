@@ -32,6 +32,7 @@ from pyvmm.devices.virtio.device import (
     DeviceType,
     EventHandler,
     VirtioDevice,
+    receivable_chain,
 )
 from pyvmm.devices.virtio.iov import write_at
 from pyvmm.devices.virtio.queue import BadAvailIndex, DescriptorChain, InvalidChain, SplitQueue
@@ -384,7 +385,7 @@ class Net(VirtioDevice):
         chains: list[DescriptorChain] = []
         have = buffers = 0
         while have < room:
-            chain = self._pop_writable(queue)
+            chain = receivable_chain(queue, HEADER_SIZE, self.guest_log)
             if chain is None:
                 break
             if buffers + len(chain.writable) >= IOV_MAX:  # one iovec stays for the overflow
@@ -396,28 +397,6 @@ class Net(VirtioDevice):
             if not self._mergeable:
                 break
         return chains
-
-    def _pop_writable(self, queue: SplitQueue) -> DescriptorChain | None:
-        """The next chain fit to receive into; broken ones are returned empty on the way."""
-        while True:
-            try:
-                chain = queue.pop()
-            except InvalidChain as e:
-                if e.head is None:
-                    raise
-                self.guest_log.info("bad chain", "rx chain %d: %s", e.head, e)
-                queue.add_used(e.head, 0)
-                continue
-            if chain is None:
-                return None
-            if chain.readable_len or chain.writable_len < HEADER_SIZE:
-                self.guest_log.info(
-                    "bad chain", "rx chain %d: %d readable bytes, %d writable", chain.head,
-                    chain.readable_len, chain.writable_len,
-                )  # fmt: skip
-                queue.add_used(chain.head, 0)
-                continue
-            return chain
 
     def _complete(
         self,

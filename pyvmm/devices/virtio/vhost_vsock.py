@@ -10,15 +10,12 @@ the driver first starts the device, and stops vhost (SET_RUNNING 0) while the VM
 
 from __future__ import annotations
 
-from pyvmm.devices.virtio.device import DeviceType, EventHandler, VirtioDevice, available_chains
-from pyvmm.devices.virtio.iov import write_at
+from pyvmm.devices.virtio.device import DeviceType, EventHandler, VirtioDevice
 from pyvmm.devices.virtio.queue import SplitQueue
 from pyvmm.devices.virtio.vhost_rings import VhostRings
+from pyvmm.devices.virtio.vsock import EVENTS, QUEUE_SIZE, RX, TX, post_transport_reset
 from pyvmm.vhost import Vhost, VhostError
-from pyvmm.vsock.packet import CONFIG, EVENT, EVENT_TRANSPORT_RESET
-
-RX, TX, EVENTS = 0, 1, 2
-QUEUE_SIZE = 256
+from pyvmm.vsock.packet import CONFIG
 
 
 class VhostVsock(VirtioDevice):
@@ -104,15 +101,5 @@ class VhostVsock(VirtioDevice):
         self._rings.close()
 
     def _send_reset_event(self, events: SplitQueue) -> None:
-        if not self._reset_event_due:
-            return
-        for chain in available_chains(events, self.guest_log):
-            if chain.writable_len < EVENT.size:
-                self.guest_log.info("bad chain", "event chain %d: %d writable bytes",
-                                    chain.head, chain.writable_len)  # fmt: skip
-                events.add_used(chain.head, 0)
-                continue
-            write_at(chain.writable, 0, EVENT.pack(EVENT_TRANSPORT_RESET))
-            events.add_used(chain.head, EVENT.size)
-            self._reset_event_due = False
-            break
+        if self._reset_event_due:
+            self._reset_event_due = not post_transport_reset(events, self.guest_log)

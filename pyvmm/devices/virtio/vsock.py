@@ -22,9 +22,11 @@ from pyvmm.devices.virtio.device import (
     EventHandler,
     VirtioDevice,
     available_chains,
+    receivable_chain,
 )
 from pyvmm.devices.virtio.iov import read_at, views_at, write_at
-from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
+from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue
+from pyvmm.ratelimit import GuestLog
 from pyvmm.vsock.dialer import DialRequests
 from pyvmm.vsock.muxer import MAX_STREAM_FDS, Muxer
 from pyvmm.vsock.packet import CONFIG, EVENT, EVENT_TRANSPORT_RESET, HEADER_SIZE, Header
@@ -166,47 +168,32 @@ class Vsock(VirtioDevice):
         return not out_of_buffers
 
     def _receive_buffer(self, rx: SplitQueue) -> DescriptorChain | None:
-        """The next receive buffer fit for a packet; broken ones go back empty on the way."""
-        asked = False
-        while True:
-            try:
-                chain = rx.pop()
-            except InvalidChain as e:
-                if e.head is None:
-                    raise
-                self.guest_log.info("bad chain", "rx chain %d: %s", e.head, e)
-                rx.add_used(e.head, 0)
-                continue
-            if chain is None:
-                if asked:
-                    return None
-                rx.enable_notification()  # then look again: buffers added before it was seen
-                asked = True
-                continue
-            if chain.readable_len or chain.writable_len < HEADER_SIZE:
-                self.guest_log.info(
-                    "bad chain", "rx chain %d: %d readable bytes, %d writable", chain.head,
-                    chain.readable_len, chain.writable_len,
-                )  # fmt: skip
-                rx.add_used(chain.head, 0)
-                continue
-            return chain
+        """The next receive buffer fit for a packet, after asking the driver to notify when it
+        adds some if there is none (and looking once more: added before it saw the request)."""
+        chain = receivable_chain(rx, HEADER_SIZE, self.guest_log)
+        if chain is None:
+            rx.enable_notification()
+            chain = receivable_chain(rx, HEADER_SIZE, self.guest_log)
+        return chain
 
     def _send_reset_event(self) -> None:
-        if not self._reset_event_due:
-            return
         events = self.queues.get(EVENTS)
-        if events is None:
-            return
-        for chain in available_chains(events, self.guest_log):
-            if chain.writable_len < EVENT.size:
-                self.guest_log.info("bad chain", "event chain %d: %d writable bytes",
-                                    chain.head, chain.writable_len)  # fmt: skip
-                events.add_used(chain.head, 0)
-                continue
-            write_at(chain.writable, 0, EVENT.pack(EVENT_TRANSPORT_RESET))
-            events.add_used(chain.head, EVENT.size)
-            self._reset_event_due = False
-            break
-        if events.needs_interrupt():
-            self.interrupt.signal_used(EVENTS)
+        if self._reset_event_due and events is not None:
+            self._reset_event_due = not post_transport_reset(events, self.guest_log)
+            if events.needs_interrupt():
+                self.interrupt.signal_used(EVENTS)
+
+
+def post_transport_reset(events: SplitQueue, guest_log: GuestLog) -> bool:
+    """Put a TRANSPORT_RESET event in the driver's next event buffer (unfit ones go back empty);
+    whether there was one to put it in."""
+    for chain in available_chains(events, guest_log):
+        if chain.writable_len < EVENT.size:
+            guest_log.info("bad chain", "event chain %d: %d writable bytes",
+                           chain.head, chain.writable_len)  # fmt: skip
+            events.add_used(chain.head, 0)
+            continue
+        write_at(chain.writable, 0, EVENT.pack(EVENT_TRANSPORT_RESET))
+        events.add_used(chain.head, EVENT.size)
+        return True
+    return False
