@@ -262,3 +262,29 @@ BLK_RUNS = [
     ("rand32_irq", "rand32", "irq", 1),
     ("rand32_irq2", "rand32", "irq", 2),
 ]
+
+
+@dataclass(frozen=True)
+class ProbeCase:
+    """One case of a probe benchmark test (netbench, vsockbench) in a run, from its serial
+    lines: `PROBE <test> start <dir> <n>` and the `ok` line after it."""
+
+    direction: str
+    amount: int  # the start line's number: a datagram's size, bytes, connections
+    cpu_s: float  # the VMM's CPU time (its process tree) from the `start` line to the `ok` line
+    details: list[str]  # the `ok` line's words after "ok"
+
+
+def probe_cases(test: str, lines: list[tuple[float, float, str]]) -> list[ProbeCase]:
+    """Each `PROBE <test> start <dir> <n>` line of `lines` paired with the `ok` line after it."""
+    out: list[ProbeCase] = []
+    start: tuple[str, int, float] | None = None
+    for _, cpu, text in lines:
+        words = text.split()
+        if words[:3] == ["PROBE", test, "start"]:
+            start = (words[3], int(words[4]), cpu)
+        elif words[:3] == ["PROBE", test, "ok"] and start is not None:
+            direction, amount, begin = start
+            out.append(ProbeCase(direction, amount, cpu - begin, words[3:]))
+            start = None
+    return out

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.measure import PYVMM, QEMU, THREADS, Row, interleave
-from bench.native import ArgvFor, run_vmm, tree_cpu_s
+from bench.native import ArgvFor, ProbeCase, probe_cases, run_vmm, tree_cpu_s
 from bench.vmms import PROBE, pyvmm_argv, pyvmm_threads_argv, qemu_argv
 from pyvmm.harness import netns
 
@@ -203,29 +203,12 @@ class Peer:
         self.dropped += tap_counters(self.tap)[1] - dropped
 
 
-@dataclass(frozen=True)
-class Case:
-    """One netbench case of a run, from the guest's serial lines."""
-
-    direction: str
-    size: int
-    cpu_s: float  # the VMM's CPU time (its process tree) from the `start` line to the `ok` line
-    details: list[str]  # the `ok` line's words after "ok"
+Case = ProbeCase
 
 
 def cases(lines: list[tuple[float, float, str]]) -> list[Case]:
-    """Each `PROBE netbench start <dir> <size>` line paired with the `ok` line after it."""
-    out: list[Case] = []
-    start: tuple[str, int, float] | None = None
-    for _, cpu, text in lines:
-        words = text.split()
-        if words[:3] == ["PROBE", "netbench", "start"]:
-            start = (words[3], int(words[4]), cpu)
-        elif words[:3] == ["PROBE", "netbench", "ok"] and start is not None:
-            direction, size, begin = start
-            out.append(Case(direction, size, cpu - begin, words[3:]))
-            start = None
-    return out
+    """Each `PROBE netbench start` line paired with the `ok` line after it."""
+    return probe_cases("netbench", lines)
 
 
 def probe_params(count: int) -> list[str]:
@@ -257,7 +240,7 @@ def measure(
         finally:
             peer.close()
     found = cases(run.lines)
-    if [(c.direction, c.size) for c in found] != CASES:
+    if [(c.direction, c.amount) for c in found] != CASES:
         raise RuntimeError(f"net: the probe ran {found}, not {CASES}")
     if peer.dropped:  # the pacing failed: say so (the guest's count shows what arrived)
         print(f"bench: net: the TAP dropped {peer.dropped} frames toward the VMM", file=sys.stderr)
@@ -266,18 +249,18 @@ def measure(
         if case.direction == "tx":
             # `ok tx <count> packets`: timed on the host, first to last arrival.
             sent = int(case.details[1])
-            tally = peer.tallies.get(case.size, Tally())
+            tally = peer.tallies.get(case.amount, Tally())
             got, seconds = tally.count, tally.last - tally.first
         else:
             # `ok rx <n> packets <us> us`: the guest's own time, first to last arrival.
             sent = count
             got, seconds = int(case.details[1]), int(case.details[3]) * US
         if got < 2 or seconds <= 0:
-            raise RuntimeError(f"net: {case.direction} {case.size}: {got} datagrams arrived")
-        out[key(case.direction, case.size, "pps")] = (got - 1) / seconds
+            raise RuntimeError(f"net: {case.direction} {case.amount}: {got} datagrams arrived")
+        out[key(case.direction, case.amount, "pps")] = (got - 1) / seconds
         moved = sent if case.direction == "tx" else got  # what went through the VMM
-        out[key(case.direction, case.size, "cpu")] = case.cpu_s / moved * 1e6
-        out[key(case.direction, case.size, "delivered")] = got / sent * 100
+        out[key(case.direction, case.amount, "cpu")] = case.cpu_s / moved * 1e6
+        out[key(case.direction, case.amount, "delivered")] = got / sent * 100
     return out
 
 

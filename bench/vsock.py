@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import PYVMM, THREADS, Row, interleave
-from bench.native import ArgvFor, run_vmm, tree_cpu_s
+from bench.native import ArgvFor, ProbeCase, probe_cases, run_vmm, tree_cpu_s
 from bench.vmms import PROBE, pyvmm_argv, pyvmm_threads_argv
 
 CID = 3
@@ -213,29 +213,12 @@ class Host:
         self.timed["conn"] = self.count
 
 
-@dataclass(frozen=True)
-class Case:
-    """One vsockbench case of a run, from the guest's serial lines."""
-
-    direction: str
-    amount: int  # bytes, or connections
-    cpu_s: float  # the VMM's CPU time (its process tree) from the `start` line to the `ok` line
-    details: list[str]  # the `ok` line's words after "ok"
+Case = ProbeCase
 
 
 def cases(lines: list[tuple[float, float, str]]) -> list[Case]:
-    """Each `PROBE vsockbench start <dir> <n>` line paired with the `ok` line after it."""
-    out: list[Case] = []
-    start: tuple[str, int, float] | None = None
-    for _, cpu, text in lines:
-        words = text.split()
-        if words[:3] == ["PROBE", "vsockbench", "start"]:
-            start = (words[3], int(words[4]), cpu)
-        elif words[:3] == ["PROBE", "vsockbench", "ok"] and start is not None:
-            direction, amount, begin = start
-            out.append(Case(direction, amount, cpu - begin, words[3:]))
-            start = None
-    return out
+    """Each `PROBE vsockbench start` line paired with the `ok` line after it."""
+    return probe_cases("vsockbench", lines)
 
 
 def rates(found: list[Case], seconds: dict[str, float], timed: dict[str, int]) -> dict[str, float]:
