@@ -131,6 +131,10 @@ class Muxer:
         """Whether there is something for the guest's receive queue."""
         return bool(self._control or self._ready)
 
+    def has_control(self) -> bool:
+        """Whether a control packet (a credit update, an answer) waits for the guest."""
+        return bool(self._control)
+
     def from_guest(self, hdr: Header, payload: list[memoryview]) -> None:
         """A packet the guest sent (its payload: `hdr.len` bytes in `payload`)."""
         op = hdr.op

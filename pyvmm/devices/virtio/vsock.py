@@ -117,6 +117,10 @@ class Vsock(VirtioDevice):
         for chain in available_chains(queue, self.guest_log):
             self._packet(chain)
             queue.add_used(chain.head, 0)
+            if self.muxer.has_control():
+                # A credit update goes at once, not after the round: a guest that ran out of
+                # credit sends again while the rest of its packets are passed on.
+                self._to_guest()
 
     def _packet(self, chain: DescriptorChain) -> None:
         if chain.writable_len or chain.readable_len < HEADER_SIZE:
