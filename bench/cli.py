@@ -79,12 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vsock-count", type=int, default=vsockbench.DEFAULT_COUNT, help="vsock connections"
     )
+    parser.add_argument(
+        "--linux",
+        default=",".join(nested.PARTS),
+        help=f"comma-separated parts of the linux benchmark to run, of: {','.join(nested.PARTS)}",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "latest.json")
     args = parser.parse_args(argv)
     only = [g.strip() for g in args.only.split(",") if g.strip()]
     unknown = [g for g in only if g not in GROUPS]
     if unknown:
         parser.error(f"--only: unknown benchmark {unknown[0]!r} (choose from {', '.join(GROUPS)})")
+    linux_parts = [p.strip() for p in args.linux.split(",") if p.strip()]
+    unknown = [p for p in linux_parts if p not in nested.PARTS]
+    if unknown or not linux_parts:
+        what = repr(unknown[0]) if unknown else "nothing"
+        parser.error(f"--linux: {what} is not a part (choose from {', '.join(nested.PARTS)})")
     if args.runs < 1:
         parser.error("--runs: must be at least 1")
     if not 1 <= args.vsock_mib <= vsockbench.MAX_BYTES // MiB:
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             if not qemu:
                 notes.append("linux: skipped, it needs QEMU (the peer, and the test VM)")
                 continue
-            linux_rows, linux_commands = nested.run(args.runs)
+            linux_rows, linux_commands = nested.run(args.runs, linux_parts)
             rows += linux_rows
             commands.update(linux_commands)
             continue

@@ -9,15 +9,22 @@ absolute times mean little; the pyvmm/QEMU ratio is what carries over.
 - net: TCP throughput of Linux's virtio_net each way over a TAP (the guest's `net` check and
   pyvmm.harness.netpeer, in the boot's own network namespace), with the VMM's own device and with
   vhost-net: pyvmm `--net-vhost off|on`, QEMU `-netdev tap,...,vhost=off|on`.
+- vsock: Linux's virtio-vsock driver with the host (the guest's `vsock` and `vsockconn` checks and
+  pyvmm.harness.vsockpeer): a stream each way and connections opened one after another, through
+  pyvmm's own device (its Unix socket; QEMU has no userspace vsock) and through vhost-vsock
+  (pyvmm `--cid N` alone, QEMU `-device vhost-vsock-pci`; host programs use AF_VSOCK).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from bench.measure import PYVMM, QEMU, Row
 from bench.vmms import qemu_disk_args
+from pyvmm.harness import vsockpeer
 from pyvmm.harness.boots import NEW_NETNS, BootResult, BootSpec
 from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.netcheck import (
@@ -30,6 +37,7 @@ from pyvmm.harness.netcheck import (
     peer_report,
     pyvmm_net_args,
 )
+from pyvmm.harness.vsockpeer import Guest
 
 MEM_MIB = 1024
 DD_MIB = 256
@@ -39,6 +47,16 @@ QEMU_TAP = "qtap0"
 # Each way of running the NIC: name -> (pyvmm's --net-vhost and QEMU's vhost=, what it is).
 NET_MODES = {"net": ("off", "userspace virtio-net"), "net-vhost": ("on", "vhost-net")}
 NET_WAYS = {"sent": "host to guest", "received": "guest to host"}  # netpeer's names
+PARTS = ("boot", "dd", "net", "vsock")
+VSOCK_MIB = 32  # each way
+VSOCK_CONNS = 100
+VSOCK_PORT = 5000
+VSOCK_WAIT_S = 120
+VSOCK_UDS_CID = 3
+# vhost-vsock's CIDs are the host's to share among its VMs: a run of them out of others' way.
+VSOCK_VHOST_CID = 20000 + os.getpid() % 40000
+# Each way of running vsock: name -> what it is (pyvmm's userspace device has no QEMU peer).
+VSOCK_MODES = {"vsock": "pyvmm's userspace device", "vsock-vhost": "vhost-vsock"}
 
 
 @dataclass(frozen=True)
@@ -122,93 +140,207 @@ def _net_rates(r: BootResult) -> dict[str, float]:
     return {w: report[w]["bytes"] / max(report[w]["seconds"], 1e-3) / 1e6 for w in NET_WAYS}
 
 
-def run(runs: int) -> tuple[list[Row], dict[str, str]]:
+def _vsock_rates(r: BootResult) -> dict[str, float]:
+    """MB/s each way and connections per second of one vsock boot; RuntimeError when an exchange
+    did not complete. Host to guest by the host's clock, guest to host by the guest's (each the
+    sender's, from its connection to the receiver's answer)."""
+    data = vsockpeer.peer_report(r.commands, vsockpeer.DATA_READY)
+    conns = vsockpeer.peer_report(r.commands, vsockpeer.CONNS_READY)
+    check = r.checks.get("vsock")
+    conn_check = r.checks.get("vsockconn")
+    why = ""
+    if not data or "error" in data:
+        why = f"vsockpeer data: {data.get('error', 'never ran or did not finish')}"
+    elif not conns or "error" in conns:
+        why = f"vsockpeer conns: {conns.get('error', 'never ran or did not finish')}"
+    elif not check or check[0] != "ok":
+        why = f"guest: {' '.join(check) if check else 'no GUEST vsock line'}"
+    elif not conn_check or conn_check[0] != "ok":
+        why = f"guest: {' '.join(conn_check) if conn_check else 'no GUEST vsockconn line'}"
+    if why:
+        raise _failed(r, f"vsock failed: {why}")
+    assert check is not None
+    m = vsockpeer.GUEST_VSOCK.fullmatch(check[1])
+    if m is None:
+        raise _failed(r, f"vsock: GUEST vsock ok line not understood: {check[1]}")
+    sent = data["sent"]
+    return {
+        "host to guest": sent["bytes"] / max(sent["seconds"], 1e-3) / 1e6,
+        "guest to host": int(m["tx_bytes"]) / max(float(m["tx_s"]), 1e-3) / 1e6,
+        "connections": conns["connections"] / max(conns["seconds"], 1e-3),
+    }
+
+
+def _qemu_vsock(bz: str, initrd: str, append: str, cid: int) -> list[str]:
+    device = f"vhost-vsock-pci,guest-cid={cid},disable-legacy=on,romfile="
+    return [*_qemu(bz, initrd, append), "-device", device]
+
+
+def run(runs: int, parts: Collection[str] = PARTS) -> tuple[list[Row], dict[str, str]]:
+    """The Linux rows of `parts` (of PARTS), each VMM `runs` times."""
     harness = LinuxHarness(progress=print)
     files = harness.guest_files()
     bz, initrd = str(files.bzimage), str(files.initramfs)
+    base = ["-m", str(MEM_MIB), "-i", initrd, "-p", "quiet"]
     boot_checks = "pyvmm.check=uptime"
     dd_checks = f"pyvmm.check=ddread pyvmm.src=vda pyvmm.mib={DD_MIB}"
     net_checks = kernel_params(["net"], NET_MIB, NET_WAIT_S)
-    peer = peer_argv(NET_MIB, 2 * NET_WAIT_S)
     with harness.session() as dirs:
         image = str(dirs.local / "dd.img")
-        argv = {
-            (PYVMM, "boot"): harness.pyvmm_argv(
-                "-m", str(MEM_MIB), "-i", initrd, "-p", "quiet", "-p", boot_checks, bz
-            ),
-            (QEMU, "boot"): _qemu(bz, initrd, boot_checks),
-            (PYVMM, "dd"): harness.pyvmm_argv(
-                "-m",
-                str(MEM_MIB),
-                "-i",
-                initrd,
-                "-d",
-                image,
-                "-p",
-                "quiet",
-                "-p",
-                dd_checks,
-                bz,
-            ),
-            (QEMU, "dd"): _qemu(bz, initrd, dd_checks, disk=image),
-        }
-        for mode, (vhost, _) in NET_MODES.items():
-            argv[PYVMM, mode] = harness.pyvmm_argv(
-                *["-m", str(MEM_MIB), "-i", initrd, "-p", "quiet", *pyvmm_net_args()],
-                *["--net-vhost", vhost, "-p", net_checks, bz],
-            )
-            argv[QEMU, mode] = _qemu_net(bz, initrd, net_checks, vhost)
-        specs = [
-            BootSpec(f"{vmm}-{what}-{i}", _with_image(image, argv[vmm, what]))
-            if what in ("boot", "dd")
-            else BootSpec(
-                f"{vmm}-{what}-{i}",
-                argv[vmm, what],
-                timeout=120 + 2 * NET_WAIT_S,  # boot, ping, both transfers (each bounded)
-                on_line={NET_READY: peer},
-                netns=True,
-            )
-            for i in range(runs)
-            for what in ("boot", "dd", *NET_MODES)
-            for vmm in (PYVMM, QEMU)
-        ]
+        uds = str(dirs.local / "vsock.sock")  # a Unix socket: not on 9p
+        specs: list[BootSpec] = []
+        qemu_argv: dict[str, list[str]] = {}
+        for i in range(runs):
+            if "boot" in parts:
+                pyvmm = harness.pyvmm_argv(*base, "-p", boot_checks, bz)
+                qemu_argv["boot"] = _qemu(bz, initrd, boot_checks)
+                specs += [
+                    BootSpec(f"{PYVMM}-boot-{i}", pyvmm),
+                    BootSpec(f"{QEMU}-boot-{i}", qemu_argv["boot"]),
+                ]
+            if "dd" in parts:
+                pyvmm = harness.pyvmm_argv(*base, "-d", image, "-p", dd_checks, bz)
+                qemu_argv["dd"] = _qemu(bz, initrd, dd_checks, disk=image)
+                specs += [
+                    BootSpec(f"{PYVMM}-dd-{i}", _with_image(image, pyvmm)),
+                    BootSpec(f"{QEMU}-dd-{i}", _with_image(image, qemu_argv["dd"])),
+                ]
+            if "net" in parts:
+                for mode, (vhost, _) in NET_MODES.items():
+                    pyvmm = harness.pyvmm_argv(
+                        *base, *pyvmm_net_args(), "--net-vhost", vhost, "-p", net_checks, bz
+                    )
+                    qemu_argv[mode] = _qemu_net(bz, initrd, net_checks, vhost)
+                    specs += [_net_spec(f"{PYVMM}-{mode}-{i}", pyvmm)]
+                    specs += [_net_spec(f"{QEMU}-{mode}-{i}", qemu_argv[mode])]
+            if "vsock" in parts:
+                cid = VSOCK_VHOST_CID + 2 * i  # pyvmm's; QEMU's is the next
+                uds_flags = ["--cid", str(VSOCK_UDS_CID), "--vsock-uds", uds]
+                uds_argv = [*base, *uds_flags, "-p", _vsock_checks(VSOCK_UDS_CID), bz]
+                vhost_argv = [*base, "--cid", str(cid), "-p", _vsock_checks(cid), bz]
+                qemu_argv["vsock-vhost"] = _qemu_vsock(bz, initrd, _vsock_checks(cid + 1), cid + 1)
+                specs += [
+                    _vsock_spec(
+                        f"{PYVMM}-vsock-{i}", harness.pyvmm_argv(*uds_argv), Guest(uds=uds)
+                    ),
+                    _vsock_spec(
+                        f"{PYVMM}-vsock-vhost-{i}", harness.pyvmm_argv(*vhost_argv), Guest(cid=cid)
+                    ),
+                    _vsock_spec(
+                        f"{QEMU}-vsock-vhost-{i}", qemu_argv["vsock-vhost"], Guest(cid=cid + 1)
+                    ),
+                ]
         results = harness.run(specs)
-    where = harness.placement.describe()
-    rows = [
-        Row("linux boot", "kernel uptime at init", "s", False),
-        Row("linux boot", "wall time to init", "s", False),
-        Row("linux dd", f"{DD_MIB} MiB from virtio-blk", "MB/s", True),
-    ]
-    net_rows = {
+    rows: list[Row] = []
+    if "boot" in parts:
+        rows += _boot_rows(results)
+    if "dd" in parts:
+        rows += _dd_rows(results)
+    if "net" in parts:
+        rows += _net_rows(results)
+    if "vsock" in parts:
+        rows += _vsock_rows(results)
+    commands = {"where": harness.placement.describe()}
+    for what, argv in qemu_argv.items():
+        in_netns = what in NET_MODES
+        commands[f"qemu {what}"] = shlex.join([*NEW_NETNS, *argv] if in_netns else argv)
+    return rows, commands
+
+
+def _runs_of(results: list[BootResult], vmm: str, what: str) -> list[BootResult]:
+    return [r for r in results if r.name.rsplit("-", 1)[0] == f"{vmm}-{what}"]
+
+
+def _net_spec(name: str, argv: list[str]) -> BootSpec:
+    return BootSpec(
+        name,
+        argv,
+        timeout=120 + 2 * NET_WAIT_S,  # boot, ping, both transfers (each bounded)
+        on_line={NET_READY: peer_argv(NET_MIB, 2 * NET_WAIT_S)},
+        netns=True,
+    )
+
+
+def _vsock_checks(cid: int) -> str:
+    return vsockpeer.kernel_params(
+        ["vsock", "vsockconn"], cid, VSOCK_PORT, VSOCK_MIB, VSOCK_WAIT_S, VSOCK_CONNS
+    )
+
+
+def _vsock_spec(name: str, argv: list[str], guest: Guest) -> BootSpec:
+    data = vsockpeer.peer_argv("data", guest, VSOCK_PORT, 2 * VSOCK_WAIT_S, str(VSOCK_MIB))
+    conns = ["--count", str(VSOCK_CONNS)]
+    return BootSpec(
+        name,
+        argv,
+        timeout=120 + 3 * VSOCK_WAIT_S,  # boot, both transfers and the connections (each bounded)
+        on_line={
+            vsockpeer.DATA_READY: data,
+            vsockpeer.CONNS_READY: vsockpeer.peer_argv(
+                "conns", guest, VSOCK_PORT, VSOCK_WAIT_S, *conns
+            ),
+        },
+    )
+
+
+def _boot_rows(results: list[BootResult]) -> list[Row]:
+    uptime = Row("linux boot", "kernel uptime at init", "s", False)
+    to_init = Row("linux boot", "wall time to init", "s", False)
+    for vmm in (PYVMM, QEMU):
+        boots = _runs_of(results, vmm, "boot")
+        uptimes = [u for r in boots if (u := _uptime(r)) is not None]
+        if not uptimes:
+            raise _failed(boots[0] if boots else None, f"{vmm} did not boot to init")
+        uptime.record(vmm, uptimes)
+        to_init.record(vmm, [r.to_init_s for r in boots if r.to_init_s is not None])
+    return [uptime, to_init]
+
+
+def _dd_rows(results: list[BootResult]) -> list[Row]:
+    row = Row("linux dd", f"{DD_MIB} MiB from virtio-blk", "MB/s", True)
+    for vmm in (PYVMM, QEMU):
+        dds = _runs_of(results, vmm, "dd")
+        dd_s = [s for r in dds if (s := _dd_seconds(r)) is not None]
+        if not dd_s:
+            raise _failed(dds[0] if dds else None, f"{vmm} dd failed")
+        row.record(vmm, [DD_MIB * (1 << 20) / s / 1e6 for s in dd_s])
+    return [row]
+
+
+def _net_rows(results: list[BootResult]) -> list[Row]:
+    rows = {
         (mode, way): Row("linux net", f"TCP {direction}, {what}", "MB/s", True)
         for mode, (_, what) in NET_MODES.items()
         for way, direction in NET_WAYS.items()
     }
-    rows += net_rows.values()
     for vmm in (PYVMM, QEMU):
-        boots = [r for r in results if r.name.startswith(f"{vmm}-boot-")]
-        dds = [r for r in results if r.name.startswith(f"{vmm}-dd-")]
-        uptimes = [u for r in boots if (u := _uptime(r)) is not None]
-        if not uptimes:
-            raise _failed(boots[0] if boots else None, f"{vmm} did not boot to init")
-        rows[0].record(vmm, uptimes)
-        rows[1].record(vmm, [r.to_init_s for r in boots if r.to_init_s is not None])
-        dd_s = [s for r in dds if (s := _dd_seconds(r)) is not None]
-        if not dd_s:
-            raise _failed(dds[0] if dds else None, f"{vmm} dd failed")
-        rows[2].record(vmm, [DD_MIB * (1 << 20) / s / 1e6 for s in dd_s])
         for mode in NET_MODES:
-            runs_of = [r for r in results if r.name.rsplit("-", 1)[0] == f"{vmm}-{mode}"]
+            runs_of = _runs_of(results, vmm, mode)
             rates = [_net_rates(r) for r in runs_of]
             for r, rate in zip(runs_of, rates, strict=True):
                 speeds = ", ".join(f"{NET_WAYS[w]} {rate[w]:.1f} MB/s" for w in NET_WAYS)
                 print(f"{r.name}: {speeds}; GUEST net ok {r.checks['net'][1]}")
             for way in NET_WAYS:
-                net_rows[mode, way].record(vmm, [rate[way] for rate in rates])
-    commands = {
-        "where": where,
-        "qemu boot": shlex.join(argv[QEMU, "boot"]),
-        "qemu dd": shlex.join(argv[QEMU, "dd"]),
-        **{f"qemu {mode}": shlex.join([*NEW_NETNS, *argv[QEMU, mode]]) for mode in NET_MODES},
+                rows[mode, way].record(vmm, [rate[way] for rate in rates])
+    return list(rows.values())
+
+
+def _vsock_rows(results: list[BootResult]) -> list[Row]:
+    measures = {
+        "host to guest": ("stream host to guest", "MB/s"),
+        "guest to host": ("stream guest to host", "MB/s"),
+        "connections": ("connections opened in turn from the host", "conn/s"),
     }
-    return rows, commands
+    rows = {
+        (mode, key): Row("linux vsock", f"{what}, {how}", unit, True)
+        for mode, how in VSOCK_MODES.items()
+        for key, (what, unit) in measures.items()
+    }
+    for vmm, mode in [(PYVMM, "vsock"), (PYVMM, "vsock-vhost"), (QEMU, "vsock-vhost")]:
+        runs_of = _runs_of(results, vmm, mode)
+        rates = [_vsock_rates(r) for r in runs_of]
+        for r, rate in zip(runs_of, rates, strict=True):
+            print(f"{r.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
+        for key in measures:
+            rows[mode, key].record(vmm, [rate[key] for rate in rates])
+    return list(rows.values())

@@ -13,6 +13,9 @@
  *                                   stream on the same listener and echo one line on it
  *   vsock hold CID PORT WAIT        the same from the connecting side: send a line, read it
  *                                   back, wait for the end; then connect again, line and back
+ *   vsock accept PORT COUNT         take COUNT streams on PORT one after another, closing each
+ *                                   at once; print "COUNT SECONDS" (the first accept to the
+ *                                   last close)
  *
  * `hold` prints "listening PORT" (the listening side), "held" once the line came back, "ended
  * HOW after SECONDS s" (HOW: eof, an errno name such as ECONNRESET, or data) and "again" after
@@ -398,6 +401,23 @@ static int cmd_hold(int connected, unsigned cid, unsigned port, unsigned wait)
 	return 0;
 }
 
+static int cmd_accept(unsigned port, unsigned count)
+{
+	int listener = listen_on(port);
+	printf("listening %u\n", port);
+	fflush(stdout);
+	double start = 0;
+	for (unsigned i = 0; i < count; i++) {
+		int fd = accept_one(listener, port);
+		if (i == 0)
+			start = now();
+		close(fd);
+	}
+	close(listener);
+	printf("%u %.3f\n", count, count ? now() - start : 0.0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd = argc > 1 ? argv[1] : "";
@@ -413,7 +433,9 @@ int main(int argc, char **argv)
 		return cmd_hold(0, 0, u32(argv[2], "PORT"), 0);
 	if (!strcmp(cmd, "hold") && argc == 5)
 		return cmd_hold(1, u32(argv[2], "CID"), u32(argv[3], "PORT"), u32(argv[4], "WAIT"));
+	if (!strcmp(cmd, "accept") && argc == 4)
+		return cmd_accept(u32(argv[2], "PORT"), u32(argv[3], "COUNT"));
 	fputs("usage: vsock cid | recv PORT | send CID PORT BYTES WAIT | hold PORT | "
-	      "hold CID PORT WAIT\n", stderr);
+	      "hold CID PORT WAIT | accept PORT COUNT\n", stderr);
 	return 2;
 }

@@ -3,6 +3,7 @@ once the guest says it is ready:
 
     python -m pyvmm.harness.vsockpeer data (--uds PATH | --cid N) PORT MIB
     python -m pyvmm.harness.vsockpeer reset (--uds PATH | --cid N) PORT --control SOCKET
+    python -m pyvmm.harness.vsockpeer conns (--uds PATH | --cid N) PORT --count N
 
 It reaches the guest the two ways pyvmm offers. With pyvmm's own device (`--vsock-uds PATH`) a
 host program connects to PATH and says `CONNECT <port>`, and the guest's streams to host port P
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -47,6 +49,15 @@ QUIET_S = 3.0  # how long old streams are watched for their end before they are 
 # The guest's readiness lines (guest/linux/init) and the mode each one starts.
 DATA_READY = "GUEST vsock ready"
 RESET_READY = "GUEST vsockreset ready"
+CONNS_READY = "GUEST vsockconn ready"
+CONNS_PORT = 4  # check_vsockconn's port, past PORT
+# check_vsock's ok line: the guest's CID, what it received and sent, and its tool's CPU time.
+GUEST_VSOCK = re.compile(
+    r"cid (?P<cid>\d+); rx (?P<rx_bytes>\d+) bytes crc32 (?P<rx_crc>[0-9a-f]{8}) in "
+    r"(?P<rx_s>[\d.]+) s \(cpu (?P<rx_cpu>user [\d.]+ s, sys [\d.]+ s)\); tx (?P<tx_bytes>\d+) "
+    r"bytes crc32 (?P<tx_crc>[0-9a-f]{8}) in (?P<tx_s>[\d.]+) s "
+    r"\(cpu (?P<tx_cpu>user [\d.]+ s, sys [\d.]+ s)\)"
+)
 
 
 class PeerError(Exception):
@@ -316,20 +327,35 @@ def exchange_reset(guest: Guest, port: int, control_socket: str, deadline: float
     return report
 
 
+def exchange_conns(guest: Guest, port: int, count: int, deadline: float) -> dict[str, Any]:
+    """`count` streams opened to the guest's `port` in turn, each to the guest's close."""
+    start = time.monotonic()
+    for i in range(count):
+        with guest.connect(port, deadline) as sock:
+            try:
+                if read_to_end(sock, deadline):
+                    raise PeerError(f"connection {i + 1}: the guest sent data before closing")
+            except OSError as e:
+                raise PeerError(f"connection {i + 1} to the guest's port {port}: {e}") from None
+    return {"connections": count, "seconds": time.monotonic() - start}
+
+
 # ---- what the tests use ----
 
 
-def kernel_params(checks: list[str], cid: int, port: int, mib: int, wait_s: int) -> str:
-    """The guest's command line for `checks` (vsock, vsockreset)."""
+def kernel_params(
+    checks: list[str], cid: int, port: int, mib: int, wait_s: int, conns: int = 100
+) -> str:
+    """The guest's command line for `checks` (vsock, vsockreset, vsockconn)."""
     return (
         f"pyvmm.check={','.join(checks)} pyvmm.vsock_cid={cid} pyvmm.vsock_port={port} "
-        f"pyvmm.vsock_mib={mib} pyvmm.vsock_wait={wait_s}"
+        f"pyvmm.vsock_mib={mib} pyvmm.vsock_wait={wait_s} pyvmm.vsock_conns={conns}"
     )
 
 
 def peer_argv(mode: str, guest: Guest, port: int, timeout_s: float, *extra: str) -> list[str]:
     """This program for BootSpec.on_line: `data` with extra [MIB], `reset` with extra
-    ["--control", SOCKET]."""
+    ["--control", SOCKET], `conns` with extra ["--count", N]."""
     return [
         *[sys.executable, "-m", "pyvmm.harness.vsockpeer", mode, *guest.argv(), str(port)],
         *[*extra, "--timeout", f"{timeout_s:g}"],
@@ -352,13 +378,14 @@ def peer_report(commands: list[Any], marker: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyvmm.harness.vsockpeer")
-    parser.add_argument("mode", choices=["data", "reset"])
+    parser.add_argument("mode", choices=["data", "reset", "conns"])
     way = parser.add_mutually_exclusive_group(required=True)
     way.add_argument("--uds", metavar="PATH", help="pyvmm's device: its --vsock-uds PATH")
     way.add_argument("--cid", type=int, metavar="N", help="vhost-vsock: the guest's CID")
     parser.add_argument("port", type=int, help="the guest's first port (see the checks)")
     parser.add_argument("mib", type=int, nargs="?", default=0, help="data: MiB each way")
     parser.add_argument("--control", metavar="SOCKET", help="reset: the VM's control socket")
+    parser.add_argument("--count", type=int, default=100, help="conns: how many streams")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS")
     args = parser.parse_args(argv)
     if args.mode == "reset" and args.control is None:
@@ -369,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode == "data":
             report.update(exchange_data(guest, args.port, args.mib, deadline))
+        elif args.mode == "conns":
+            port = args.port + CONNS_PORT
+            report.update(exchange_conns(guest, port, args.count, deadline))
         else:
             report.update(exchange_reset(guest, args.port, args.control, deadline))
     except (PeerError, OSError) as e:

@@ -83,3 +83,9 @@ def test_an_unknown_benchmark_is_one_line_naming_it() -> None:
     proc = bench("--only", "startup,warp")
     assert proc.returncode == 2
     assert "--only: unknown benchmark 'warp'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_an_unknown_linux_part_is_one_line_naming_it() -> None:
+    proc = bench("--only", "linux", "--linux", "net,warp")
+    assert proc.returncode == 2
+    assert "--linux: 'warp' is not a part" in proc.stderr.strip().splitlines()[-1]

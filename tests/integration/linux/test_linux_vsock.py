@@ -3,8 +3,9 @@ both ways pyvmm runs it: its own device (`--cid 3 --vsock-uds PATH`: host progra
 the Unix socket PATH) and the host kernel's vhost-vsock (`--cid N`: host programs use AF_VSOCK).
 Each way, the guest has the CID given; a host program reaches a guest listener and VSOCK_MIB MiB
 cross intact (CRC-32 at both ends); the guest reaches a host listener and as many cross back;
-and a suspend and resume through the control socket resets the transport: the streams open then
-end in the guest with ECONNRESET, and new ones work both ways. The kernel log stays clean.
+a suspend and resume through the control socket resets the transport: the streams open then
+end in the guest with ECONNRESET, and new ones work both ways; and streams the host opens one
+after another are each taken by the guest. The kernel log stays clean.
 
 The host's side is pyvmm.harness.vsockpeer, started when the guest says it is ready. All boots
 run in one go (one test VM boot, which loads vhost_vsock) and each test judges every boot's
@@ -24,7 +25,9 @@ import pytest
 from pyvmm.harness.boots import BootResult, BootSpec
 from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.vsockpeer import (
+    CONNS_READY,
     DATA_READY,
+    GUEST_VSOCK,
     RESET_READY,
     Guest,
     kernel_params,
@@ -38,17 +41,12 @@ MEM_MIB = 512
 VSOCK_MIB = 16  # each way: 64 took ~50 s more per boot on the userspace device under emulation
 PORT = 5000  # the guest listens on it (and + 2), the host on + 1 (and + 3)
 WAIT_S = 120  # the guest's bound on each step (its vsock tool is killed then)
-CHECKS = ["uptime", "vsock", "vsockreset", "dmesg"]
+CONNS = 20  # streams the host opens in turn to a guest that closes each at once
+CHECKS = ["uptime", "vsock", "vsockreset", "vsockconn", "dmesg"]
 UDS_CID = 3
 # vhost-vsock's CIDs are the host's to share among all its VMs: one out of the way of others'.
 VHOST_CID = 10000 + os.getpid() % 50000
 VHOST_VSOCK = "/dev/vhost-vsock"
-GUEST_VSOCK = re.compile(
-    r"cid (?P<cid>\d+); rx (?P<rx_bytes>\d+) bytes crc32 (?P<rx_crc>[0-9a-f]{8}) in "
-    r"(?P<rx_s>[\d.]+) s \(cpu (?P<rx_cpu>user [\d.]+ s, sys [\d.]+ s)\); tx (?P<tx_bytes>\d+) "
-    r"bytes crc32 (?P<tx_crc>[0-9a-f]{8}) in (?P<tx_s>[\d.]+) s "
-    r"\(cpu (?P<tx_cpu>user [\d.]+ s, sys [\d.]+ s)\)"
-)
 GUEST_RESET = re.compile(
     r"accepted: ended (?P<accepted>\S+) after (?P<accepted_s>[\d.]+) s, accepted again; "
     r"connected: ended (?P<connected>\S+) after (?P<connected_s>[\d.]+) s, connected again"
@@ -68,6 +66,7 @@ class VsockBoot:
     cid: int
     data: dict[str, Any]  # vsockpeer's reports ({} when it never ran)
     reset: dict[str, Any]
+    conns: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def boots() -> Iterator[dict[str, VsockBoot]]:
                     harness.pyvmm_argv(
                         *["-m", str(MEM_MIB), "-p", "quiet", "-i", str(files.initramfs)],
                         *["--cid", str(cid), *flags, "-s", control],
-                        *["-p", kernel_params(CHECKS, cid, PORT, VSOCK_MIB, WAIT_S)],
+                        *["-p", kernel_params(CHECKS, cid, PORT, VSOCK_MIB, WAIT_S, CONNS)],
                         str(files.bzimage),
                     ),
                     # Boot, the transfers each way and the reset (each bounded in the guest).
@@ -99,6 +98,7 @@ def boots() -> Iterator[dict[str, VsockBoot]]:
                     on_line={
                         DATA_READY: peer_argv("data", guest, PORT, 2 * WAIT_S, str(VSOCK_MIB)),
                         RESET_READY: peer_argv("reset", guest, PORT, WAIT_S, "--control", control),
+                        CONNS_READY: peer_argv("conns", guest, PORT, WAIT_S, "--count", str(CONNS)),
                     },
                 )
             )
@@ -110,6 +110,7 @@ def boots() -> Iterator[dict[str, VsockBoot]]:
             cid,
             peer_report(result.commands, DATA_READY),
             peer_report(result.commands, RESET_READY),
+            peer_report(result.commands, CONNS_READY),
         )
         out[result.name] = boot
         _say(boot)
@@ -146,6 +147,9 @@ def _say(boot: VsockBoot) -> None:
         r = boot.reset
         print(f"{name}: suspend {r['suspend_s']:.2f} s, resume {r['resume_s']:.2f} s")
         print(f"{name}: the old streams as the host saw them end: {r['old']}")
+    if "seconds" in boot.conns:
+        took = boot.conns["seconds"]
+        print(f"{name}: {CONNS} connections opened in turn in {took:.2f} s")
 
 
 def _boot(boots: dict[str, VsockBoot], name: str) -> VsockBoot:
@@ -228,6 +232,16 @@ def test_new_streams_work_after_the_reset(boots: dict[str, VsockBoot], name: str
     details = guest_check(boot.result, "vsockreset")
     assert "accepted again" in details and "connected again" in details, details
     assert _peer(boot, RESET_READY, boot.reset).get("again") is True
+
+
+@BOOT_NAMES
+def test_streams_opened_one_after_another_each_reach_the_guest(
+    boots: dict[str, VsockBoot], name: str
+) -> None:
+    boot = _boot(boots, name)
+    details = guest_check(boot.result, "vsockconn")
+    assert details.startswith(f"{CONNS} connections in "), f"{name}: {details}"
+    assert _peer(boot, CONNS_READY, boot.conns)["connections"] == CONNS
 
 
 @BOOT_NAMES

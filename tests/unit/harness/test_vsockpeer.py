@@ -101,6 +101,35 @@ def test_a_guest_that_never_listens_is_an_error_in_time(uds: str) -> None:
         Guest(uds=uds).connect(PORT, time.monotonic() + 0.3)
 
 
+def test_conns_opens_each_stream_in_turn_and_waits_for_its_close(uds: str) -> None:
+    server = _device(uds)
+    accepted: list[int] = []
+
+    def guest() -> None:  # `vsock accept`: takes each stream and closes it at once
+        with server:
+            for _ in range(3):
+                with _handshake(server, lambda port: port == PORT + vsockpeer.CONNS_PORT):
+                    accepted.append(len(accepted))
+
+    with _running(guest):
+        report = vsockpeer.exchange_conns(
+            Guest(uds=uds), PORT + vsockpeer.CONNS_PORT, 3, time.monotonic() + 30
+        )
+    assert report["connections"] == 3 and report["seconds"] > 0
+    assert accepted == [0, 1, 2]
+
+
+def test_conns_fails_when_the_guest_talks_instead_of_closing(uds: str) -> None:
+    server = _device(uds)
+
+    def guest() -> None:
+        with server, _handshake(server, lambda port: True) as conn:
+            conn.sendall(b"hello")
+
+    with _running(guest), pytest.raises(PeerError, match="connection 1: the guest sent data"):
+        vsockpeer.exchange_conns(Guest(uds=uds), PORT, 2, time.monotonic() + 30)
+
+
 def test_old_streams_end_closed_open_or_when_written_to(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vsockpeer, "QUIET_S", 0.2)
     closed, closed_end = socket.socketpair()
