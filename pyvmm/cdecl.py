@@ -39,6 +39,7 @@ DECLARING_MODULES = [
     "pyvmm.devices.virtio.queue",
     "pyvmm.devices.virtio.block",
     "pyvmm.devices.virtio.net",
+    "pyvmm.devices.virtio.balloon",
     "pyvmm.net.tap",
     "pyvmm.vhost",
     "pyvmm.vsock.packet",

@@ -6,26 +6,39 @@ import argparse
 import contextlib
 import faulthandler
 import functools
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvmm import __version__
 from pyvmm.arch.host import UnsupportedArchError
+from pyvmm.balloon_policy import (
+    CHROMEOS_LOW_MEM_DIR,
+    DEFAULT_LOW_MEM_MARGIN_MIB,
+    MemorySourceError,
+)
 from pyvmm.config import (
     DEFAULT_CPUS,
     DEFAULT_MEM_MIB,
+    BalloonConfig,
     ConfigError,
     DiskConfig,
     NetConfig,
     VmConfig,
     VsockConfig,
 )
-from pyvmm.control import COMMANDS, ControlError, reply_error_message, send_command
+from pyvmm.control import (
+    BALLOON_COMMANDS,
+    COMMANDS,
+    ControlError,
+    reply_error_message,
+    send_command,
+)
 from pyvmm.devices.proxy import DeviceProcessError
 from pyvmm.disk import DiskError
 from pyvmm.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
@@ -44,6 +57,7 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 USER_ERRORS = (
     ConfigError,
+    MemorySourceError,
     KvmUnavailableError,
     MissingCapabilityError,
     KernelLoadError,
@@ -164,6 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
         "connections to host port P go to PATH_P",
     )
     run.add_argument(
+        "--no-balloon",
+        action="store_true",
+        help="no virtio-balloon device (there is one by default, as in crosvm)",
+    )
+    run.add_argument(
+        "--balloon-page-reporting",
+        action="store_true",
+        help="offer free page reporting: the guest gives the host its free memory as it frees it",
+    )
+    run.add_argument(
+        "--low-mem-margin",
+        type=int,
+        metavar="MIB",
+        help="the host is low on memory when its MemAvailable falls below MIB (where Chrome OS's "
+        "low-memory files are absent); then the balloon grows (default: "
+        f"{DEFAULT_LOW_MEM_MARGIN_MIB} MiB)",
+    )
+    run.add_argument(
+        "--low-mem-dir",
+        metavar="DIR",
+        help="where the host says it is low on memory, as Chrome OS's "
+        f"{CHROMEOS_LOW_MEM_DIR} does (files 'available' and 'margin', in MiB; default: that "
+        "directory where it exists)",
+    )
+    run.add_argument(
+        "--balloon-policy-timers",
+        metavar="RECHECK,LEAVE,EVERY",
+        type=_timers,
+        help="for tests only: the low-memory policy's timer lengths in seconds (default 1,60,30)",
+    )
+    run.add_argument(
         "-s",
         "--socket",
         metavar="PATH",
@@ -188,7 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in COMMANDS.items():
         control = sub.add_parser(name, help=summary, description=f"{summary.capitalize()}.")
         control.add_argument("socket", metavar="SOCKET", help="the VM's control socket")
+    for name, summary in BALLOON_COMMANDS.items():
+        control = sub.add_parser(name, help=summary, description=f"{summary.capitalize()}.")
+        if name == "balloon":
+            control.add_argument(
+                "bytes",
+                metavar="BYTES",
+                type=_size,
+                help="how much of the guest's memory the balloon should hold: bytes, or with a "
+                "K, M or G suffix (KiB, MiB, GiB)",
+            )
+        control.add_argument("socket", metavar="SOCKET", help="the VM's control socket")
     return parser
+
+
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """A size in bytes: digits with an optional K, M or G (binary units)."""
+    digits = text.rstrip("KMGkmg")
+    suffix = text[len(digits) :].upper()
+    if not digits.isdigit() or suffix not in SIZE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 134217728, 128M, 1G)")
+    return int(digits) * SIZE_SUFFIXES[suffix]
 
 
 def version_line() -> str:
@@ -199,6 +267,25 @@ def _nets(args: argparse.Namespace) -> tuple[NetConfig, ...]:
     made = (args.host_ip, args.netmask, args.mac)
     nets = [NetConfig(*made)] if any(v is not None for v in made) else []
     return (*nets, *(NetConfig(tap_fd=fd) for fd in args.tap_fds))
+
+
+def _timers(text: str) -> tuple[float, float, float]:
+    try:
+        recheck, leave, every = (float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three numbers of seconds") from None
+    return recheck, leave, every
+
+
+def _balloon(args: argparse.Namespace) -> BalloonConfig | None:
+    if args.no_balloon:
+        return None
+    return BalloonConfig(
+        page_reporting=args.balloon_page_reporting,
+        low_mem_margin_mib=args.low_mem_margin,
+        low_mem_dir=args.low_mem_dir,
+        policy_timers=args.balloon_policy_timers,
+    )
 
 
 def _vsock(args: argparse.Namespace) -> VsockConfig | None:
@@ -221,6 +308,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         disks=tuple(sorted(args.disks, key=lambda d: not d.root)),
         nets=_nets(args),
         vsock=_vsock(args),
+        balloon=_balloon(args),
         net_vhost=args.net_vhost,
         sandbox=not args.disable_sandbox,
         seccomp_policy_dir=args.seccomp_policy_dir,
@@ -229,9 +317,14 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    """Send a stop/suspend/resume command; silent on success."""
-    reply = send_command(args.socket, {"cmd": args.command})
+    """Send a control command; silent on success, but for balloon_stats's JSON."""
+    request: dict[str, Any] = {"cmd": args.command}
+    if args.command == "balloon":
+        request["bytes"] = args.bytes
+    reply = send_command(args.socket, request)
     if reply["ok"]:
+        if args.command == "balloon_stats":
+            print(json.dumps(reply.get("balloon"), indent=2, sort_keys=True))
         return 0
     print(f"pyvmm: {reply_error_message(args.socket, reply)}", file=sys.stderr)
     return EXIT_FAILURE
@@ -310,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "version":
             print(version_line())
             return 0
-        if args.command in COMMANDS:
+        if args.command in COMMANDS or args.command in BALLOON_COMMANDS:
             return cmd_control(args)
     except USER_ERRORS as e:
         print(f"pyvmm: {e}", file=sys.stderr)

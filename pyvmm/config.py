@@ -73,6 +73,19 @@ class VsockConfig:
     uds: str | None = None
 
 
+@dataclass(frozen=True)
+class BalloonConfig:
+    """The virtio-balloon device (on unless `--no-balloon`): free page reporting
+    (`--balloon-page-reporting`), and the low-memory policy's margin and, for tests only, its
+    timer lengths in seconds (re-check, first "no longer low" check, every one after)."""
+
+    page_reporting: bool = False
+    low_mem_margin_mib: int | None = None  # None: the policy's default
+    # Chrome OS's low-memory directory (`available`, `margin`), or another laid out the same.
+    low_mem_dir: str | None = None
+    policy_timers: tuple[float, float, float] | None = None
+
+
 class ConfigError(Exception):
     """A user-supplied setting is invalid; the message names the flag or file at fault."""
 
@@ -92,6 +105,7 @@ class VmConfig:
     # vhost-net for the NICs: "auto" (where /dev/vhost-net can be opened), "on" or "off".
     net_vhost: str = "auto"
     vsock: VsockConfig | None = None
+    balloon: BalloonConfig | None = field(default_factory=BalloonConfig)
     # Each virtio device in a process of its own (multiprocess mode), or a thread in this one.
     sandbox: bool = True
     # Where the devices' seccomp policies are; None: seccomp/<arch>/ in pyvmm's tree.
@@ -118,23 +132,30 @@ class VmConfig:
         for p in self.params:
             if not p.isprintable() or not p.isascii():
                 raise ConfigError(f"-p/--params {p!r}: kernel parameters must be printable ASCII")
-        if len(self.disks) > MAX_DISKS:
-            extra = self.disks[MAX_DISKS]
+        fixed = (
+            "virtio-rng is one" if self.balloon is None else "virtio-rng and the balloon are two"
+        )
+        room = MAX_DISKS if self.balloon is None else MAX_DISKS - 1
+        if len(self.disks) > room:
+            extra = self.disks[room]
             raise ConfigError(
-                f"{extra.flag} {extra.path}: at most {MAX_DISKS} disks (the machine describes "
-                f"{MAX_PCI_DEVICES} PCI devices, and virtio-rng is one)"
+                f"{extra.flag} {extra.path}: at most {room} disks (the machine describes "
+                f"{MAX_PCI_DEVICES} PCI devices, and {fixed})"
             )
-        if len(self.disks) + len(self.nets) > MAX_DISKS:
-            nic = self.nets[MAX_DISKS - len(self.disks)]
+        if len(self.disks) + len(self.nets) > room:
+            nic = self.nets[room - len(self.disks)]
             raise ConfigError(
-                f"{nic.flag}: at most {MAX_DISKS} disks and NICs together (the machine "
-                f"describes {MAX_PCI_DEVICES} PCI devices, and virtio-rng is one)"
+                f"{nic.flag}: at most {room} disks and NICs together (the machine "
+                f"describes {MAX_PCI_DEVICES} PCI devices, and {fixed})"
             )
-        if self.vsock is not None and len(self.disks) + len(self.nets) + 1 > MAX_DISKS:
+        if self.vsock is not None and len(self.disks) + len(self.nets) + 1 > room:
             raise ConfigError(
                 f"--cid {self.vsock.cid}: no PCI slot left for virtio-vsock (the machine "
-                f"describes {MAX_PCI_DEVICES} PCI devices; disks and NICs take the others)"
+                f"describes {MAX_PCI_DEVICES} PCI devices; {fixed}, disks and NICs take the "
+                "others)"
             )
+        if self.balloon is not None:
+            _check_balloon(self.balloon)
         _check_nets(self.nets)
         roots = [d for d in self.disks if d.root]
         if len(roots) > 1:
@@ -158,6 +179,24 @@ class VmConfig:
         if self.socket is not None:  # last: it may remove a stale socket file
             return dataclasses.replace(self, socket=check_socket_path(self.socket, os.getpid()))
         return self
+
+
+def _check_balloon(balloon: BalloonConfig) -> None:
+    if (
+        balloon.low_mem_margin_mib is not None
+        and not 0 <= balloon.low_mem_margin_mib <= MAX_MEM_MIB
+    ):
+        raise ConfigError(
+            f"--low-mem-margin {balloon.low_mem_margin_mib}: must be 0 to {MAX_MEM_MIB} MiB"
+        )
+    if balloon.low_mem_dir is not None and not os.path.isdir(balloon.low_mem_dir):
+        raise ConfigError(f"--low-mem-dir {balloon.low_mem_dir}: no such directory")
+    timers = balloon.policy_timers
+    if timers is not None and (len(timers) != 3 or not all(0 < t <= 3600 for t in timers)):
+        raise ConfigError(
+            "--balloon-policy-timers: three lengths in seconds (re-check, first leave check, "
+            "every leave check after it), each above 0 and at most 3600"
+        )
 
 
 def _check_vsock(vsock: VsockConfig) -> None:

@@ -260,6 +260,28 @@ class GuestMemory:
             part = view[at : at + FILL_CHUNK]
             part[:] = pattern[: len(part)]
 
+    def discard(self, addr: int, length: int) -> None:
+        """Give guest RAM [addr, addr+length), whole pages within one region, back to the host
+        (MADV_REMOVE on the memfd: freed for every process that maps it, and read as zero until
+        written again). GuestMemoryError unless it is page-aligned RAM of one region."""
+        if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+            raise GuestMemoryError(addr, length)
+        for region in self.ram_regions:
+            if region.guest_addr <= addr and addr + length <= region.end:
+                region.mapping.madvise(mmap.MADV_REMOVE, addr - region.guest_addr, length)
+                return
+        raise GuestMemoryError(addr, length)
+
+    def guest_range(self, view: memoryview) -> tuple[int, int]:
+        """The guest address and length of `view`, a view of guest memory this object gave
+        (a descriptor's buffer); GuestMemoryError if it is not one."""
+        where = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
+        for start, stop, region_view in self._spans:
+            base = int(ffi.cast("uintptr_t", ffi.from_buffer(region_view)))
+            if base <= where and where + len(view) <= base + (stop - start):
+                return start + where - base, len(view)
+        raise GuestMemoryError(where, len(view))
+
     def zero(self, addr: int, length: int) -> None:
         """Zero [addr, addr+length) with no host buffer of that size: the whole pages go back
         to the memfd (MADV_REMOVE: they read as zero in every process that maps them and cost

@@ -15,18 +15,22 @@ import threading
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pyvmm.arch.host import host_arch
 from pyvmm.arch.interface import Arch, GuestImage, Platform
-from pyvmm.config import VmConfig
+from pyvmm.balloon_control import BalloonControl
+from pyvmm.balloon_policy import LowMemoryPolicy, PolicyTimes, pick_source
+from pyvmm.config import BalloonConfig, VmConfig
 from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
-from pyvmm.devices.child import DeviceSpec, DiskSpec, TapSpec, VsockSpec
+from pyvmm.devices.child import BalloonSpec, DeviceSpec, DiskSpec, TapSpec, VsockSpec
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.root import PciRoot
 from pyvmm.devices.proxy import DeviceProcessError, ProxyDevice, start_device
+from pyvmm.devices.virtio.balloon import Balloon
 from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.net import Net
@@ -165,8 +169,8 @@ class VsockKernel:
 
 
 # What each virtio device is backed by: a disk image, a NIC's TAP, the vsock host side (pyvmm's
-# or the kernel's), or nothing (the rng).
-Backing = Disk | Nic | VsockHost | VsockKernel | None
+# or the kernel's), the balloon's settings, or nothing (the rng).
+Backing = Disk | Nic | VsockHost | VsockKernel | BalloonConfig | None
 
 
 def _device_kind(backing: Backing) -> str:
@@ -177,6 +181,8 @@ def _device_kind(backing: Backing) -> str:
         return "vsock_device"
     if isinstance(backing, VsockKernel):
         return "vhost_vsock_device"
+    if isinstance(backing, BalloonConfig):
+        return "balloon_device"
     return "rng_device" if backing is None else "block_device"
 
 
@@ -192,6 +198,8 @@ def _backend(name: str, backing: Backing, mac: bytes | None) -> VirtioDevice:
         vhost = Vhost(backing.vhost_fd, "vhost-vsock")
         backing.vhost_fd = -1  # the device's now
         return VhostVsock(backing.cid, vhost, name)
+    if isinstance(backing, BalloonConfig):
+        return Balloon(backing.page_reporting)
     if backing is None:
         return Rng()
     return Block(backing, name=name, serial=f"pyvmm-{name}")
@@ -223,6 +231,17 @@ class _VmControl:
     def resume(self) -> None:
         self._vmm.resume()
 
+    def balloon(self, num_bytes: int) -> None:
+        self._balloon().set_target(num_bytes)
+
+    def balloon_stats(self) -> dict[str, Any]:
+        return self._balloon().stats()
+
+    def _balloon(self) -> BalloonControl:
+        if self._vmm.balloon is None:
+            raise ValueError("this VM has no balloon (it was started with --no-balloon)")
+        return self._vmm.balloon
+
 
 class Vmm:
     """A built VM. `run()` starts the vCPUs and returns when the guest resets or is stopped."""
@@ -243,6 +262,7 @@ class Vmm:
         self._paused = False
         self.control: ControlServer | None = None
         self._vsock_host: VsockHost | None = None
+        self.balloon: BalloonControl | None = None
         self.kvm = Kvm(config.kvm_path, self.arch.required_caps)
         try:
             self._build(console_out, console_in_fd)
@@ -335,12 +355,14 @@ class Vmm:
             vsocks.append(self._vsock_host)
         elif vsock is not None:
             vsocks.append(VsockKernel.open(vsock.cid))
-        backings: list[Backing] = [*disks, *nics, *vsocks, None]
+        balloon = self.config.balloon
+        backings: list[Backing] = [*disks, *nics, *vsocks, None, *([balloon] if balloon else [])]
         names = [
             *(disk_name(i) for i in range(len(disks))),
             *(f"net{i}" for i in range(len(nics))),
             *("vsock" for _ in vsocks),
             "rng",
+            *(["balloon"] if balloon else []),
         ]
         macs = {f"net{i}": parse_mac(n.mac) for i, n in enumerate(self.config.nets) if n.mac}
         if self.config.sandbox:
@@ -372,14 +394,41 @@ class Vmm:
                 self.virtio_devices.append(VirtioPciDevice(backend, self.mem, intx, services))
         for device, line in zip(self.virtio_devices, self._intx_lines, strict=True):
             self.pci_irqs.append((self.pci.add_device(device), line.gsi))
+        if balloon is not None:
+            self._start_balloon(balloon, self.virtio_devices[-1])
         if self.config.sandbox:
             for backing in backings:
                 if isinstance(backing, VsockHost):
                     backing.handed_over()
-                elif backing is not None:
+                elif backing is not None and not isinstance(backing, BalloonConfig):
                     backing.close()  # the device processes have the images and TAPs now
             self._starter = threading.Thread(target=self._start_devices, name="device start")
             self._starter.start()
+
+    def _start_balloon(self, config: BalloonConfig, device: VirtioPciDevice | ProxyDevice) -> None:
+        """The balloon's control, and its low-memory policy where the guest is large enough to
+        give memory back (a source that cannot be read stops pyvmm here, with its reason)."""
+        self.balloon = BalloonControl(device, self.config.mem_bytes, self.mem.memfd)
+        if config.low_mem_dir is None:
+            source = pick_source(config.low_mem_margin_mib)
+        else:
+            source = pick_source(config.low_mem_margin_mib, chromeos_dir=Path(config.low_mem_dir))
+        times = PolicyTimes()
+        if config.policy_timers is not None:
+            recheck, leave_first, leave_every = config.policy_timers
+            times = PolicyTimes(
+                recheck_s=recheck,
+                recheck_jitter_s=recheck / 16,
+                leave_first_s=leave_first,
+                leave_every_s=leave_every,
+                leave_jitter_s=leave_every / 20,
+                sample_s=min(recheck, times.sample_s),
+            )
+        policy = LowMemoryPolicy(self.config.mem_bytes, source, times=times)
+        if policy.max_bytes:
+            log.debug("balloon: low-memory policy on %s, at most %d MiB", source.describe(),
+                      policy.max_bytes >> 20)  # fmt: skip
+            self.balloon.start_policy(policy)
 
     def _start_devices(self) -> None:
         """Wait for the device processes to be built while the VM goes on starting (a guest
@@ -409,10 +458,13 @@ class Vmm:
             ram=[(r.guest_addr, r.size) for r in self.mem.ram_regions],
             intx=(intx.gsi, intx.fd, intx.resample_fd),
             disk=None
-            if backing is None or isinstance(backing, Nic | VsockHost | VsockKernel)
+            if backing is None or isinstance(backing, Nic | VsockHost | VsockKernel | BalloonConfig)
             else DiskSpec(backing.fd, backing.path, backing.writable, f"pyvmm-{name}"),
             tap=_tap_spec(backing, mac) if isinstance(backing, Nic) else None,
             vsock=_vsock_spec(backing) if isinstance(backing, VsockHost | VsockKernel) else None,
+            balloon=BalloonSpec(backing.page_reporting)
+            if isinstance(backing, BalloonConfig)
+            else None,
             policy_dir=str(self._policy_dir),
             log_failures=cfg.seccomp_log_failures,
             jail=True,
@@ -525,6 +577,8 @@ class Vmm:
         pump = getattr(self, "stdin_pump", None)
         if pump is not None:
             pump.stop(timeout=STOP_TIMEOUT_S)
+        if self.balloon is not None:
+            self.balloon.close()
         for device in getattr(self, "virtio_devices", []):
             device.close()
         starter = getattr(self, "_starter", None)

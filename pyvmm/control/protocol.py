@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The commands a VM answers; the CLI offers one subcommand per entry.
+# The commands a VM answers that take no argument; the CLI offers one subcommand per entry.
 COMMANDS: dict[str, str] = {
     "stop": "stop a running VM",
     "suspend": "pause a running VM's vCPUs and devices",
     "resume": "continue a suspended VM",
+}
+# The balloon's: {"cmd": "balloon", "bytes": N} sets the size it should hold (absolute);
+# {"cmd": "balloon_stats"} answers {"ok": true, "balloon": {...}} (see pyvmm.balloon_control).
+BALLOON_COMMANDS: dict[str, str] = {
+    "balloon": "set the size of a running VM's balloon (absolute)",
+    "balloon_stats": "print the guest's memory statistics and the balloon's size, as JSON",
 }
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -69,8 +75,8 @@ def error_reply(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-def parse_request(line: bytes) -> str:
-    """Return the command named by a request line (without its newline)."""
+def parse_request(line: bytes) -> dict[str, Any]:
+    """The request a line (without its newline) holds: a JSON object with a string "cmd"."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -88,7 +94,7 @@ def parse_request(line: bytes) -> str:
     cmd = request["cmd"]
     if not isinstance(cmd, str):
         raise RequestError("malformed request: 'cmd' is not a string")
-    return cmd
+    return request
 
 
 def one_line(text: str) -> str:

@@ -76,6 +76,12 @@ class ControlHandler(Protocol):
     def resume(self) -> None:
         """Continue the vCPUs and device workers."""
 
+    def balloon(self, num_bytes: int) -> None:
+        """Set the size the balloon should hold, in bytes (absolute)."""
+
+    def balloon_stats(self) -> dict[str, Any]:
+        """The guest's memory statistics and the balloon's size."""
+
 
 @dataclass(frozen=True)
 class PeerCredentials:
@@ -124,10 +130,12 @@ class ControlServer:
         self.path = path
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
-        self._commands: dict[str, Callable[[], None]] = {
-            "stop": handler.stop,
-            "suspend": handler.suspend,
-            "resume": handler.resume,
+        self._commands: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
+            "stop": lambda _: handler.stop(),
+            "suspend": lambda _: handler.suspend(),
+            "resume": lambda _: handler.resume(),
+            "balloon": lambda request: handler.balloon(_balloon_bytes(request)),
+            "balloon_stats": lambda _: {"balloon": handler.balloon_stats()},
         }
         self._uid = os.geteuid()
         self._closing = threading.Event()
@@ -313,9 +321,10 @@ class ControlServer:
 
     def _handle(self, line: bytes) -> dict[str, Any]:
         try:
-            cmd = parse_request(line)
+            request = parse_request(line)
         except RequestError as e:
             return error_reply(str(e))
+        cmd = request["cmd"]
         action = self._commands.get(cmd)
         if action is None:
             name = one_line(cmd[:MAX_ECHOED_COMMAND])
@@ -324,11 +333,18 @@ class ControlServer:
             if self._closing.is_set():
                 return error_reply("the VM is shutting down")
             try:
-                action()
+                fields = action(request)
             except Exception as e:
                 log.debug("control command %s failed", cmd, exc_info=True)
                 return error_reply(one_line(str(e)) or type(e).__name__)
-        return ok_reply()
+        return ok_reply(**(fields or {}))
+
+
+def _balloon_bytes(request: dict[str, Any]) -> int:
+    value = request.get("bytes")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"balloon: 'bytes' must be a whole number of bytes, not {value!r}")
+    return value
 
 
 def _too_long() -> dict[str, Any]:

@@ -70,6 +70,11 @@ class VsockSpec:
 
 
 @dataclass
+class BalloonSpec:
+    page_reporting: bool
+
+
+@dataclass
 class DeviceSpec:
     """What a device process is to be: the VMM writes it, the process reads it from argv."""
 
@@ -85,6 +90,7 @@ class DeviceSpec:
     disk: DiskSpec | None = None
     tap: TapSpec | None = None
     vsock: VsockSpec | None = None
+    balloon: BalloonSpec | None = None
     policy_dir: str | None = None  # where <kind>.policy is; None: no seccomp filter
     log_failures: bool = False
     jail: bool = False
@@ -98,6 +104,7 @@ class DeviceSpec:
         disk = data.pop("disk")
         tap = data.pop("tap")
         vsock = data.pop("vsock")
+        balloon = data.pop("balloon")
         spec = cls(**data)
         spec.ram = [(int(a), int(s)) for a, s in spec.ram]
         spec.intx = (int(spec.intx[0]), int(spec.intx[1]), int(spec.intx[2]))
@@ -105,6 +112,7 @@ class DeviceSpec:
         spec.disk = DiskSpec(**disk) if disk is not None else None
         spec.tap = TapSpec(**tap) if tap is not None else None
         spec.vsock = VsockSpec(**vsock) if vsock is not None else None
+        spec.balloon = BalloonSpec(**balloon) if balloon is not None else None
         return spec
 
 
@@ -178,6 +186,12 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
         if spec.vsock is None or spec.vsock.vhost_fd is None:
             raise ValueError("a vhost-vsock device needs /dev/vhost-vsock")
         return VhostVsock(spec.vsock.cid, Vhost(spec.vsock.vhost_fd, "vhost-vsock"), spec.name)
+    if spec.kind == "balloon_device":
+        from pyvmm.devices.virtio.balloon import Balloon
+
+        if spec.balloon is None:
+            raise ValueError("a balloon device needs its settings")
+        return Balloon(spec.balloon.page_reporting)
     if spec.kind == "rng_device":
         from pyvmm.devices.virtio.rng import Rng
 
@@ -261,6 +275,11 @@ class DeviceServer:
         if op is Op.SHUTDOWN:
             device.close()
             return b""
+        if op is Op.COMMAND:
+            request = json.loads(payload)
+            if not isinstance(request, dict):
+                raise WireError("COMMAND: not a JSON object")
+            return json.dumps(device.command(request)).encode()
         raise WireError(f"{op.name} is not a request")
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ device's name and the cause, and killed; from then on the function reads as abse
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pyvmm.devices.child import DeviceSpec
 from pyvmm.devices.pci.device import BarWindows, PciDevice, VmServices
@@ -213,6 +215,14 @@ class ProxyDevice(PciDevice):
 
     def resume(self) -> None:
         self._call(Op.RESUME)
+
+    def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request for the device itself (VirtioDevice.command), answered by the process."""
+        answer = self._call(Op.COMMAND, json.dumps(request).encode())
+        if answer is None:
+            raise DeviceProcessError(f"virtio {self.name}: the device process is gone")
+        reply: dict[str, Any] = json.loads(answer)
+        return reply
 
     def close(self) -> None:
         """Shut the process down (bounded), kill it if it does not go, and release its fds."""

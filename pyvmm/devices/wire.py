@@ -31,6 +31,7 @@ class Op(enum.IntEnum):
     PAUSE = 8  # timeout f64 -> parked u8
     RESUME = 9  # -> nothing
     SHUTDOWN = 10  # -> nothing; the process then exits
+    COMMAND = 11  # a JSON request for the device itself -> its JSON answer
     # device process -> VMM
     REPLY = 64
     FAILED = 65  # a one-line reason (UTF-8)

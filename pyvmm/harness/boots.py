@@ -111,6 +111,20 @@ class BootResult:
         return cls(**fields)
 
 
+def command_report(commands: list[CommandResult], marker: str, name: str) -> dict[str, Any]:
+    """The JSON object the last line of the command `marker` started printed (a peer's report):
+    {} when it never ran or did not finish, {"error": ...} when it said something else."""
+    command = next((c for c in commands if c.marker == marker), None)
+    if command is None or command.returncode is None:
+        return {}
+    output = command.output.strip()
+    try:
+        report = json.loads(output.splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"{name} said: {output}"}
+    return report if isinstance(report, dict) else {"error": f"{name} said: {output}"}
+
+
 def file_state(path: str) -> FileState | None:
     try:
         st = os.stat(path)

@@ -35,7 +35,7 @@ TESTVM_OVERHEAD_S = 180.0
 # checksums) through request_module, which finds no modprobe in the guest: load it ourselves.
 GUEST_MODULES = [
     "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "crc32c_generic", "ext4",
-    "vmw_vsock_virtio_transport",
+    "vmw_vsock_virtio_transport", "virtio_balloon",
 ]  # fmt: skip
 # Small static programs for what busybox cannot do, compiled by the kit: path in the
 # initramfs -> C source.

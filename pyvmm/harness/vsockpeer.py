@@ -37,6 +37,7 @@ from typing import Any
 
 from pyvmm.control.client import send_command
 from pyvmm.control.protocol import ControlError
+from pyvmm.harness.boots import command_report
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -365,15 +366,7 @@ def peer_argv(mode: str, guest: Guest, port: int, timeout_s: float, *extra: str)
 def peer_report(commands: list[Any], marker: str) -> dict[str, Any]:
     """The JSON report of the peer that `marker` started (a boot's CommandResults): {} when it
     never ran or did not finish, {"error": ...} when it failed or said something else."""
-    command = next((c for c in commands if c.marker == marker), None)
-    if command is None or command.returncode is None:
-        return {}
-    output = command.output.strip()
-    try:
-        report: dict[str, Any] = json.loads(output.splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": f"vsockpeer said: {output}"}
-    return report
+    return command_report(commands, marker, "vsockpeer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,10 +88,11 @@ def status(pid: int) -> dict[str, str]:
 
 
 def _devices_up(vmm: int) -> bool:
-    """Whether the disk's and the rng's processes are jailed and under their filters."""
+    """Whether the disk's, the rng's and the balloon's processes are jailed and under their
+    filters."""
     try:
         up = jailed(descendants(vmm))
-        return set(up) == {"pyvmm-vda", "pyvmm-rng"} and all(
+        return set(up) == {"pyvmm-vda", "pyvmm-rng", "pyvmm-balloon"} and all(
             status(pid)["Seccomp"] == "2" for pid in up.values()
         )
     except (FileNotFoundError, KeyError):
@@ -111,7 +112,7 @@ def namespace(pid: int, kind: str) -> str:
 def test_each_device_runs_jailed_under_seccomp(probe_elf: Path, tmp_path: Path) -> None:
     with long_vm(probe_elf, tmp_path) as (proc, devices):
         names = jailed(devices)
-        assert set(names) == {"pyvmm-vda", "pyvmm-rng"}, names
+        assert set(names) == {"pyvmm-vda", "pyvmm-rng", "pyvmm-balloon"}, names
         for name, pid in names.items():
             facts = status(pid)
             assert (facts["Seccomp"], facts["NoNewPrivs"]) == ("2", "1"), (name, facts)

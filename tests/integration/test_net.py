@@ -85,7 +85,7 @@ def test_the_tap_is_configured_while_the_vm_runs_and_gone_after(
 def test_the_tap_is_gone_when_the_guest_resets(ns: Namespace, probe_elf: Path) -> None:
     r = run_pyvmm("run", *NET_FLAGS, "-p", "probe=pci", str(probe_elf), wrapper=ns.wrapper)
     assert r.returncode == 0, r.stderr
-    assert r.probe_results()["pci"][1].startswith("3 devices")  # bridge, net0, rng
+    assert r.probe_results()["pci"][1].startswith("4 devices")  # bridge, net0, rng, balloon
     wait_until(lambda: not _taps(ns), 30, "the TAP outlived the VM")
 
 
@@ -126,7 +126,7 @@ def test_a_tap_fd_is_used_and_left_as_given(
     finally:
         os.close(fd)
     assert proc.returncode == 0, proc.stderr
-    assert "PROBE pci ok 3 devices" in proc.stdout
+    assert "PROBE pci ok 4 devices" in proc.stdout  # bridge, net0, rng, balloon
     assert ns.links()["given0"] == before  # still there, as it was
     assert not _taps(ns)
 

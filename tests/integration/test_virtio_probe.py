@@ -54,7 +54,7 @@ def test_pci_bus_lists_host_bridge_disks_and_rng(probe_elf: Path, tmp_path: Path
     a = make_pattern_image(tmp_path / "a.img")
     b = make_pattern_image(tmp_path / "b.img")
     details = _probe(probe_elf, "pci", "--rwdisk", str(a), "-d", str(b))
-    assert details["pci"].startswith("4 devices")  # bridge, vda, vdb, rng
+    assert details["pci"].startswith("5 devices")  # bridge, vda, vdb, rng, balloon
 
 
 # Multiprocess mode is the default; --disable-sandbox runs the devices as threads.

@@ -8,7 +8,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyvmm.devices.virtio.queue import DescriptorChain, InvalidChain, SplitQueue
 from pyvmm.memory import GuestMemory
@@ -181,6 +181,11 @@ class VirtioDevice(abc.ABC):
         """Take every available chain from `queue`, do the work, add each to the used ring.
         Raise DeviceError when the driver broke the device's rules badly enough that only a
         reset can recover."""
+
+    def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request from the VMM (a balloon's new size), from any thread; its answer. Raise
+        ValueError for a request the device does not take."""
+        raise ValueError(f"virtio {self.name} takes no commands")
 
     def reset(self) -> None:  # noqa: B027
         """The driver reset the device: forget the activation."""

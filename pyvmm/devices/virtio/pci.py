@@ -614,6 +614,10 @@ class VirtioPciDevice(PciDevice):
             queue.release()
 
     # VMM control.
+    def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request for the device itself (VirtioDevice.command)."""
+        return self.device.command(request)
+
     def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
         """Park the device's worker; False if it did not park within `timeout` seconds."""
         return self._worker is None or self._worker.pause(timeout)

@@ -36,10 +36,11 @@ MIN_TRIMMED = 32 * MiB
 STOP_MARKER = "GUEST wait ready"
 DISK_CHECKS = ["root", "disks", "rwdisk", "trim", "hwrng", "dmesg"]
 
-# The INTx boot (pci=nomsi). pyvmm wires PCI device N (disks in command-line order, then the rng)
-# to IO-APIC pin 16 + N % 8. With nine disks every busy device shares its pin with another busy
-# one: vda and vdi share pin 16, vdb and the rng (device 9) pin 17; vdc-vdh are idle read-only
-# fillers. (The MP table has room for 16 PCI interrupts: the rng cannot be device 16, on pin 16.)
+# The INTx boot (pci=nomsi). pyvmm wires PCI device N (disks in command-line order, then the rng,
+# then the balloon) to IO-APIC pin 16 + N % 8. With nine disks every busy device shares its pin
+# with another busy one: vda and vdi share pin 16, vdb and the rng (device 9) pin 17; vdc-vdh are
+# idle read-only fillers, the balloon (device 10, pin 18) an idle driver. (The MP table has room
+# for 16 PCI interrupts: the rng cannot be device 16, on pin 16.)
 INTX_DISKS = ("vda", "vdb", "vdi")  # each copies its first half to the next one's second half
 INTX_FILLERS = 6
 INTX_MIB = 12  # half a busy disk: the first seeded by the host, the second written by the guest
@@ -51,7 +52,10 @@ INTX_ROUNDS = 6
 INTX_CPUS = 2
 INTX_WAIT_S = 90  # the guest's bound on each I/O phase: a job still running then has stalled
 INTX_CHECKS = ["intx", "intxio", "dmesg"]
-INTX_DEVICES = [*(f"vd{chr(ord('a') + i)}" for i in range(len(INTX_DISKS) + INTX_FILLERS)), "rng"]
+INTX_DEVICES = [
+    *(f"vd{chr(ord('a') + i)}" for i in range(len(INTX_DISKS) + INTX_FILLERS)),
+    *("rng", "balloon"),
+]
 INTX_BUSY = (*INTX_DISKS, "rng")
 
 
