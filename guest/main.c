@@ -35,6 +35,8 @@ static const struct test tests[] = {
 	{ "vsock-many", test_vsock_many, false },
 	{ "vsock-slow-reader", test_vsock_slow_reader, false },
 	{ "vsock-hostile", test_vsock_hostile, false },
+	{ "balloon", test_balloon, false },
+	{ "balloon-hostile", test_balloon_hostile, false },
 	{ "spin", test_spin, false },
 	{ "blkbench", test_blkbench, false },
 	{ "netbench", test_netbench, false },

@@ -26,6 +26,8 @@ void test_vsock_connect(void);
 void test_vsock_many(void);
 void test_vsock_slow_reader(void);
 void test_vsock_hostile(void);
+void test_balloon(void);
+void test_balloon_hostile(void);
 void test_spin(void);
 void test_blkbench(void);
 void test_netbench(void);
