@@ -32,6 +32,7 @@ _declared: dict[str, tuple[str, bool]] = {}
 DECLARING_MODULES = [
     "pyvmm.kvm.abi",
     "pyvmm.kvm.x86_64",
+    "pyvmm.kvm.aarch64",
     "pyvmm.loader.bootparams",
     "pyvmm.arch.x86_64.mptable",
     "pyvmm.disk.raw",

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 
-def c_facts(tmp_path: Path, headers: list[str], exprs: list[str]) -> list[int]:
-    """Compile a program printing each C expression (as unsigned long) and run it."""
+def c_facts(
+    tmp_path: Path, headers: list[str], exprs: list[str], include_dirs: Sequence[str] = ()
+) -> list[int]:
+    """Compile a program printing each C expression (as unsigned long) and run it; headers are
+    looked for in `include_dirs` first (another architecture's kernel headers, say)."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     src = "".join(f"#include <{h}>\n" for h in headers)
@@ -21,7 +25,8 @@ def c_facts(tmp_path: Path, headers: list[str], exprs: list[str]) -> list[int]:
     c = tmp_path / "facts.c"
     c.write_text(src)
     exe = tmp_path / "facts"
-    subprocess.run(["gcc", "-o", str(exe), str(c)], check=True, capture_output=True)
+    flags = [f"-I{d}" for d in include_dirs]
+    subprocess.run(["gcc", *flags, "-o", str(exe), str(c)], check=True, capture_output=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
 
@@ -48,9 +53,14 @@ def layout_facts(ffi: Any, structs: list[str]) -> list[tuple[str, int]]:
     return facts
 
 
-def mismatches(tmp_path: Path, headers: list[str], facts: list[tuple[str, int]]) -> list[str]:
+def mismatches(
+    tmp_path: Path,
+    headers: list[str],
+    facts: list[tuple[str, int]],
+    include_dirs: Sequence[str] = (),
+) -> list[str]:
     """Each fact whose value differs from what the C compiler makes of its expression."""
-    actual = c_facts(tmp_path, headers, [expr for expr, _ in facts])
+    actual = c_facts(tmp_path, headers, [expr for expr, _ in facts], include_dirs)
     return [
         f"{expr}: pyvmm {mine}, header {theirs}"
         for (expr, mine), theirs in zip(facts, actual, strict=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pyvmm import cdecl
 from pyvmm.cdecl import declare
-from pyvmm.ioc import IOC_NONE, IOC_WRITE
+from pyvmm.ioc import IOC_NONE, IOC_READ, IOC_WRITE
 from pyvmm.ioc import ioc as generic_ioc
 
 ffi: Any = declare(
@@ -111,6 +111,19 @@ ffi: Any = declare(
         uint64_t addr;
     };
 
+    struct kvm_create_device {
+        uint32_t type;
+        uint32_t fd;
+        uint32_t flags;
+    };
+
+    struct kvm_device_attr {
+        uint32_t flags;
+        uint32_t group;
+        uint64_t attr;
+        uint64_t addr;
+    };
+
     struct kvm_run {
         uint8_t  request_interrupt_window;
         uint8_t  immediate_exit;
@@ -197,6 +210,10 @@ class Ioctl(enum.IntEnum):
     KVM_RUN = _io(0x80)
     KVM_GET_ONE_REG = _iow(0xAB, "struct kvm_one_reg")
     KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
+    KVM_CREATE_DEVICE = ioc(IOC_READ | IOC_WRITE, 0xE0, ffi.sizeof("struct kvm_create_device"))
+    KVM_SET_DEVICE_ATTR = _iow(0xE1, "struct kvm_device_attr")
+    KVM_GET_DEVICE_ATTR = _iow(0xE2, "struct kvm_device_attr")
+    KVM_HAS_DEVICE_ATTR = _iow(0xE3, "struct kvm_device_attr")
 
 
 class Cap(enum.IntEnum):
@@ -222,6 +239,9 @@ class Cap(enum.IntEnum):
     # Returns the page offset of the coalesced-write ring in a vCPU's mmap.
     KVM_CAP_COALESCED_MMIO = 15
     KVM_CAP_COALESCED_PIO = 162
+    KVM_CAP_ONE_REG = 70
+    KVM_CAP_DEVICE_CTRL = 89
+    KVM_CAP_ARM_PSCI_0_2 = 102
 
 
 class ExitReason(enum.IntEnum):
@@ -255,3 +275,5 @@ KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 KVM_MEM_READONLY = 1 << 1
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQ_ROUTING_MSI = 2
+# kvm_create_device.flags: only ask whether the device type exists.
+KVM_CREATE_DEVICE_TEST = 1
