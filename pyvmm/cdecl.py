@@ -35,6 +35,7 @@ DECLARING_MODULES = [
     "pyvmm.kvm.aarch64",
     "pyvmm.loader.bootparams",
     "pyvmm.arch.x86_64.mptable",
+    "pyvmm.arch.aarch64.image",
     "pyvmm.disk.raw",
     "pyvmm.devices.pci.msix",
     "pyvmm.devices.virtio.queue",
