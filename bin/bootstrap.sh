@@ -8,8 +8,10 @@ VENV="$ROOT/.venv"
 # Debian packages the build needs: gcc/make/binutils build the probe guest, the kernel
 # headers check our cffi declarations, python3-venv makes .venv. The device sandbox loads
 # libseccomp and libcap; their -dev packages hold the headers its declarations are checked
-# against.
-APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 libcap2 libseccomp-dev libcap-dev)
+# against. pylibfdt (arm64 device trees) builds from source against python3-dev; dtc checks the
+# trees pyvmm writes and arm64's kernel headers check its arm64 KVM declarations, on any host.
+APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 libcap2 libseccomp-dev libcap-dev
+    python3-dev device-tree-compiler linux-libc-dev-arm64-cross)
 # What the Linux guest kit and the test VM need: kmod (depmod) and e2fsprogs for the kit,
 # QEMU for the test VM on hosts whose KVM cannot boot a stock kernel.
 LINUX_APT_PACKAGES=(kmod e2fsprogs qemu-system-x86)
