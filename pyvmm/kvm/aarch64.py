@@ -97,6 +97,7 @@ KVM_REG_ARM64 = 0x6000_0000_0000_0000
 KVM_REG_SIZE_U64 = 0x0030_0000_0000_0000
 KVM_REG_ARM_COPROC_SHIFT = 16
 KVM_REG_ARM_CORE = 0x0010 << KVM_REG_ARM_COPROC_SHIFT
+KVM_REG_ARM64_SYSREG = 0x0013 << KVM_REG_ARM_COPROC_SHIFT
 
 # PSTATE bits (arm64 <asm/ptrace.h>): EL1 using SP_EL1, debug, SError, IRQ and FIQ masked.
 PSR_MODE_EL1H = 0x5
@@ -121,6 +122,16 @@ def x_reg(n: int) -> int:
 
 PC = core_reg_id("regs", "pc")
 PSTATE = core_reg_id("regs", "pstate")
+
+
+def sys_reg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """The ONE_REG id of a 64-bit system register, by its encoding (as MRS names it)."""
+    encoding = op0 << 14 | op1 << 11 | crn << 7 | crm << 3 | op2
+    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG | encoding
+
+
+MPIDR_EL1 = sys_reg_id(3, 0, 0, 0, 5)
+MPIDR_AFFINITY_MASK = 0xFF_00FF_FFFF  # Aff3 and Aff2-Aff0
 
 
 # --- vCPUs -------------------------------------------------------------------------------------
@@ -172,21 +183,19 @@ def set_boot_registers(vcpu: Vcpu, entry: int, fdt_addr: int) -> None:
 # --- the vGIC ----------------------------------------------------------------------------------
 
 
-def create_vgic(
-    vm: Vm, dist: int, redist_or_cpu: int, nr_irqs: int, prefer_v3: bool = True
-) -> KvmDevice:
-    """The in-kernel GIC: a GICv3 (distributor at `dist`, redistributors from `redist_or_cpu`)
-    where KVM has one, else a GICv2 (CPU interface at `redist_or_cpu`); `nr_irqs` interrupts
-    in all, the 32 private ones included. Its init (`init_vgic`) must wait for every vCPU."""
-    v3 = prefer_v3 and device_type_exists(vm, DeviceType.ARM_VGIC_V3)
+def create_vgic(vm: Vm, dist: int, redist: int, cpu_if: int, nr_irqs: int) -> KvmDevice:
+    """The in-kernel GIC: a GICv3 (distributor at `dist`, redistributors from `redist`) where KVM
+    has one, else a GICv2 (CPU interface at `cpu_if`); `nr_irqs` interrupts in all, the 32
+    private ones included. Its `type` says which. Its init (`init_vgic`) waits for the vCPUs."""
+    v3 = device_type_exists(vm, DeviceType.ARM_VGIC_V3)
     device = KvmDevice(vm, DeviceType.ARM_VGIC_V3 if v3 else DeviceType.ARM_VGIC_V2)
     try:
         if v3:
             device.set_attr(VgicGroup.ADDR, VgicAddr.V3_DIST, dist)
-            device.set_attr(VgicGroup.ADDR, VgicAddr.V3_REDIST, redist_or_cpu)
+            device.set_attr(VgicGroup.ADDR, VgicAddr.V3_REDIST, redist)
         else:
             device.set_attr(VgicGroup.ADDR, VgicAddr.V2_DIST, dist)
-            device.set_attr(VgicGroup.ADDR, VgicAddr.V2_CPU, redist_or_cpu)
+            device.set_attr(VgicGroup.ADDR, VgicAddr.V2_CPU, cpu_if)
         device.set_attr(VgicGroup.NR_IRQS, 0, nr_irqs, size=4)
     except BaseException:
         device.close()

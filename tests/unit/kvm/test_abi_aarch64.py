@@ -39,12 +39,13 @@ def test_arm64_ioctl_numbers_match_the_header(tmp_path: Path) -> None:
     assert not _check(tmp_path, [(i.name, i.value) for i in Aarch64Ioctl])
 
 
-def test_one_reg_ids_of_the_boot_registers_match_the_header(tmp_path: Path) -> None:
+def test_one_reg_ids_of_the_boot_registers_and_mpidr_match_the_header(tmp_path: Path) -> None:
     def core(name: str) -> str:
         return f"KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG({name})"
 
     facts = [(core(f"regs.regs[{n}]"), aarch64.x_reg(n)) for n in range(4)]
     facts += [(core("regs.pc"), aarch64.PC), (core("regs.pstate"), aarch64.PSTATE)]
+    facts.append(("ARM64_SYS_REG(3, 0, 0, 0, 5)", aarch64.MPIDR_EL1))
     assert not _check(tmp_path, facts)
 
 
@@ -58,6 +59,7 @@ def test_constants_match_the_header(tmp_path: Path) -> None:
         ("KVM_REG_ARM64", aarch64.KVM_REG_ARM64),
         ("KVM_REG_SIZE_U64", aarch64.KVM_REG_SIZE_U64),
         ("KVM_REG_ARM_CORE", aarch64.KVM_REG_ARM_CORE),
+        ("KVM_REG_ARM64_SYSREG", aarch64.KVM_REG_ARM64_SYSREG),
         ("PSR_MODE_EL1h", aarch64.PSR_MODE_EL1H),
         ("PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT | PSR_MODE_EL1h", aarch64.BOOT_PSTATE),
         ("KVM_SYSTEM_EVENT_SHUTDOWN", vcpu_threads.SYSTEM_EVENT_SHUTDOWN),
