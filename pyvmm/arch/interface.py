@@ -4,9 +4,9 @@ The VMM itself is the same on every architecture: guest memory, buses, PCI with 
 vCPU threads, the control socket. An architecture says where RAM and MMIO go, which in-kernel
 interrupt controller and routes the VM has, how the kernel is loaded and what boot tables
 describe the machine to it (x86: zero page, MP table, page tables; arm64: a device tree), its
-own platform devices (x86: the serial port, i8042, CMOS; arm64: a PL011, PSCI), how the guest
-reaches PCI configuration space (x86: ports 0xCF8-0xCFF; arm64: ECAM), which interrupt each PCI
-device's INTx line is, and the initial state of each vCPU.
+own platform devices (x86: the serial port, i8042, CMOS; arm64: the serial port on MMIO and a
+PL031 RTC), how the guest reaches PCI configuration space (x86: ports 0xCF8-0xCFF; arm64: ECAM),
+which interrupt each PCI device's INTx line is, and the initial state of each vCPU.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class GuestImage:
     """Bytes, the terminating NUL included."""
     initrd: tuple[int, int] | None = None
     """(guest address, size)."""
+    cmdline: str = ""
+    """The command line itself, for an architecture that hands it over in a table (arm64: the
+    device tree's /chosen) rather than at `cmdline_addr`."""
 
 
 @dataclass

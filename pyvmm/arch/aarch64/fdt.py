@@ -161,7 +161,7 @@ def _gic(sw: libfdt.FdtSw, m: Machine) -> None:
     with sw.add_node(f"intc@{layout.GIC_DIST_START:x}"):
         if m.gic_version == 3:
             sw.property_string("compatible", "arm,gic-v3")
-            second = (layout.gic_redist_start(m.cpus), m.cpus * layout.GIC_REDIST_SIZE)
+            second = (layout.GIC_REDIST_START, m.cpus * layout.GIC_REDIST_SIZE)
         else:
             sw.property_string("compatible", "arm,cortex-a15-gic")
             second = (layout.GIC_CPU_START, layout.GIC_CPU_SIZE)

@@ -1,9 +1,9 @@
 """Where things live in arm64 guest-physical memory, laid out as crosvm lays out its arm64 VMs.
 
 Below 2 GiB is MMIO: the serial port, the PL031 RTC, PCI configuration space (ECAM), the BAR
-window, and the GIC at the top (distributor just below 1 GiB, redistributors or the GICv2 CPU
-interface below it). RAM starts at 2 GiB and runs on in one piece: arm64 has no hole to skip.
-The kernel goes at the start of RAM, the device tree at its top, the initrd just below that.
+window, and the GIC at the top (distributor just below 1 GiB, the GICv2 CPU interface or the
+GICv3 redistributors below it). RAM starts at 2 GiB and runs on in one piece: arm64 has no hole
+to skip. The kernel goes at the start of RAM, the device tree at its top, the initrd below that.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ PCI_MMIO_START = 0x0200_0000
 GIC_REGION_START = 0x3C00_0000
 PCI_MMIO_END = GIC_REGION_START
 
-# The GIC: distributor (64 KiB) right below 1 GiB; a GICv3's redistributors (128 KiB per vCPU)
-# below the distributor, or a GICv2's CPU interface (128 KiB) there.
+# The GIC: distributor (64 KiB) right below 1 GiB, and either a GICv2's CPU interface (128 KiB)
+# right below that, or a GICv3's redistributors (128 KiB per vCPU) from the region's start up,
+# at an address that does not depend on the vCPU count (the vGIC is made before the vCPUs).
 GIC_DIST_SIZE = 0x1_0000
 GIC_DIST_START = 0x4000_0000 - GIC_DIST_SIZE
-GIC_REDIST_SIZE = 0x2_0000  # per vCPU
 GIC_CPU_SIZE = 0x2_0000
 GIC_CPU_START = GIC_DIST_START - GIC_CPU_SIZE
-# The redistributors of as many vCPUs as fit between GIC_REGION_START and the distributor.
-MAX_GICV3_CPUS = (GIC_DIST_START - GIC_REGION_START) // GIC_REDIST_SIZE
+GIC_REDIST_START = GIC_REGION_START
+GIC_REDIST_SIZE = 0x2_0000  # per vCPU
+MAX_GICV3_CPUS = (GIC_DIST_START - GIC_REDIST_START) // GIC_REDIST_SIZE
 
 RAM_START = 0x8000_0000
 # The device tree blob: at most 2 MiB, on a 2 MiB boundary (booting.rst), at the top of RAM.
@@ -48,11 +49,6 @@ FDT_ALIGN = 2 * MiB
 def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
     """Guest RAM as (address, size) ranges: one, from RAM_START."""
     return [(RAM_START, mem_size)]
-
-
-def gic_redist_start(cpus: int) -> int:
-    """Base of a GICv3's redistributor region for `cpus` vCPUs (it ends at the distributor)."""
-    return GIC_DIST_START - cpus * GIC_REDIST_SIZE
 
 
 def fdt_addr(ram_end: int) -> int:

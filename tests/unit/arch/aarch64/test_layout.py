@@ -21,19 +21,20 @@ def test_mmio_regions_are_below_ram_and_apart() -> None:
             (layout.RTC_ADDR, layout.RTC_SIZE),
             (layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE),
             (layout.PCI_MMIO_START, layout.PCI_MMIO_END - layout.PCI_MMIO_START),
-            (layout.gic_redist_start(cpus), cpus * layout.GIC_REDIST_SIZE),
+            (layout.GIC_REDIST_START, cpus * layout.GIC_REDIST_SIZE),
             (layout.GIC_DIST_START, layout.GIC_DIST_SIZE),
         ]
     )
     for (a, size), (b, _) in itertools.pairwise(regions):
         assert a + size <= b, f"{a:#x}+{size:#x} overlaps {b:#x}"
     assert regions[-1][0] + regions[-1][1] <= layout.RAM_START
-    assert layout.gic_redist_start(cpus) >= layout.GIC_REGION_START
+    assert layout.GIC_REDIST_START >= layout.PCI_MMIO_END
     assert layout.GIC_CPU_START >= layout.PCI_MMIO_END
+    assert layout.GIC_CPU_START + layout.GIC_CPU_SIZE == layout.GIC_DIST_START
 
 
 def test_gic_regions_are_64_kib_aligned() -> None:
-    for addr in (layout.GIC_DIST_START, layout.GIC_CPU_START, layout.gic_redist_start(3)):
+    for addr in (layout.GIC_DIST_START, layout.GIC_CPU_START, layout.GIC_REDIST_START):
         assert addr % 0x1_0000 == 0
 
 
