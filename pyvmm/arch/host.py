@@ -17,4 +17,8 @@ def host_arch() -> Arch:
         from pyvmm.arch.x86_64.machine import X86_64
 
         return X86_64()
-    raise UnsupportedArchError(f"pyvmm does not run on {machine} hosts yet (x86_64 only)")
+    if machine == "aarch64":
+        from pyvmm.arch.aarch64.machine import Aarch64
+
+        return Aarch64()
+    raise UnsupportedArchError(f"pyvmm does not run on {machine} hosts (x86_64 and aarch64 only)")
