@@ -198,8 +198,11 @@ class VcpuThreads:
                 log.warning("vCPU %d: triple fault: the guest resets", vcpu.id)
                 on_exit(VmExit(0, "guest reset (triple fault)"))
             elif isinstance(ex, SystemEventExit):
+                # arm64's PSCI SYSTEM_OFF and SYSTEM_RESET end the VM here, as a reset does.
                 if ex.type == SYSTEM_EVENT_CRASH:
                     on_exit(VmExit(1, f"vCPU {vcpu.id}: guest crashed"))
+                elif ex.type == SYSTEM_EVENT_RESET:
+                    on_exit(VmExit(0, "guest reset"))
                 else:
                     on_exit(VmExit(0, "guest shut down"))
             elif isinstance(ex, HltExit):
