@@ -1,6 +1,7 @@
 """A KVM vCPU on any architecture: `run()`, which returns a typed exit, and ONE_REG access.
 
-What only x86 has (regs, sregs, CPUID, MSRs, the LAPIC) is in `pyvmm.kvm.x86_64`.
+What only x86 has (regs, sregs, CPUID, MSRs, the LAPIC) is in `pyvmm.kvm.x86_64`; arm64's vCPU
+init and register ids are in `pyvmm.kvm.aarch64`.
 """
 
 from __future__ import annotations
