@@ -5,8 +5,9 @@ Bindings followed (Linux's Documentation/devicetree/bindings): memory and cpus (
 "psci"), arm/psci (0.2, hvc), interrupt-controller/arm,gic-v3 and arm,gic (GICv2), timer/
 arm,arch_timer, serial/8250 ("ns16550a"), rtc/arm,pl031 (an AMBA primecell with its clock),
 pci/host-generic-pci ("pci-host-ecam-generic", with an interrupt-map routing each slot's INTA#
-to its SPI), and chosen (bootargs, initrd, stdout-path). Interrupts are GIC specifiers of three
-cells: SPI or PPI, the number within that kind, and the trigger flags.
+to its SPI), and chosen (bootargs, initrd, stdout-path, and PCI probe-only: the BARs stay where
+pyvmm put them). Interrupts are GIC specifiers of three cells: SPI or PPI, the number within
+that kind, and the trigger flags.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def build(m: Machine) -> bytes:
 def _chosen(sw: libfdt.FdtSw, m: Machine) -> None:
     with sw.add_node("chosen"):
         sw.property_string("bootargs", m.cmdline)
+        # pyvmm places every BAR, as firmware would: Linux keeps them where they are.
+        sw.property_u32("linux,pci-probe-only", 1)
         sw.property_string("stdout-path", serial_node_path())
         if m.initrd is not None:
             start, size = m.initrd

@@ -193,6 +193,7 @@ def test_chosen_holds_the_command_line_the_initrd_and_the_console() -> None:
     assert _str(tree, "/chosen", "bootargs") == "console=ttyS0 panic=1 root=/dev/vda ro"
     assert _u64s(tree, "/chosen", "linux,initrd-start") == [0x9C00_0000]
     assert _u64s(tree, "/chosen", "linux,initrd-end") == [0x9C01_2345]
+    assert _u32s(tree, "/chosen", "linux,pci-probe-only") == [1]
     path = _str(tree, "/chosen", "stdout-path")
     assert tree.path_offset(path) == tree.path_offset("/serial@3f8")
 
