@@ -27,6 +27,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+/* Before linux/vm_sockets.h: newer ones (the arm64 cross headers') take sizeof(struct sockaddr). */
+#include <sys/socket.h>
 #include <linux/vm_sockets.h>
 #include <poll.h>
 #include <stdarg.h>
@@ -36,7 +38,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
