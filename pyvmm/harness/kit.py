@@ -55,7 +55,7 @@ HELPERS_DIR = "helpers"
 VMLINUX_FILE = "vmlinux"
 BUSYBOX_FILE = "busybox"
 
-KERNEL_METAPACKAGE = "linux-image-amd64"
+KERNEL_METAPACKAGE = "linux-image-amd64"  # the x86_64 kit's; KitArch.kernel_metapackage
 KERNEL_PACKAGE_PREFIX = "linux-image-"
 BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX_IN_PACKAGE = ("bin/busybox", "usr/bin/busybox")
@@ -72,6 +72,7 @@ TOOL_PACKAGES = {
     "zstd": "zstd",
     "lz4": "lz4",
     "gcc": "gcc",
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
 }
 # apt's complaints that mean "the package lists are stale or missing": apt-get update may help.
 APT_UNKNOWN_PACKAGE = (
@@ -101,12 +102,13 @@ MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 MODULES_DEP = "modules.dep"
 MODULES_BUILTIN = "modules.builtin"
 
-# The guest's helper programs: one C file each, static (glibc's libc.a), stripped. The guest
-# kernel is x86_64, so the result must be an x86_64 ELF (e_machine in the ELF header).
+# The guest's helper programs: one C file each, static (glibc's libc.a), stripped. The result
+# must be an ELF for the guest kernel's machine (e_machine in the ELF header).
 HELPER_CFLAGS = ("-static", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-s")
 HELPER_KEY_FORMAT = b"pyvmm-helper-1"  # bump when the way helpers are built changes
 ELF_MACHINE_OFFSET = 18
 ELF_MACHINE_X86_64 = 62
+ELF_MACHINE_AARCH64 = 183
 ELF_MACHINE_END = ELF_MACHINE_OFFSET + 2
 NO_STATIC_LIBC = "cannot find -lc"
 
@@ -125,6 +127,44 @@ PUBLIC_DIR_MODE = 0o755
 Progress = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class KitArch:
+    """What differs between the kits of two guest architectures."""
+
+    name: str  # pyvmm's (uname -m): "x86_64", "aarch64"
+    debian: str  # Debian's: "amd64", "arm64"
+    elf_machine: int  # the helpers' e_machine
+    # The uncompressed kernel in the kernel's cache directory: the ELF extracted from the
+    # bzImage on x86_64; the plain Image (Debian's arm64 vmlinuz is a gzipped Image) on arm64.
+    kernel_file: str
+
+    @property
+    def kernel_metapackage(self) -> str:
+        return f"{KERNEL_PACKAGE_PREFIX}{self.debian}"
+
+    @property
+    def foreign(self) -> bool:
+        """The host's apt and gcc serve another architecture."""
+        return os.uname().machine != self.name
+
+    @property
+    def gcc(self) -> str:
+        return f"{self.name}-linux-gnu-gcc" if self.foreign else "gcc"
+
+    def manifest_key(self, what: str) -> str:
+        """kit.json's key: the x86_64 kit's keys are the plain names it always had."""
+        return what if self.name == "x86_64" else f"{what}-{self.debian}"
+
+
+KIT_ARCHES = {
+    "x86_64": KitArch("x86_64", "amd64", ELF_MACHINE_X86_64, VMLINUX_FILE),
+    "aarch64": KitArch("aarch64", "arm64", ELF_MACHINE_AARCH64, "Image"),
+}
+# apt for another architecture than the host's: its own package lists under the cache
+# (apt/<debian arch>/), from the host's sources, so the host's apt is left as it is.
+FOREIGN_APT_DIR = "apt"
+
+
 class KitError(Exception):
     """The kit could not provide something; the message names what is missing and the fix."""
 
@@ -132,8 +172,8 @@ class KitError(Exception):
 @dataclass(frozen=True)
 class Kernel:
     version: str  # e.g. "6.1.0-56-amd64"
-    bzimage: Path
-    vmlinux: Path
+    bzimage: Path  # the package's boot/vmlinuz (on arm64, a gzipped Image)
+    vmlinux: Path  # the uncompressed kernel (KitArch.kernel_file): ELF, or the arm64 Image
     root: Path  # the extracted package tree (lib/modules/<version>/...)
 
     @property
@@ -461,9 +501,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class GuestKit:
-    """Builds and caches the kernel, busybox and initramfs images for Linux guests."""
+    """Builds and caches the kernel, busybox and initramfs images for Linux guests of one
+    architecture (`arch`, pyvmm's name for it: "x86_64" or "aarch64")."""
 
-    def __init__(self, cache_dir: Path | None = None, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: Path | None = None,
+        progress: Progress | None = None,
+        arch: str = "x86_64",
+    ) -> None:
+        if arch not in KIT_ARCHES:
+            raise KitError(f"no guest kit for {arch!r}: one of {', '.join(KIT_ARCHES)}")
+        self.arch = KIT_ARCHES[arch]
         self.cache_dir = cache_root() if cache_dir is None else cache_dir
         self._progress = progress
         self._refresh = os.environ.get(REFRESH_ENV, "") == "1"
@@ -523,10 +572,36 @@ class GuestKit:
             return True
         return self._refresh and package not in self._resolved
 
+    def _foreign_apt_options(self) -> list[str]:
+        """apt's options for the kit's architecture when it is not the host's (its own lists
+        under the cache, fetched once); none for the host's."""
+        if not self.arch.foreign:
+            return []
+        base = self.cache_dir / FOREIGN_APT_DIR / self.arch.debian
+        (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (base / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        (base / "status").touch()
+        options = [
+            f"APT::Architecture={self.arch.debian}",
+            f"APT::Architectures::={self.arch.debian}",
+            f"Dir::State::Lists={base / 'lists'}",
+            f"Dir::State::status={base / 'status'}",
+            f"Dir::Cache={base / 'cache'}",
+        ]
+        argv = [a for option in options for a in ("-o", option)]
+        if not any((base / "lists").glob("*_Packages*")):
+            self._say(f"kit: apt-get update for {self.arch.debian}")
+            _run(
+                [find_tool("apt-get"), *argv, "-q", "update"],
+                f"apt-get update ({self.arch.debian})",
+            )
+            self._apt_updated = True
+        return argv
+
     def _apt(self, args: list[str], what: str, cwd: Path | None = None) -> str:
         """Run apt-get/apt-cache; if apt does not know the package and we are root, run
         apt-get update once and try again. Returns stdout."""
-        cmd = [find_tool(args[0]), *args[1:]]
+        cmd = [find_tool(args[0]), *self._foreign_apt_options(), *args[1:]]
         try:
             return _run(cmd, what, cwd).stdout
         except KitError as e:
@@ -536,7 +611,7 @@ class GuestKit:
             if os.geteuid() != 0:
                 raise KitError(f"{e} (as root, apt-get update may help)") from e
         self._say("kit: apt-get update")
-        _run([find_tool("apt-get"), "-q", "update"], "apt-get update")
+        _run([find_tool("apt-get"), *self._foreign_apt_options(), "-q", "update"], "apt-get update")
         self._apt_updated = True
         return _run(cmd, what, cwd).stdout
 
@@ -593,7 +668,9 @@ class GuestKit:
     def _kernel_at(self, version: str) -> Kernel:
         base = self.cache_dir / KERNEL_DIR / version
         root = base / "root"
-        return Kernel(version, root / "boot" / f"vmlinuz-{version}", base / VMLINUX_FILE, root)
+        return Kernel(
+            version, root / "boot" / f"vmlinuz-{version}", base / self.arch.kernel_file, root
+        )
 
     @staticmethod
     def _kernel_complete(kernel: Kernel) -> bool:
@@ -604,24 +681,21 @@ class GuestKit:
         )
 
     def _resolve_kernel(self) -> dict[str, str]:
-        self._say(f"kit: resolving {KERNEL_METAPACKAGE}")
-        out = self._apt(
-            ["apt-cache", "depends", KERNEL_METAPACKAGE], f"apt-cache depends {KERNEL_METAPACKAGE}"
-        )
+        metapackage = self.arch.kernel_metapackage
+        self._say(f"kit: resolving {metapackage}")
+        out = self._apt(["apt-cache", "depends", metapackage], f"apt-cache depends {metapackage}")
         pattern = re.compile(rf"^\|?Depends:\s+({re.escape(KERNEL_PACKAGE_PREFIX)}[^\s<>]+)$")
         for line in out.splitlines():
             match = pattern.match(line.strip())
             if match:
                 package = match.group(1)
-                self._resolved.add(KERNEL_METAPACKAGE)
+                self._resolved.add(metapackage)
                 return {
                     "package": package,
                     "version": package.removeprefix(KERNEL_PACKAGE_PREFIX),
                     "deb": self._resolve_deb(package),
                 }
-        raise KitError(
-            f"apt-cache depends {KERNEL_METAPACKAGE} names no {KERNEL_PACKAGE_PREFIX}* package"
-        )
+        raise KitError(f"apt-cache depends {metapackage} names no {KERNEL_PACKAGE_PREFIX}* package")
 
     def _install_kernel(self, entry: dict[str, str]) -> Kernel:
         package, version = entry["package"], entry["version"]
@@ -634,7 +708,7 @@ class GuestKit:
             staged = Kernel(
                 version,
                 tmp / final.bzimage.relative_to(final.root.parent),
-                tmp / VMLINUX_FILE,
+                tmp / self.arch.kernel_file,
                 tmp / final.root.name,
             )
             self._say(f"kit: extracting {package}")
@@ -645,27 +719,40 @@ class GuestKit:
                 raise KitError(f"{deb.name} has no lib/modules/{version}: not a kernel package?")
             self._say(f"kit: depmod {version}")
             _run([depmod, "-b", str(staged.root), version], f"depmod {version}")
-            self._say("kit: extracting vmlinux")
-            vmlinux = extract_vmlinux(staged.bzimage.read_bytes(), str(final.bzimage))
-            staged.vmlinux.write_bytes(vmlinux)
+            self._say(f"kit: extracting {self.arch.kernel_file}")
+            staged.vmlinux.write_bytes(self._uncompressed_kernel(staged.bzimage, final.bzimage))
             self._install_dir(tmp, final.root.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def _uncompressed_kernel(self, vmlinuz: Path, name: Path) -> bytes:
+        """The ELF vmlinux in an x86_64 bzImage; the Image in Debian's gzipped arm64 vmlinuz
+        (or the file itself when it is not compressed)."""
+        data = vmlinuz.read_bytes()
+        if self.arch.name == "x86_64":
+            return extract_vmlinux(data, str(name))
+        if data.startswith(b"\x1f\x8b"):
+            try:
+                return gzip.decompress(data)
+            except DECOMPRESS_ERRORS as e:
+                raise KitError(f"{name}: not a whole gzip stream ({e})") from e
+        return data
+
     def kernel(self) -> Kernel:
-        """Debian's current amd64 kernel: bzImage, vmlinux and the depmod'ed module tree."""
+        """Debian's current kernel for the kit's architecture: the package's vmlinuz, the
+        uncompressed kernel (vmlinux, or the arm64 Image) and the depmod'ed module tree."""
         if self._kernel is not None:
             return self._kernel
         with self._locked():
-            entry = self._read_manifest().get("kernel")
-            if self._needs_resolving(KERNEL_METAPACKAGE, entry):
+            entry = self._read_manifest().get(self.arch.manifest_key("kernel"))
+            if self._needs_resolving(self.arch.kernel_metapackage, entry):
                 entry = self._resolve_kernel()
             assert isinstance(entry, dict)
             kernel = self._kernel_at(entry["version"])
             if not self._kernel_complete(kernel):
                 kernel = self._install_kernel(entry)
-            self._update_manifest("kernel", entry)
+            self._update_manifest(self.arch.manifest_key("kernel"), entry)
         self._kernel = kernel
         return kernel
 
@@ -701,7 +788,7 @@ class GuestKit:
         if self._busybox is not None:
             return self._busybox
         with self._locked():
-            entry = self._read_manifest().get("busybox")
+            entry = self._read_manifest().get(self.arch.manifest_key("busybox"))
             if self._needs_resolving(BUSYBOX_PACKAGE, entry):
                 self._say(f"kit: resolving {BUSYBOX_PACKAGE}")
                 deb_file = self._resolve_deb(BUSYBOX_PACKAGE)
@@ -715,7 +802,7 @@ class GuestKit:
             path = self._busybox_path(entry["deb"])
             if not path.is_file():
                 self._install_busybox(entry)
-            self._update_manifest("busybox", entry)
+            self._update_manifest(self.arch.manifest_key("busybox"), entry)
         self._busybox = (path, entry["version"])
         return self._busybox
 
@@ -726,9 +813,10 @@ class GuestKit:
     # -- helpers
 
     def build_helper(self, source: Path) -> Path:
-        """A static x86_64 program compiled by gcc from the one C file `source`, cached by a
-        hash of the source, the flags and the compiler (helpers/<name>-<key>)."""
-        gcc = find_tool("gcc")
+        """A static program for the kit's architecture compiled by gcc (a cross gcc for another
+        architecture than the host's) from the one C file `source`, cached by a hash of the
+        source, the flags and the compiler (helpers/<name>-<key>)."""
+        gcc = find_tool(self.arch.gcc)
         try:
             code = source.read_bytes()
         except OSError as e:
@@ -754,7 +842,8 @@ class GuestKit:
                 cmd = [gcc, *HELPER_CFLAGS, "-o", tmp, str(source)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
-                    hint = " (no static C library: apt-get install libc6-dev)"
+                    libc = TOOL_PACKAGES[self.arch.gcc] if self.arch.foreign else "libc6-dev"
+                    hint = f" (no static C library: apt-get install {libc})"
                     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
                     said = errors[0] if errors else _last_error_line(proc)
                     raise KitError(
@@ -763,10 +852,10 @@ class GuestKit:
                     )
                 header = Path(tmp).read_bytes()[:ELF_MACHINE_END]
                 machine = int.from_bytes(header[ELF_MACHINE_OFFSET:], "little")
-                if not header.startswith(ELF_MAGIC) or machine != ELF_MACHINE_X86_64:
+                if not header.startswith(ELF_MAGIC) or machine != self.arch.elf_machine:
                     raise KitError(
                         f"gcc ({compiler}) built {source.name} for ELF machine {machine}, not "
-                        "x86_64: the guest kernel is x86_64"
+                        f"{self.arch.name}: the guest kernel is {self.arch.name}"
                     )
                 os.chmod(tmp, EXEC_MODE)
                 os.replace(tmp, out)

@@ -560,3 +560,76 @@ def test_a_helper_that_does_not_compile_says_why(tmp_path: Path) -> None:
         GuestKit(tmp_path / "cache").build_helper(source)
     with pytest.raises(KitError, match=r"missing\.c: No such file"):
         GuestKit(tmp_path / "cache").build_helper(tmp_path / "missing.c")
+
+
+# --- the arm64 kit -------------------------------------------------------------------------------
+
+ARM_VERSION = "6.1.0-99-arm64"
+ARM_IMAGE = b"\x00" * 56 + b"ARM\x64" + b"arm64 kernel text " * 100
+
+
+@pytest.mark.usefixtures("no_subprocesses")
+def test_the_arm64_kit_keeps_its_own_manifest_entries_and_image(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _warm_cache(cache)  # the x86_64 kit's entries are there too, and stay unused
+    base = cache / "kernel" / ARM_VERSION
+    (base / "root" / "boot").mkdir(parents=True)
+    (base / "root" / "boot" / f"vmlinuz-{ARM_VERSION}").write_bytes(gzip.compress(ARM_IMAGE))
+    (base / "Image").write_bytes(ARM_IMAGE)
+    _write_modules(base / "root" / "lib" / "modules" / ARM_VERSION)
+    manifest = json.loads((cache / "kit.json").read_text())
+    manifest["kernel-arm64"] = {
+        "package": f"linux-image-{ARM_VERSION}",
+        "version": ARM_VERSION,
+        "deb": f"linux-image-{ARM_VERSION}_6.1.999-1_arm64.deb",
+    }
+    (cache / "kit.json").write_text(json.dumps(manifest))
+    kernel = GuestKit(cache, arch="aarch64").kernel()
+    assert kernel.version == ARM_VERSION
+    assert kernel.vmlinux == base / "Image"
+    assert GuestKit(cache).kernel().version == VERSION
+
+
+def test_the_arm64_image_is_the_vmlinuz_uncompressed(tmp_path: Path) -> None:
+    kit = GuestKit(tmp_path, arch="aarch64")
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(gzip.compress(ARM_IMAGE))
+    assert kit._uncompressed_kernel(vmlinuz, vmlinuz) == ARM_IMAGE
+    vmlinuz.write_bytes(ARM_IMAGE)
+    assert kit._uncompressed_kernel(vmlinuz, vmlinuz) == ARM_IMAGE
+
+
+def test_kit_arches() -> None:
+    arm = kit_module.KIT_ARCHES["aarch64"]
+    assert (arm.debian, arm.kernel_metapackage, arm.elf_machine) == (
+        "arm64",
+        "linux-image-arm64",
+        183,
+    )
+    assert arm.manifest_key("kernel") == "kernel-arm64"
+    assert kit_module.KIT_ARCHES["x86_64"].manifest_key("kernel") == "kernel"
+    with pytest.raises(KitError, match="no guest kit for 'riscv64'"):
+        GuestKit(arch="riscv64")
+
+
+@pytest.mark.skipif(os.uname().machine == "aarch64", reason="apt is the host's own on arm64")
+def test_a_foreign_kit_asks_apt_with_its_own_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        if cmd[-2:] == ["-q", "update"]:
+            lists = tmp_path / "apt" / "arm64" / "lists"
+            (lists / "deb.debian.org_debian_dists_bookworm_main_binary-arm64_Packages").touch()
+        return subprocess.CompletedProcess(cmd, 0, "out", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    kit = GuestKit(tmp_path, arch="aarch64")
+    assert kit._apt(["apt-cache", "depends", "x"], "what") == "out"
+    assert kit._apt(["apt-cache", "depends", "y"], "what") == "out"
+    update, first, second = calls
+    assert "APT::Architecture=arm64" in update and update[-1] == "update"
+    assert f"Dir::State::Lists={tmp_path / 'apt' / 'arm64' / 'lists'}" in first
+    assert first[-2:] == ["depends", "x"] and second[-1] == "y"
