@@ -292,6 +292,10 @@ class Vmm:
         root_params = [f"root=/dev/vda {'rw' if root[0].writable else 'ro'}"] if root else []
         cmdline = build_cmdline(arch.default_cmdline, [*root_params, *cfg.params])
         self.guest: GuestImage = arch.load_guest(self.mem, cfg.kernel, cmdline, cfg.initrd)
+        # The vCPUs before any device: arm64's vGIC is initialised once every vCPU is, and only
+        # then does KVM take irqfds (KVM_IRQFD fails with EAGAIN before).
+        self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(cfg.cpus)]
+        arch.setup_vcpus(self.kvm, self.vcpus, self.guest)
 
         self.io_bus = Bus("port I/O bus")
         self.mmio_bus = Bus("MMIO bus")
@@ -307,8 +311,6 @@ class Vmm:
             if console_in_fd is not None
             else None
         )
-        self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(cfg.cpus)]
-        arch.setup_vcpus(self.kvm, self.vcpus, self.guest)
         self.coalesced = self._coalesced_ring()
         self.vcpu_threads = VcpuThreads(
             self.vcpus, self.io_bus, self.mmio_bus, self.coalesced, self.request_exit
