@@ -154,6 +154,10 @@ class TestVm:
         self.mem_mib = mem_mib
         self.cpus = cpus or min(os.cpu_count() or 1, 4)
 
+    def initramfs(self) -> Path:
+        """The test VM's own initramfs (its init and the modules it loads)."""
+        return self.kit.build_initramfs("testvm", TESTVM_INIT, TESTVM_MODULES)
+
     def qemu_command(
         self, initramfs: Path, scratch: Path, workdir: Path, watched: WatchedFiles
     ) -> list[str]:
@@ -234,7 +238,7 @@ class TestVm:
         env: dict[str, str] | None,
     ) -> TestVmResult:
         scratch = scratch.resolve()
-        initramfs = self.kit.build_initramfs("testvm", TESTVM_INIT, TESTVM_MODULES)
+        initramfs = self.initramfs()
         workdir = Path(tempfile.mkdtemp(prefix=".testvm-", dir=scratch))
         try:
             script = ["set -e", f"cd {shlex.quote(str(cwd or Path.cwd()))}"]
