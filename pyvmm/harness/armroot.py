@@ -25,11 +25,12 @@ ROOT_FORMAT = b"pyvmm-arm64-root-1"  # bump when the way the root is made change
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 DEBIAN_ARCH = "arm64"
-# pyvmm's runtime dependencies as Debian packages (pyproject.toml's, in Debian's versions), and
-# what the boots use beside Python: unshare (util-linux, essential) and ip (iproute2).
+# pyvmm's runtime dependencies as Debian packages (pyproject.toml's, in Debian's versions), the
+# libraries its sandbox opens (libseccomp, libcap), and what the boots use beside Python: unshare
+# (util-linux, essential) and ip (iproute2).
 PACKAGES = (
     "python3", "python3-cffi", "python3-pyelftools", "python3-pyroute2", "python3-libfdt",
-    "iproute2",
+    "libseccomp2", "libcap2", "iproute2",
 )  # fmt: skip
 ROOT_DIR = "testvm-root"
 LOCK_FILE = ".arm64-root.lock"

@@ -4,9 +4,10 @@
 kernel at EL2, and its built-in KVM runs in VHE mode. The host's own Python cannot run there, so
 the test VM boots from the arm64 root (pyvmm.harness.armroot: Debian arm64 with Python and
 pyvmm's dependencies) read-only on virtio-blk under a tmpfs overlay, and the host shares over 9p,
-each at its own path: the project tree and the kit's cache read-only, the scratch directory
-read-write. The command runs in a chroot of that root, as in the x86_64 test VM (same
-heartbeat, lockup retry and results; pyvmm.harness.testvm).
+each at its own path: the project tree and the kit's cache read-only under tmpfs overlays (as
+the host's tree is in the x86_64 test VM), the scratch directory read-write. The command runs in
+a chroot of that root, as in the x86_64 test VM (same heartbeat, lockup retry and results;
+pyvmm.harness.testvm).
 """
 
 from __future__ import annotations
@@ -78,10 +79,19 @@ mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
 mount -t tmpfs tmpfs /host/run
 mount -t tmpfs tmpfs /host/tmp
-mkdir -p "/host$project" "/host$cache"
-mount -t 9p -o "$opts,ro,cache=loose" {project_tag} "/host$project"
-mount -t 9p -o "$opts,ro,cache=loose" {cache_tag} "/host$cache"
-mkdir -p "/host$scratch" 2>/dev/null
+# Each share read-only under a tmpfs overlay, as the host's tree is in the x86_64 test VM: the
+# project, so that Python writes its bytecode once per test VM instead of compiling pyvmm in
+# every process (device processes too); the kit's cache, where the boots' local files
+# (LinuxHarness.session) are, for what they write.
+shared() {  # tag, path
+    mkdir -p "/shares/$1" "/upper/$1-data" "/upper/$1-work" "/host$2"
+    mount -t 9p -o "$opts,ro,cache=loose" "$1" "/shares/$1"
+    mount -t overlay -o "lowerdir=/shares/$1,upperdir=/upper/$1-data,workdir=/upper/$1-work" \
+        overlay "/host$2"
+}
+shared {project_tag} "$project"
+shared {cache_tag} "$cache"
+mkdir -p "/host$scratch"
 mount -t 9p -o "$opts" {scratch_tag} "/host$scratch"
 echo "testvm: ready after $(cut -d' ' -f1 /proc/uptime) s"
 chroot /host /bin/sh "$work/command.sh" > "/host$work/output" 2>&1
