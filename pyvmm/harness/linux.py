@@ -2,6 +2,8 @@
 
 `choose_placement()` decides and says why; `LinuxHarness.run()` runs a list of BootSpecs there
 and returns their results. The kit's kernel and initramfs are built (or found cached) first.
+A harness is for one guest architecture (`arch`, the host's by default); arm64 guests on an
+x86_64 host run in the arm64 test VM (pyvmm.harness.testvm_arm64).
 
 Files the boots use live in the directories of a `LinuxHarness.session()`: `shared` is read and
 written by the boots and the host sees what they wrote (in the test VM it is the scratch
@@ -27,6 +29,8 @@ from pathlib import Path
 from pyvmm.harness.boots import BootResult, BootSpec, run_boots
 from pyvmm.harness.kit import GuestKit, KitError, make_ext4
 from pyvmm.harness.testvm import TestVm, TestVmError
+from pyvmm.harness.testvm_arm64 import Arm64TestVm
+from pyvmm.native.helpers import HELPERS, Helper
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_INIT = ROOT / "guest" / "linux" / "init"
@@ -47,6 +51,8 @@ ROOT_IMAGE_DIR = "images"
 ROOT_IMAGE_MIB = 64
 ROOT_MARKER = "etc/pyvmm-root"
 ROOT_DIRS = ("bin", "dev", "etc", "mnt", "proc", "sbin", "sys", "tmp")
+# The Python that runs pyvmm in a test VM of another architecture (the arm64 root's).
+TESTVM_PYTHON = "python3"
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,22 @@ def _cpu_flags() -> set[str]:
     return set(cpuinfo("flags").split())
 
 
-def choose_placement(kvm_path: str = "/dev/kvm") -> Placement:
-    """Native when the host's KVM can boot a stock kernel, else the test VM."""
+def host_machine() -> str:
+    return os.uname().machine
+
+
+def choose_placement(kvm_path: str = "/dev/kvm", arch: str | None = None) -> Placement:
+    """Native when the host's KVM can boot a stock kernel of `arch` (default: the host's),
+    else the test VM of that architecture."""
+    host = host_machine()
+    if arch is not None and arch != host:
+        return Placement(False, f"the host is {host}: {arch} guests run in the {arch} test VM")
     if os.environ.get("PYVMM_TEST_KERNEL"):
         return Placement(True, f"PYVMM_TEST_KERNEL={os.environ['PYVMM_TEST_KERNEL']} boots here")
     if not os.path.exists(kvm_path):
         return Placement(False, f"{kvm_path} is absent")
+    if host == "aarch64":
+        return Placement(True, f"{kvm_path} is an arm64 KVM, which boots stock kernels")
     flags = _cpu_flags()
     if flags & {"vmx", "svm"}:
         found = "VMX" if "vmx" in flags else "SVM"
@@ -94,6 +110,8 @@ def choose_placement(kvm_path: str = "/dev/kvm") -> Placement:
 
 @dataclass(frozen=True)
 class GuestFiles:
+    """The kernel in both forms pyvmm boots (on arm64 both are the Image) and the initramfs."""
+
     bzimage: Path
     vmlinux: Path
     initramfs: Path
@@ -159,17 +177,28 @@ def build_root_image(kit: GuestKit, size_mib: int = ROOT_IMAGE_MIB) -> RootImage
 
 
 class LinuxHarness:
-    """Builds the guest kit's files and runs boots natively or in the test VM."""
+    """Builds the guest kit's files and runs boots natively or in the test VM, for guests of
+    one architecture: `arch` ("x86_64", "aarch64"), else the kit's, else the host's."""
 
     def __init__(
         self,
         kit: GuestKit | None = None,
         placement: Placement | None = None,
         progress: Callable[[str], None] | None = None,
+        arch: str | None = None,
     ) -> None:
-        self.kit = kit or GuestKit(progress=progress)
-        self.placement = placement or choose_placement()
+        self.arch = arch or (kit.arch.name if kit is not None else host_machine())
+        self.kit = kit or GuestKit(progress=progress, arch=self.arch)
+        if self.kit.arch.name != self.arch:
+            raise KitError(f"a harness for {self.arch} guests given the {self.kit.arch.name} kit")
+        self.placement = placement or choose_placement(arch=self.arch)
         self._dirs: BootDirs | None = None
+
+    @property
+    def python(self) -> str:
+        """The Python that runs pyvmm where the boots run."""
+        foreign = self.arch != host_machine() and not self.placement.native
+        return TESTVM_PYTHON if foreign else sys.executable
 
     def guest_files(self) -> GuestFiles:
         kernel = self.kit.kernel()
@@ -179,6 +208,8 @@ class LinuxHarness:
         initramfs = self.kit.build_initramfs(
             "guest", GUEST_INIT.read_text(), GUEST_MODULES, helpers
         )
+        if self.arch != "x86_64":
+            return GuestFiles(kernel.vmlinux, kernel.vmlinux, initramfs)  # the Image
         override = os.environ.get("PYVMM_TEST_KERNEL")
         bzimage = Path(override) if override else kernel.bzimage
         vmlinux = Path(override) if override else kernel.vmlinux
@@ -188,10 +219,10 @@ class LinuxHarness:
         return build_root_image(self.kit, size_mib)
 
     def pyvmm_argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "pyvmm", "run", *args]
+        return [self.python, "-m", "pyvmm", "run", *args]
 
     def pyvmm_control_argv(self, command: str, socket: Path) -> list[str]:
-        return [sys.executable, "-m", "pyvmm", command, str(socket)]
+        return [self.python, "-m", "pyvmm", command, str(socket)]
 
     @contextlib.contextmanager
     def session(self) -> Iterator[BootDirs]:
@@ -229,8 +260,8 @@ class LinuxHarness:
             # Room for every boot plus one rerun of the longest (run_boots reruns a hung boot).
             timeout = sum(s.timeout for s in specs) + max(s.timeout for s in specs)
             timeout += TESTVM_OVERHEAD_S
-            result = TestVm(self.kit).run(
-                [sys.executable, "-m", "pyvmm.harness.boots", str(spec_file), str(result_file)],
+            result = self._testvm().run(
+                [self.python, "-m", "pyvmm.harness.boots", str(spec_file), str(result_file)],
                 scratch=scratch,
                 timeout=timeout,
                 cwd=ROOT,
@@ -245,3 +276,14 @@ class LinuxHarness:
                     + result.output.strip()[-2000:]
                 )
             return [BootResult.from_dict(r) for r in json.loads(result_file.read_text())]
+
+    def _testvm(self) -> TestVm:
+        """The test VM for the harness's architecture; for another than the host's, pyvmm's
+        compiled helpers are cross-compiled into the tree first (the test VM has no gcc)."""
+        if self.arch == host_machine():
+            return TestVm(self.kit)
+        if self.arch != "aarch64":
+            raise TestVmError(f"no test VM runs {self.arch} guests")
+        for name in HELPERS:
+            Helper(name).build(self.arch, self.kit.arch.gcc)
+        return Arm64TestVm(self.kit, ROOT)
