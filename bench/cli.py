@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import balloon as balloonbench
 from bench import native, nested
 from bench import net as netbench
 from bench import vsock as vsockbench
@@ -27,7 +28,7 @@ from bench.measure import Row, table
 from bench.vmms import PROBE, QEMU_MACHINE, ROOT, qemu_argv, qemu_available, qemu_version
 from pyvmm.harness.linux import cpuinfo
 
-GROUPS = ("startup", "exit", "blk", "net", "vsock", "linux")
+GROUPS = ("startup", "exit", "blk", "net", "vsock", "balloon", "linux")
 MiB = 1 << 20
 
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "blk": lambda: native.blk(args.runs, args.image_mib * MiB, args.rand_mib * MiB, qemu),
         "net": lambda: netbench.net(args.runs, args.net_count, qemu),
         "vsock": lambda: vsockbench.vsock(args.runs, args.vsock_mib * MiB, args.vsock_count),
+        "balloon": lambda: balloonbench.balloon(args.runs),
     }
     rows: list[Row] = []
     for group in only:
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if group == "vsock" and qemu:
             notes.append(vsockbench.NO_QEMU)
+        if group == "balloon" and qemu:
+            notes.append(balloonbench.NO_QEMU)
         print(f"bench: {group} ...", file=sys.stderr, flush=True)
         rows += benches[group]()
 

@@ -13,6 +13,10 @@ absolute times mean little; the pyvmm/QEMU ratio is what carries over.
   pyvmm.harness.vsockpeer): a stream each way and connections opened one after another, through
   pyvmm's own device (its Unix socket; QEMU has no userspace vsock) and through vhost-vsock
   (pyvmm `--cid N` alone, QEMU `-device vhost-vsock-pci`; host programs use AF_VSOCK).
+- balloon: Linux's virtio_balloon in a 2 GiB guest (the guest's `balloon` check and
+  pyvmm.harness.balloonpeer): the balloon set to 1 GiB and back to 0, timed by the host from the
+  request to the driver's `actual` saying it holds that much; pyvmm through its control socket,
+  QEMU (`-device virtio-balloon-pci,deflate-on-oom=on`) through QMP.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from dataclasses import dataclass
 
 from bench.measure import PYVMM, QEMU, Row
 from bench.vmms import qemu_disk_args
-from pyvmm.harness import vsockpeer
-from pyvmm.harness.boots import NEW_NETNS, BootResult, BootSpec
+from pyvmm.harness import balloonpeer, vsockpeer
+from pyvmm.harness.boots import NEW_NETNS, BootResult, BootSpec, command_report
 from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.netcheck import (
     HOST_IP,
@@ -47,7 +51,7 @@ QEMU_TAP = "qtap0"
 # Each way of running the NIC: name -> (pyvmm's --net-vhost and QEMU's vhost=, what it is).
 NET_MODES = {"net": ("off", "userspace virtio-net"), "net-vhost": ("on", "vhost-net")}
 NET_WAYS = {"sent": "host to guest", "received": "guest to host"}  # netpeer's names
-PARTS = ("boot", "dd", "net", "vsock")
+PARTS = ("boot", "dd", "net", "vsock", "balloon")
 VSOCK_MIB = 32  # each way
 VSOCK_CONNS = 100
 VSOCK_PORT = 5000
@@ -57,6 +61,11 @@ VSOCK_UDS_CID = 3
 VSOCK_VHOST_CID = 20000 + os.getpid() % 40000
 # Each way of running vsock: name -> what it is (pyvmm's userspace device has no QEMU peer).
 VSOCK_MODES = {"vsock": "pyvmm's userspace device", "vsock-vhost": "vhost-vsock"}
+BALLOON_MEM_MIB = 2048
+BALLOON_MIB = 1024
+BALLOON_FILL_MIB = 1536  # what the guest writes first, so that the balloon takes held memory
+BALLOON_WAIT_S = 300
+BALLOON_READY, BALLOON_FILLED = "GUEST balloon ready", "GUEST balloon filled"
 
 
 @dataclass(frozen=True)
@@ -67,10 +76,12 @@ class Commands:
     qemu: str
 
 
-def _qemu(bzimage: str, initramfs: str, append: str, disk: str | None = None) -> list[str]:
+def _qemu(
+    bzimage: str, initramfs: str, append: str, disk: str | None = None, mem_mib: int = MEM_MIB
+) -> list[str]:
     argv = [
         "qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-M", "pc", "-smp", "1",
-        "-m", str(MEM_MIB), "-nodefaults", "-display", "none", "-serial", "stdio",
+        "-m", str(mem_mib), "-nodefaults", "-display", "none", "-serial", "stdio",
         "-no-reboot", "-kernel", bzimage, "-initrd", initramfs,
         "-append", f"console=ttyS0 reboot=k panic=1 quiet {append}",
     ]  # fmt: skip
@@ -230,6 +241,24 @@ def run(runs: int, parts: Collection[str] = PARTS) -> tuple[list[Row], dict[str,
                         f"{QEMU}-vsock-vhost-{i}", qemu_argv["vsock-vhost"], Guest(cid=cid + 1)
                     ),
                 ]
+            if "balloon" in parts:
+                control = str(dirs.local / "balloon.ctl")
+                qmp = str(dirs.local / "balloon.qmp")
+                checks = _balloon_checks()
+                pyvmm = harness.pyvmm_argv(
+                    *["-m", str(BALLOON_MEM_MIB), "-i", initrd, "-p", "quiet", "-s", control],
+                    *["-p", checks, bz],
+                )
+                qemu_argv["balloon"] = [
+                    *_qemu(bz, initrd, checks, mem_mib=BALLOON_MEM_MIB),
+                    *["-device", "virtio-balloon-pci,deflate-on-oom=on,disable-legacy=on,romfile="],
+                    *["-qmp", f"unix:{qmp},server=on,wait=off"],
+                ]
+                ram = ["--qmp-ram-mib", str(BALLOON_MEM_MIB)]
+                specs += [
+                    _balloon_spec(f"{PYVMM}-balloon-{i}", pyvmm, control, []),
+                    _balloon_spec(f"{QEMU}-balloon-{i}", qemu_argv["balloon"], qmp, ram),
+                ]
         results = harness.run(specs)
     rows: list[Row] = []
     if "boot" in parts:
@@ -240,6 +269,8 @@ def run(runs: int, parts: Collection[str] = PARTS) -> tuple[list[Row], dict[str,
         rows += _net_rows(results)
     if "vsock" in parts:
         rows += _vsock_rows(results)
+    if "balloon" in parts:
+        rows += _balloon_rows(results)
     commands = {"where": harness.placement.describe()}
     for what, argv in qemu_argv.items():
         in_netns = what in NET_MODES
@@ -344,3 +375,42 @@ def _vsock_rows(results: list[BootResult]) -> list[Row]:
         for key in measures:
             rows[mode, key].record(vmm, [rate[key] for rate in rates])
     return list(rows.values())
+
+
+def _balloon_checks() -> str:
+    return (
+        f"pyvmm.check=balloon pyvmm.balloon_mib={BALLOON_MIB} "
+        f"pyvmm.balloon_fill={BALLOON_FILL_MIB} pyvmm.balloon_wait={BALLOON_WAIT_S}"
+    )
+
+
+def _balloon_spec(name: str, argv: list[str], socket: str, extra: list[str]) -> BootSpec:
+    return BootSpec(
+        name,
+        argv,
+        timeout=120 + 3 * BALLOON_WAIT_S,
+        on_line={
+            BALLOON_READY: balloonpeer.peer_argv(
+                "cycle", socket, 2 * BALLOON_WAIT_S, str(BALLOON_MIB), *extra
+            ),
+            BALLOON_FILLED: balloonpeer.peer_argv("done", socket, BALLOON_WAIT_S, *extra),
+        },
+    )
+
+
+def _balloon_rows(results: list[BootResult]) -> list[Row]:
+    inflate = Row("linux balloon", f"inflate {BALLOON_MIB} MiB", "MiB/s", True)
+    deflate = Row("linux balloon", f"deflate {BALLOON_MIB} MiB", "MiB/s", True)
+    for vmm in (PYVMM, QEMU):
+        runs_of = _runs_of(results, vmm, "balloon")
+        reports = [command_report(r.commands, BALLOON_READY, "balloonpeer") for r in runs_of]
+        for r, report in zip(runs_of, reports, strict=True):
+            check = r.checks.get("balloon")
+            if "inflate_s" not in report or not check or check[0] != "ok":
+                why = report.get("error") or (" ".join(check) if check else "no GUEST balloon")
+                raise _failed(r, f"balloon failed: {why}")
+            print(f"{r.name}: inflate {report['inflate_s']:.2f} s, "
+                  f"deflate {report['deflate_s']:.2f} s; GUEST balloon ok {check[1]}")  # fmt: skip
+        inflate.record(vmm, [BALLOON_MIB / max(rep["inflate_s"], 1e-3) for rep in reports])
+        deflate.record(vmm, [BALLOON_MIB / max(rep["deflate_s"], 1e-3) for rep in reports])
+    return [inflate, deflate]

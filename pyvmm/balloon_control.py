@@ -63,18 +63,20 @@ class BalloonControl:
         pages = max(self._user_bytes, self._policy_bytes) // PAGE_SIZE
         self._device.command({"op": "set_target", "pages": pages})
 
-    def stats(self) -> dict[str, Any]:
-        """The guest's latest statistics (fresh when the driver answers within
-        STATS_TIMEOUT_S), the balloon's sizes, and what the guest's RAM holds on the host."""
-        status = self._device.command({"op": "request_stats"})
+    def stats(self, fresh: bool = True) -> dict[str, Any]:
+        """The guest's latest statistics (asked for anew unless not `fresh`, and fresh when the
+        driver answers within STATS_TIMEOUT_S), the balloon's sizes, and what the guest's RAM
+        holds on the host. Without `fresh` it answers at once: for a program that watches the
+        balloon's size, which the driver's answers would only slow."""
+        status = self._device.command({"op": "request_stats" if fresh else "status"})
         asked = status["stats_replies"]
-        fresh = False
+        got_fresh = False
         deadline = time.monotonic() + STATS_TIMEOUT_S
-        while status["driver"] and time.monotonic() < deadline:
+        while fresh and status["driver"] and time.monotonic() < deadline:
             time.sleep(STATS_POLL_S)
             status = self._device.command({"op": "status"})
             if status["stats_replies"] > asked:
-                fresh = True
+                got_fresh = True
                 break
         with self._lock:
             user, policy = self._user_bytes, self._policy_bytes
@@ -84,7 +86,7 @@ class BalloonControl:
             "requested": user,
             "policy": policy,
             "stats": status["stats"],
-            "stats_fresh": fresh,
+            "stats_fresh": got_fresh,
             "guest_memory_on_host": os.fstat(self._memfd).st_blocks * 512,
         }
 

@@ -12,7 +12,8 @@ COMMANDS: dict[str, str] = {
     "resume": "continue a suspended VM",
 }
 # The balloon's: {"cmd": "balloon", "bytes": N} sets the size it should hold (absolute);
-# {"cmd": "balloon_stats"} answers {"ok": true, "balloon": {...}} (see pyvmm.balloon_control).
+# {"cmd": "balloon_stats"} answers {"ok": true, "balloon": {...}} (see pyvmm.balloon_control);
+# with "fresh": false it does not ask the guest for new statistics, and answers at once.
 BALLOON_COMMANDS: dict[str, str] = {
     "balloon": "set the size of a running VM's balloon (absolute)",
     "balloon_stats": "print the guest's memory statistics and the balloon's size, as JSON",

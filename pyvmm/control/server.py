@@ -79,8 +79,8 @@ class ControlHandler(Protocol):
     def balloon(self, num_bytes: int) -> None:
         """Set the size the balloon should hold, in bytes (absolute)."""
 
-    def balloon_stats(self) -> dict[str, Any]:
-        """The guest's memory statistics and the balloon's size."""
+    def balloon_stats(self, fresh: bool) -> dict[str, Any]:
+        """The balloon's size and the guest's memory statistics (asked for anew if `fresh`)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,9 @@ class ControlServer:
             "suspend": lambda _: handler.suspend(),
             "resume": lambda _: handler.resume(),
             "balloon": lambda request: handler.balloon(_balloon_bytes(request)),
-            "balloon_stats": lambda _: {"balloon": handler.balloon_stats()},
+            "balloon_stats": lambda request: {
+                "balloon": handler.balloon_stats(request.get("fresh", True) is not False)
+            },
         }
         self._uid = os.geteuid()
         self._closing = threading.Event()

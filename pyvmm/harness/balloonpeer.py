@@ -8,15 +8,17 @@ through its control socket:
 back), then sets it to 0 and waits again; it records what the guest's memory held on the host
 (the memfd's allocated size) before, inflated and deflated, how long each took, and the guest's
 statistics while inflated. `done` records the same figure once the guest has written its memory
-again, then gives the guest the sign that the host is done: the balloon at DONE_MIB MiB, then 0.
-Each prints one JSON object (with "error" when something failed); every wait is bounded by
---timeout.
+again, then gives the guest the sign that the host is done: the balloon at DONE_MIB MiB.
+With --qmp-ram-mib it drives QEMU's virtio-balloon through QMP instead (the benchmark's peer),
+where the host-side figures are absent. Each prints one JSON object (with "error" when
+something failed); every wait is bounded by --timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from typing import Any
@@ -34,39 +36,89 @@ class PeerError(Exception):
     """The exchange with the VM did not complete; the message says where."""
 
 
-def _command(socket_path: str, request: dict[str, Any]) -> dict[str, Any]:
-    try:
-        reply = send_command(socket_path, request)
-    except ControlError as e:
-        raise PeerError(f"{request['cmd']}: {e}") from None
-    if not reply.get("ok"):
-        raise PeerError(f"{request['cmd']}: the VM answered {reply}")
-    return reply
+class PyvmmBalloon:
+    """pyvmm's balloon, through the VM's control socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def _command(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reply = send_command(self.socket_path, request)
+        except ControlError as e:
+            raise PeerError(f"{request['cmd']}: {e}") from None
+        if not reply.get("ok"):
+            raise PeerError(f"{request['cmd']}: the VM answered {reply}")
+        return reply
+
+    def set(self, num_bytes: int) -> None:
+        self._command({"cmd": "balloon", "bytes": num_bytes})
+
+    def stats(self, fresh: bool = True) -> dict[str, Any]:
+        request = {"cmd": "balloon_stats", "fresh": fresh}
+        balloon: dict[str, Any] = self._command(request)["balloon"]
+        return balloon
 
 
-def stats(socket_path: str) -> dict[str, Any]:
-    balloon: dict[str, Any] = _command(socket_path, {"cmd": "balloon_stats"})["balloon"]
-    return balloon
+class QemuBalloon:
+    """QEMU's virtio-balloon, through QMP: QEMU speaks of the memory the guest keeps (`value`,
+    `actual`), not of the balloon's size."""
+
+    def __init__(self, qmp_path: str, ram_bytes: int, deadline: float) -> None:
+        self.ram_bytes = ram_bytes
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(max(deadline - time.monotonic(), 1.0))
+        try:
+            self.sock.connect(qmp_path)
+        except OSError as e:
+            raise PeerError(f"QMP {qmp_path}: {e}") from None
+        self.lines = self.sock.makefile("rb")
+        self.lines.readline()  # the greeting
+        self._execute("qmp_capabilities")
+
+    def _execute(self, command: str, **arguments: Any) -> Any:
+        message = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            line = self.lines.readline()
+            if not line:
+                raise PeerError(f"QMP {command}: QEMU closed the socket")
+            reply = json.loads(line)
+            if "error" in reply:
+                raise PeerError(f"QMP {command}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]  # anything else is an event
+
+    def set(self, num_bytes: int) -> None:
+        self._execute("balloon", value=self.ram_bytes - num_bytes)
+
+    def stats(self, fresh: bool = True) -> dict[str, Any]:
+        kept = self._execute("query-balloon")["actual"]
+        return {"actual": self.ram_bytes - kept, "guest_memory_on_host": None, "stats": None,
+                "stats_fresh": None}  # fmt: skip
 
 
-def resize(socket_path: str, num_bytes: int, deadline: float) -> tuple[float, dict[str, Any]]:
+Balloon = PyvmmBalloon | QemuBalloon
+
+
+def resize(balloon: Balloon, num_bytes: int, deadline: float) -> tuple[float, dict[str, Any]]:
     """Set the balloon to `num_bytes` and wait until the guest holds that much; the seconds it
     took and the stats then."""
     start = time.monotonic()
-    _command(socket_path, {"cmd": "balloon", "bytes": num_bytes})
+    balloon.set(num_bytes)
     while True:
-        now = stats(socket_path)
+        now = balloon.stats(fresh=False)  # the size only: asking the guest would slow it
         if now["actual"] == num_bytes:
-            return time.monotonic() - start, now
+            return time.monotonic() - start, balloon.stats()
         if time.monotonic() > deadline:
             raise PeerError(f"the guest holds {now['actual']} bytes, not {num_bytes}, in time")
         time.sleep(POLL_S)
 
 
-def cycle(socket_path: str, mib: int, deadline: float) -> dict[str, Any]:
-    before = stats(socket_path)
-    inflate_s, inflated = resize(socket_path, mib * MiB, deadline)
-    deflate_s, deflated = resize(socket_path, 0, deadline)
+def cycle(balloon: Balloon, mib: int, deadline: float) -> dict[str, Any]:
+    before = balloon.stats()
+    inflate_s, inflated = resize(balloon, mib * MiB, deadline)
+    deflate_s, deflated = resize(balloon, 0, deadline)
     return {
         "before": before["guest_memory_on_host"],
         "inflated": inflated["guest_memory_on_host"],
@@ -78,15 +130,15 @@ def cycle(socket_path: str, mib: int, deadline: float) -> dict[str, Any]:
     }
 
 
-def done(socket_path: str, deadline: float) -> dict[str, Any]:
-    filled = stats(socket_path)["guest_memory_on_host"]
-    resize(socket_path, DONE_MIB * MiB, deadline)
-    resize(socket_path, 0, deadline)
+def done(balloon: Balloon, deadline: float) -> dict[str, Any]:
+    filled = balloon.stats()["guest_memory_on_host"]
+    resize(balloon, DONE_MIB * MiB, deadline)  # held until the VM ends: the guest cannot miss it
     return {"filled": filled}
 
 
 def peer_argv(mode: str, socket_path: str, timeout_s: float, *extra: str) -> list[str]:
-    """This program for BootSpec.on_line: `cycle` with extra [MIB], `done` with none."""
+    """This program for BootSpec.on_line: `cycle` with extra [MIB], `done` with none (and, for
+    QEMU, extra ["--qmp-ram-mib", N]: `socket_path` is then its QMP socket)."""
     return [
         *[sys.executable, "-m", "pyvmm.harness.balloonpeer", mode, socket_path, *extra],
         *["--timeout", f"{timeout_s:g}"],
@@ -96,18 +148,26 @@ def peer_argv(mode: str, socket_path: str, timeout_s: float, *extra: str) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyvmm.harness.balloonpeer")
     parser.add_argument("mode", choices=["cycle", "done"])
-    parser.add_argument("socket", help="the VM's control socket")
+    parser.add_argument("socket", help="the VM's control socket (QEMU's QMP socket with --qmp)")
     parser.add_argument("mib", type=int, nargs="?", default=0, help="cycle: the balloon's MiB")
+    parser.add_argument(
+        "--qmp-ram-mib", type=int, metavar="MIB", help="QEMU: the socket is QMP's; the VM's MiB"
+    )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.timeout
     report: dict[str, Any] = {"mode": args.mode}
     try:
+        balloon: Balloon = (
+            PyvmmBalloon(args.socket)
+            if args.qmp_ram_mib is None
+            else QemuBalloon(args.socket, args.qmp_ram_mib * MiB, deadline)
+        )
         if args.mode == "cycle":
-            report.update(cycle(args.socket, args.mib, deadline))
+            report.update(cycle(balloon, args.mib, deadline))
         else:
-            report.update(done(args.socket, deadline))
-    except PeerError as e:
+            report.update(done(balloon, deadline))
+    except (PeerError, OSError) as e:
         report["error"] = str(e)
     print(json.dumps(report), flush=True)
     return 1 if "error" in report else 0

@@ -190,6 +190,8 @@ class Balloon(VirtioDevice):
                 self._pages(role, chain.head, chain.readable, chain.readable_len)
             elif role is Role.STATS:
                 self._stats_buffer(chain.readable, chain.readable_len)
+                if self._held_stats is not None:  # a driver should have one; the older goes back
+                    queue.add_used(self._held_stats, 0)
                 self._held_stats = chain.head
                 if self._stats_wanted_now():
                     self._give_back_stats(queue)

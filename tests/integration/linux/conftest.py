@@ -4,6 +4,7 @@ pyvmm.harness.boots.run_boots)."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from pyvmm.harness.boots import BootResult
 from tests.integration.conftest import save_serial_log
@@ -41,3 +42,15 @@ def guest_check(result: BootResult, name: str) -> str:
         f"{result.name}: GUEST {name} FAIL {details}\npyvmm's stderr: {result.stderr.strip()}"
     )
     return details
+
+
+def peer_ok(result: BootResult, marker: str, report: dict[str, Any], peer: str) -> dict[str, Any]:
+    """The report of the host program (`peer`) the guest's `marker` line started, once it is
+    known to have run to a good end."""
+    command = next((c for c in result.commands if c.marker == marker), None)
+    assert command is not None, f"{result.name}: the guest never said '{marker}'"
+    assert command.returncode == 0 and "error" not in report, (
+        f"{result.name}: {peer} ({marker}) exited {command.returncode}: {command.output}\n"
+        f"pyvmm's stderr: {result.stderr.strip()[-3000:]}"
+    )
+    return report

@@ -34,7 +34,7 @@ from pyvmm.harness.vsockpeer import (
     peer_argv,
     peer_report,
 )
-from tests.integration.linux.conftest import completed, guest_check
+from tests.integration.linux.conftest import completed, guest_check, peer_ok
 
 MiB = 1 << 20
 MEM_MIB = 512
@@ -159,14 +159,7 @@ def _boot(boots: dict[str, VsockBoot], name: str) -> VsockBoot:
 
 
 def _peer(boot: VsockBoot, marker: str, report: dict[str, Any]) -> dict[str, Any]:
-    name = boot.result.name
-    command = next((c for c in boot.result.commands if c.marker == marker), None)
-    assert command is not None, f"{name}: the guest never said '{marker}'"
-    assert command.returncode == 0 and "error" not in report, (
-        f"{name}: vsockpeer ({marker}) exited {command.returncode}: {command.output}\n"
-        f"pyvmm's stderr: {boot.result.stderr.strip()[-3000:]}"
-    )
-    return report
+    return peer_ok(boot.result, marker, report, "vsockpeer")
 
 
 def _guest_vsock(boot: VsockBoot) -> re.Match[str]:

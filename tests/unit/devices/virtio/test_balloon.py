@@ -285,3 +285,12 @@ def test_reset_forgets_what_the_driver_said(rig: Rig) -> None:
     rig.balloon.reset()
     assert _config(rig.balloon) == (9, 0), "the target stays; the driver's count goes"
     assert rig.balloon.command({"op": "status"})["driver"] is False
+
+
+def test_a_second_stats_buffer_sends_the_first_back(rig: Rig) -> None:
+    first, _ = _stats_buffer(rig, {Stat.swap_in: 1})
+    rig.process(2)
+    _stats_buffer(rig, {Stat.swap_in: 2})
+    rig.process(2)
+    assert rig.drivers[2].used() == [(first, 0)], "the device holds one buffer, the latest"
+    assert rig.balloon.command({"op": "status"})["stats"] == {"swap_in": 2}

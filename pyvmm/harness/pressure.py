@@ -1,0 +1,202 @@
+"""Host memory pressure on several VMs at once, and the low-memory policy taking memory back:
+the Linux balloon suite's "inflation under real pressure", run where the VMMs run.
+
+    python -m pyvmm.harness.pressure --dir DIR --kernel BZIMAGE --initrd INITRD [options]
+
+It starts --vms pyvmm VMs of --mem-mib MiB whose guests each write a file of --write-mib MiB and
+delete it, then stay up until --seconds have passed (the `pressure` check in guest/linux/init):
+the guests have that memory free again, but the host holds it (the guests touched it), so the
+host's MemAvailable falls as they write, and only the balloons give it back. The policy
+of each VM watches a low-memory directory laid out as Chrome OS's (`--low-mem-dir`): this
+program writes the host's real MemAvailable into its `available` every MIRROR_S, and into its
+`margin` a level set once the guests run (MemAvailable then, less a --margin-share of the
+guests' memory): so the host is low once the guests hold more than that share, whatever the
+machine's size. The policies' timers are shortened (--timers).
+
+Every SAMPLE_S it logs MemAvailable and each balloon's target and actual size. When the guests
+are done it prints their lines (`GUEST <check>` as `GUEST vm<N>-<check>`), then one JSON object:
+the margin, the timeline, each VMM's exit status, and how many processes the host's OOM killer
+killed meanwhile (/proc/vmstat oom_kill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pyvmm.control.client import send_command
+from pyvmm.control.protocol import ControlError
+
+MiB = 1 << 20
+SAMPLE_S = 0.5
+MIRROR_S = 0.1
+READY = b"GUEST pressure ready"
+DEFAULT_TIMERS = "0.5,20,2"  # re-check, first leave check, leave checks after it
+BOOT_TIMEOUT_S = 300.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def mem_available_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def oom_kills() -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
+class Vm:
+    """One pyvmm VM reading its disk, its console collected."""
+
+    def __init__(self, index: int, args: argparse.Namespace, low_mem: Path) -> None:
+        self.index = index
+        directory = Path(args.dir)
+        self.socket = str(directory / f"vm{index}.ctl")
+        params = (
+            f"pyvmm.check=pressure,dmesg pyvmm.pressure_mib={args.write_mib} "
+            f"pyvmm.pressure_s={args.seconds}"
+        )
+        argv = [sys.executable, "-m", "pyvmm", "run", "-m", str(args.mem_mib), "-i", args.initrd]
+        argv += ["-s", self.socket, "--low-mem-dir", str(low_mem)]
+        argv += ["--balloon-policy-timers", args.timers, "-p", "quiet", "-p", params, args.kernel]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # a harness that kills this program kills its VMs
+        )
+        self.output = bytearray()
+        self.stderr = b""
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output += line
+            if READY in line:
+                self.ready.set()
+
+    def balloon(self) -> dict[str, Any] | None:
+        try:
+            request = {"cmd": "balloon_stats", "fresh": False}  # the sizes only
+            reply = send_command(self.socket, request, timeout=5.0)
+        except ControlError:
+            return None
+        balloon: dict[str, Any] | None = reply.get("balloon")
+        return balloon
+
+    def finish(self, timeout: float) -> int | None:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+            self.stderr = err
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.stderr = self.proc.communicate()[1]
+            return None
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def lines(self) -> list[str]:
+        text = self.output.decode(errors="replace")
+        return [line.replace("GUEST ", f"GUEST vm{self.index}-", 1) for line in text.splitlines()]
+
+
+def sample(vms: list[Vm], start: float) -> dict[str, Any]:
+    entry: dict[str, Any] = {"t": round(time.monotonic() - start, 2)}
+    entry["available_mib"] = mem_available_mib()
+    for vm in vms:
+        balloon = vm.balloon()
+        if balloon is not None:
+            entry[f"vm{vm.index}"] = {"target_mib": balloon["target"] / MiB,
+                                      "actual_mib": balloon["actual"] / MiB}  # fmt: skip
+    return entry
+
+
+def _mirror_available(path: Path, stop: threading.Event) -> None:
+    """The host's MemAvailable into `path`, as Chrome OS's kernel keeps its `available`."""
+    while not stop.wait(MIRROR_S):
+        write_whole(path, f"{mem_available_mib()}\n")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`text` into `path` so that a reader never sees it half written."""
+    temporary = path.with_suffix(".new")
+    temporary.write_text(text)
+    temporary.rename(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyvmm.harness.pressure")
+    parser.add_argument("--dir", required=True, help="where the sockets and files go")
+    parser.add_argument("--kernel", required=True)
+    parser.add_argument("--initrd", required=True)
+    parser.add_argument("--vms", type=int, default=2)
+    parser.add_argument("--mem-mib", type=int, default=1024)
+    parser.add_argument("--write-mib", type=int, default=600)
+    parser.add_argument("--seconds", type=int, default=170, help="how long each guest stays up")
+    # Above a half: the policy's balloon takes at most half of a VM of 500 MiB to 1.5 GiB.
+    parser.add_argument("--margin-share", type=float, default=0.55)
+    parser.add_argument("--timers", default=DEFAULT_TIMERS)
+    args = parser.parse_args(argv)
+    low_mem = Path(args.dir) / "low_mem"
+    low_mem.mkdir(exist_ok=True)
+    write_whole(low_mem / "available", f"{mem_available_mib()}\n")
+    write_whole(low_mem / "margin", "0\n")  # never low until the guests run
+    kills_before = oom_kills()
+    stop = threading.Event()
+    mirror = threading.Thread(target=_mirror_available, args=(low_mem / "available", stop))
+    mirror.start()
+    vms = [Vm(i, args, low_mem) for i in range(args.vms)]
+    report: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        for vm in vms:
+            if not vm.ready.wait(max(deadline - time.monotonic(), 0.0)):
+                raise RuntimeError(f"vm{vm.index} never said {READY.decode()!r}")
+        start_available = mem_available_mib()
+        margin = int(start_available - args.margin_share * args.vms * args.mem_mib)
+        write_whole(low_mem / "margin", f"{margin}\n")
+        report.update(available_at_start_mib=start_available, margin_mib=margin)
+        start = time.monotonic()
+        timeline = []
+        while any(vm.proc.poll() is None for vm in vms):
+            timeline.append(sample(vms, start))
+            time.sleep(SAMPLE_S)
+        report["timeline"] = timeline
+    except RuntimeError as e:
+        report["error"] = str(e)
+    report["exit"] = [vm.finish(BOOT_TIMEOUT_S + args.seconds) for vm in vms]
+    stop.set()
+    mirror.join()
+    report["oom_kills"] = oom_kills() - kills_before
+    for vm in vms:
+        print("\n".join(vm.lines()))
+        if vm.proc.returncode:
+            print(f"vm{vm.index} stderr: {vm.stderr.decode(errors='replace')[-2000:]}")
+    print(json.dumps(report), flush=True)
+    return 0 if "error" not in report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
