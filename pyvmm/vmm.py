@@ -234,8 +234,8 @@ class _VmControl:
     def balloon(self, num_bytes: int) -> None:
         self._balloon().set_target(num_bytes)
 
-    def balloon_stats(self) -> dict[str, Any]:
-        return self._balloon().stats()
+    def balloon_stats(self, fresh: bool) -> dict[str, Any]:
+        return self._balloon().stats(fresh)
 
     def _balloon(self) -> BalloonControl:
         if self._vmm.balloon is None:
