@@ -3,6 +3,7 @@ pyvmm.harness.boots.run_boots)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -54,3 +55,11 @@ def peer_ok(result: BootResult, marker: str, report: dict[str, Any], peer: str) 
         f"pyvmm's stderr: {result.stderr.strip()[-3000:]}"
     )
     return report
+
+
+def guest_match(result: BootResult, name: str, pattern: re.Pattern[str]) -> re.Match[str]:
+    """The guest's `GUEST <name> ok ...` details, matched whole by `pattern`."""
+    details = guest_check(result, name)
+    m = pattern.fullmatch(details)
+    assert m, f"{result.name}: GUEST {name} ok line not understood: {details}"
+    return m

@@ -29,7 +29,7 @@ import pytest
 from pyvmm.harness.balloonpeer import peer_argv
 from pyvmm.harness.boots import BootResult, BootSpec, command_report
 from pyvmm.harness.linux import LinuxHarness
-from tests.integration.linux.conftest import completed, guest_check, peer_ok
+from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
 
 MiB = 1 << 20
 MEM_MIB = 512
@@ -175,10 +175,7 @@ def _peer(boot: BalloonBoot, marker: str, report: dict[str, Any]) -> dict[str, A
 
 
 def _guest(boot: BalloonBoot) -> re.Match[str]:
-    details = guest_check(boot.result, "balloon")
-    m = GUEST_BALLOON.fullmatch(details)
-    assert m, f"GUEST balloon ok line not understood: {details}"
-    return m
+    return guest_match(boot.result, "balloon", GUEST_BALLOON)
 
 
 def test_the_balloon_boot_runs_every_check(boot: BalloonBoot) -> None:

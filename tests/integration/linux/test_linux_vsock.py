@@ -34,7 +34,7 @@ from pyvmm.harness.vsockpeer import (
     peer_argv,
     peer_report,
 )
-from tests.integration.linux.conftest import completed, guest_check, peer_ok
+from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
 
 MiB = 1 << 20
 MEM_MIB = 512
@@ -163,10 +163,7 @@ def _peer(boot: VsockBoot, marker: str, report: dict[str, Any]) -> dict[str, Any
 
 
 def _guest_vsock(boot: VsockBoot) -> re.Match[str]:
-    details = guest_check(boot.result, "vsock")
-    m = GUEST_VSOCK.fullmatch(details)
-    assert m, f"{boot.result.name}: GUEST vsock ok line not understood: {details}"
-    return m
+    return guest_match(boot.result, "vsock", GUEST_VSOCK)
 
 
 BOOT_NAMES = pytest.mark.parametrize("name", ["vsock-uds", "vhost-vsock"])
