@@ -37,10 +37,11 @@ def kernel_params(checks: list[str], mib: int, wait_s: int) -> str:
     )
 
 
-def peer_argv(mib: int, timeout_s: float) -> list[str]:
-    """netpeer for the guest's `net` check: BootSpec(on_line={NET_READY: ...}, netns=True)."""
+def peer_argv(mib: int, timeout_s: float, python: str = sys.executable) -> list[str]:
+    """netpeer for the guest's `net` check: BootSpec(on_line={NET_READY: ...}, netns=True);
+    `python` runs it where the boots run (LinuxHarness.python)."""
     return [
-        *[sys.executable, "-m", "pyvmm.harness.netpeer", GUEST_IP, str(PORT), str(mib)],
+        *[python, "-m", "pyvmm.harness.netpeer", GUEST_IP, str(PORT), str(mib)],
         *["--timeout", f"{timeout_s:g}", "--min-tso-segs", str(TSO_SEGS)],
     ]
 

@@ -354,11 +354,14 @@ def kernel_params(
     )
 
 
-def peer_argv(mode: str, guest: Guest, port: int, timeout_s: float, *extra: str) -> list[str]:
+def peer_argv(
+    mode: str, guest: Guest, port: int, timeout_s: float, *extra: str, python: str = sys.executable
+) -> list[str]:
     """This program for BootSpec.on_line: `data` with extra [MIB], `reset` with extra
-    ["--control", SOCKET], `conns` with extra ["--count", N]."""
+    ["--control", SOCKET], `conns` with extra ["--count", N]; `python` runs it where the boots
+    run (LinuxHarness.python)."""
     return [
-        *[sys.executable, "-m", "pyvmm.harness.vsockpeer", mode, *guest.argv(), str(port)],
+        *[python, "-m", "pyvmm.harness.vsockpeer", mode, *guest.argv(), str(port)],
         *[*extra, "--timeout", f"{timeout_s:g}"],
     ]
 

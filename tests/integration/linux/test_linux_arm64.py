@@ -2,10 +2,12 @@
 arm64 test VM (QEMU's emulated arm64 at EL2, with the arm64 root's Python running pyvmm).
 
 One boot (in one test VM boot: each L2 boot costs a minute or more under emulation), with the
-sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs: the initramfs
-switches to an ext4 root on a read-only disk and checks uptime, memory, CPUs, the command line,
-the PL031 RTC, virtio-rng, the disks (names and sizes, data written to a writable disk, fstrim)
-and a clean kernel log. Skipped, with the reason, where arm64 emulation cannot be installed.
+sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs, whose initramfs
+checks uptime, memory, CPUs, the command line, the PL031 RTC, virtio-rng, the disks (names and
+sizes, data written to a writable disk, fstrim), virtio-net (pyvmm's own device on a TAP, in the
+boot's network namespace: ping and TCP each way with netpeer), vsock (the host kernel's
+vhost-vsock: a stream each way with vsockpeer) and a clean kernel log. Skipped, with the reason,
+where arm64 emulation cannot be installed.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pyvmm.harness import netcheck, vsockpeer
 from pyvmm.harness.armroot import missing_emulation
-from pyvmm.harness.boots import BootResult, BootSpec
+from pyvmm.harness.boots import DEFAULT_TIMEOUT, BootResult, BootSpec
 from pyvmm.harness.kit import make_ext4
-from pyvmm.harness.linux import LinuxHarness, RootImage
+from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.testvm_arm64 import QEMU_ARM64
 from tests.integration.linux.conftest import completed, guest_check
 
@@ -32,15 +36,23 @@ MEM_MIB = 1024
 CPUS = 2
 SEED = 0xA64
 TOKEN = "pyvmm.token=a64c0de"
+# Not the ext4 root disk (-r): the net and vsock checks need the initramfs's writable /tmp and
+# its vsock helper.
 CHECKS = [
-    "root", "uptime", "mem", "cpus", "cmdline", "rtc", "hwrng", "disks", "rwdisk", "trim",
-    "dmesg",
+    "uptime", "mem", "cpus", "cmdline", "rtc", "hwrng", "disks", "rwdisk", "trim",
+    "net", "vsock", "dmesg",
 ]  # fmt: skip
 COPY_MIB = 8
 DATA_MIB = 12
 TRIM_MIB = 32
 FILL_MIB = 12
 MIN_TRIMMED = 8 * MiB
+NET_MIB = 4  # each way
+VSOCK_MIB = 4  # each way
+WAIT_S = 60  # the guest's bound on each transfer
+VSOCK_PORT = 5000
+# vhost-vsock's CIDs are the host's to share among its VMs: one out of the way of others'.
+VSOCK_CID = 20000 + os.getpid() % 40000
 
 
 def _cannot_run() -> str | None:
@@ -60,7 +72,8 @@ pytestmark = pytest.mark.skipif(_cannot_run() is not None, reason=f"arm64: {_can
 @dataclass
 class Boot:
     result: BootResult
-    root: RootImage
+    net: dict[str, Any]  # the peers' reports ({} when one never ran)
+    vsock: dict[str, Any]
     source: bytes
     data: bytes
     trim: str
@@ -86,7 +99,6 @@ def boot() -> Iterator[Boot]:
     harness = LinuxHarness(progress=print, arch="aarch64")
     print(harness.placement.describe())
     files = harness.guest_files()
-    root = harness.root_image()
     source = random.Random(SEED).randbytes(COPY_MIB * MiB)
     with harness.session() as dirs:
         src_img = dirs.local / "src.img"
@@ -96,29 +108,55 @@ def boot() -> Iterator[Boot]:
             f.truncate(DATA_MIB * MiB)
         trim_img = _trim_image(dirs.local)
 
+        # One pyvmm.check= for both: the vsock parameters without their own.
+        vsock_params = vsockpeer.kernel_params([], VSOCK_CID, VSOCK_PORT, VSOCK_MIB, WAIT_S)
+        vsock_guest = vsockpeer.Guest(cid=VSOCK_CID)
         spec = BootSpec(
             "arm64",
             harness.pyvmm_argv(
                 *["-c", str(CPUS), "-m", str(MEM_MIB), "-p", "quiet"],
-                *["-i", str(files.initramfs), "-r", str(root.path)],
+                *["-i", str(files.initramfs)],
                 *["--rwdisk", str(data_img), "-d", str(src_img), "--rwdisk", str(trim_img)],
-                *["-p", f"pyvmm.check={','.join(CHECKS)}", "-p", TOKEN],
+                *[*netcheck.pyvmm_net_args(), "--cid", str(VSOCK_CID)],
+                *["-p", netcheck.kernel_params(CHECKS, NET_MIB, WAIT_S), "-p", TOKEN],
+                *["-p", vsock_params.split(" ", 1)[1]],
                 *["-p", f"pyvmm.mem={MEM_MIB}", "-p", f"pyvmm.cpus={CPUS}"],
-                *["-p", f"pyvmm.root_token={root.token}"],
                 "-p",
-                f"pyvmm.data=vdb pyvmm.src=vdc pyvmm.mib={COPY_MIB} pyvmm.trim=vdd",
+                f"pyvmm.data=vda pyvmm.src=vdb pyvmm.mib={COPY_MIB} pyvmm.trim=vdc",
                 str(files.vmlinux),
             ),
             watch=[str(trim_img)],
+            timeout=DEFAULT_TIMEOUT + 4 * WAIT_S,
+            on_line={
+                netcheck.NET_READY: netcheck.peer_argv(NET_MIB, 2 * WAIT_S, harness.python),
+                vsockpeer.DATA_READY: vsockpeer.peer_argv(
+                    "data",
+                    vsock_guest,
+                    VSOCK_PORT,
+                    2 * WAIT_S,
+                    str(VSOCK_MIB),
+                    python=harness.python,
+                ),
+            },
+            netns=True,
         )
         (result,) = harness.run([spec])
-        yield Boot(result, root, source, data_img.read_bytes(), str(trim_img))
+        yield Boot(
+            result,
+            netcheck.peer_report(result),
+            vsockpeer.peer_report(result.commands, vsockpeer.DATA_READY),
+            source,
+            data_img.read_bytes(),
+            str(trim_img),
+        )
 
 
 def test_arm64_guest_boots_and_runs_every_check(boot: Boot) -> None:
     result = boot.result
     completed(result)
     print(f"arm64 guest: init after {result.to_init_s} s, pyvmm ran {result.wall_s:.1f} s")
+    if result.stderr.strip():
+        print(f"pyvmm's stderr:\n{result.stderr.strip()[-3000:]}")
     for name in CHECKS:
         guest_check(result, name)
     assert TOKEN in guest_check(result, "cmdline")
@@ -126,17 +164,11 @@ def test_arm64_guest_boots_and_runs_every_check(boot: Boot) -> None:
     assert "GUEST done" in result.output, f"init did not finish:\n{result.output[-3000:]}"
 
 
-def test_arm64_guest_root_is_the_read_only_ext4_disk(boot: Boot) -> None:
-    root = guest_check(boot.result, "root")
-    assert root.startswith(f"/dev/vda ext4 ro marker={boot.root.token},"), root
-
-
 def test_arm64_guest_disks_are_named_in_order_and_written_and_trimmed(boot: Boot) -> None:
     assert guest_check(boot.result, "disks").split() == [
-        f"vda:{boot.root.size_mib * MiB}:ro:pyvmm-vda",
-        f"vdb:{DATA_MIB * MiB}:rw:pyvmm-vdb",
-        f"vdc:{COPY_MIB * MiB}:ro:pyvmm-vdc",
-        f"vdd:{TRIM_MIB * MiB}:rw:pyvmm-vdd",
+        f"vda:{DATA_MIB * MiB}:rw:pyvmm-vda",
+        f"vdb:{COPY_MIB * MiB}:ro:pyvmm-vdb",
+        f"vdc:{TRIM_MIB * MiB}:rw:pyvmm-vdc",
     ]
     want = hashlib.sha256(boot.source).hexdigest()
     assert guest_check(boot.result, "rwdisk").split()[:2] == ["sha256", want]
@@ -144,3 +176,26 @@ def test_arm64_guest_disks_are_named_in_order_and_written_and_trimmed(boot: Boot
     before, after = boot.result.watched[boot.trim]
     assert before is not None and after is not None, "trim.img vanished"
     assert before.allocated - after.allocated >= MIN_TRIMMED, (before, after)
+
+
+def test_arm64_guest_moves_data_over_virtio_net_each_way(boot: Boot) -> None:
+    details = guest_check(boot.result, "net")
+    assert details.startswith(f"eth0 {netcheck.MAC} virtio_net; ping {netcheck.HOST_IP} 3/3"), (
+        details
+    )
+    assert "error" not in boot.net, boot.net
+    sent, received = boot.net["sent"], boot.net["received"]
+    assert sent["bytes"] == received["bytes"] == NET_MIB * MiB, boot.net
+    # The guest sends back what it received: the same bytes reach the host.
+    assert sent["sha256"] == received["sha256"], boot.net
+    assert f"rx {NET_MIB * MiB} bytes sha256 {sent['sha256']}" in details, details
+
+
+def test_arm64_guest_moves_data_over_vhost_vsock_each_way(boot: Boot) -> None:
+    details = guest_check(boot.result, "vsock")
+    assert details.startswith(f"cid {VSOCK_CID};"), details
+    assert "error" not in boot.vsock, boot.vsock
+    sent, received = boot.vsock["sent"], boot.vsock["received"]
+    assert sent["bytes"] == received["bytes"] == VSOCK_MIB * MiB, boot.vsock
+    assert f"rx {VSOCK_MIB * MiB} bytes crc32 {sent['crc32']}" in details, details
+    assert f"tx {VSOCK_MIB * MiB} bytes crc32 {received['crc32']}" in details, details
