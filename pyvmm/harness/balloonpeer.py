@@ -103,13 +103,13 @@ Balloon = PyvmmBalloon | QemuBalloon
 
 def resize(balloon: Balloon, num_bytes: int, deadline: float) -> tuple[float, dict[str, Any]]:
     """Set the balloon to `num_bytes` and wait until the guest holds that much; the seconds it
-    took and the stats then."""
+    took and the sizes then (with the statistics the guest last sent)."""
     start = time.monotonic()
     balloon.set(num_bytes)
     while True:
         now = balloon.stats(fresh=False)  # the size only: asking the guest would slow it
         if now["actual"] == num_bytes:
-            return time.monotonic() - start, balloon.stats()
+            return time.monotonic() - start, now
         if time.monotonic() > deadline:
             raise PeerError(f"the guest holds {now['actual']} bytes, not {num_bytes}, in time")
         time.sleep(POLL_S)
@@ -117,7 +117,8 @@ def resize(balloon: Balloon, num_bytes: int, deadline: float) -> tuple[float, di
 
 def cycle(balloon: Balloon, mib: int, deadline: float) -> dict[str, Any]:
     before = balloon.stats()
-    inflate_s, inflated = resize(balloon, mib * MiB, deadline)
+    inflate_s, _ = resize(balloon, mib * MiB, deadline)
+    inflated = balloon.stats()  # the guest's own numbers, asked for now
     deflate_s, deflated = resize(balloon, 0, deadline)
     return {
         "before": before["guest_memory_on_host"],
@@ -132,7 +133,9 @@ def cycle(balloon: Balloon, mib: int, deadline: float) -> dict[str, Any]:
 
 def done(balloon: Balloon, deadline: float) -> dict[str, Any]:
     filled = balloon.stats()["guest_memory_on_host"]
-    resize(balloon, DONE_MIB * MiB, deadline)  # held until the VM ends: the guest cannot miss it
+    # Held until the VM ends, so the guest cannot miss it; it may end as soon as it sees it, so
+    # nothing is asked after.
+    balloon.set(DONE_MIB * MiB)
     return {"filled": filled}
 
 

@@ -100,6 +100,7 @@ def test_done_leaves_the_sign_in_place(qmp_path: str, monkeypatch: pytest.Monkey
     balloonpeer.done(QemuBalloon(qmp_path, RAM, deadline), deadline)
     values = [r["arguments"]["value"] for r in qemu.requests if r["execute"] == "balloon"]
     assert values == [RAM - balloonpeer.DONE_MIB * MiB], "the guest watches for it to stay"
+    assert qemu.requests[-1]["execute"] == "balloon", "nothing asked of a VM that may be gone"
 
 
 def test_a_qmp_error_is_named(qmp_path: str) -> None:
