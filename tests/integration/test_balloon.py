@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,15 +116,7 @@ class BalloonVm(SpinningVm):
     """A probe guest running `balloon` (or `balloon-hostile`), its serial lines collected."""
 
     def __init__(self, probe_elf: Path, sock: Path, tests: str, *flags: str) -> None:
-        cmd = [sys.executable, "-m", "pyvmm", "run", "-s", str(sock), *flags]
-        cmd += ["-p", f"probe={tests}", str(probe_elf)]
-        self.sock = sock
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        self.lines = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(probe_elf, sock, *flags, probe=tests)
 
     def wait_for(self, text: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout

@@ -133,11 +133,12 @@ def test_missing_or_unwritable_images_fail_at_start(probe_elf: Path, tmp_path: P
 
 
 class SpinningVm:
-    """A probe guest running `spin` with a control socket, its serial lines collected."""
+    """A probe guest running `spin` (or the `probe` tests given) with a control socket, its
+    serial lines collected."""
 
-    def __init__(self, probe_elf: Path, sock: Path, *flags: str) -> None:
+    def __init__(self, probe_elf: Path, sock: Path, *flags: str, probe: str = "spin") -> None:
         cmd = [sys.executable, "-m", "pyvmm", "run", "-s", str(sock), *flags]
-        cmd += ["-p", "probe=spin", str(probe_elf)]
+        cmd += ["-p", f"probe={probe}", str(probe_elf)]
         self.sock = sock
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
