@@ -268,22 +268,20 @@ class Balloon(VirtioDevice):
                 self._bad_pfns(role, first, count)
 
     def _discard_pages(self, role: Role, first: int, count: int) -> None:
+        discarded = count
         try:
             self.mem.discard(first << PFN_SHIFT, count << PFN_SHIFT)
         except GuestMemoryError:
             # Part of the run may be RAM (a run across the end of a region): page by page.
+            discarded = 0
             for pfn in range(first, first + count):
                 try:
                     self.mem.discard(pfn << PFN_SHIFT, PAGE_SIZE)
-                    count_ok = 1
+                    discarded += 1
                 except GuestMemoryError:
                     self._bad_pfns(role, pfn, 1)
-                    count_ok = 0
-                with self._lock:
-                    self._discarded_pages += count_ok
-            return
         with self._lock:
-            self._discarded_pages += count
+            self._discarded_pages += discarded
 
     def _bad_pfns(self, role: Role, first: int, count: int) -> None:
         self._pfn_log.warning("bad pfn", "%s: %d frame(s) from %#x (guest address %#x) are not "
