@@ -67,12 +67,15 @@ class VcpuThreads:
         mmio_bus: Bus,
         coalesced: CoalescedRing | None,
         on_exit: Callable[[VmExit], None],
+        describe: Callable[[Vcpu], str] | None = None,
     ) -> None:
+        """`describe` gives a line of a vCPU's state for the log of a triple fault."""
         self.vcpus = vcpus
         self.io_bus = io_bus
         self.mmio_bus = mmio_bus
         self._ring = coalesced
         self._on_exit = on_exit
+        self._describe = describe
         self._threads: list[threading.Thread] = []
         self._state = threading.Condition()
         self._stopping = threading.Event()
@@ -80,6 +83,14 @@ class VcpuThreads:
         self._parked: set[threading.Thread] = set()
         self.abandoned: set[int] = set()
         """Ids of the vCPUs whose threads never stopped: do not close them."""
+
+    def _log_state(self, vcpu: Vcpu) -> None:
+        if self._describe is None:
+            return
+        try:
+            log.warning("vCPU %d: %s", vcpu.id, self._describe(vcpu))
+        except OSError as e:
+            log.warning("vCPU %d: its state cannot be read: %s", vcpu.id, e)
 
     def start(self) -> None:
         """Start one thread per vCPU. Call from the main thread: it installs the handler of the
@@ -196,6 +207,7 @@ class VcpuThreads:
             elif isinstance(ex, ShutdownExit):
                 # A reset all the same (as on hardware), but not one the guest asked for: said.
                 log.warning("vCPU %d: triple fault: the guest resets", vcpu.id)
+                self._log_state(vcpu)
                 on_exit(VmExit(0, "guest reset (triple fault)"))
             elif isinstance(ex, SystemEventExit):
                 # arm64's PSCI SYSTEM_OFF and SYSTEM_RESET end the VM here, as a reset does.
@@ -208,8 +220,10 @@ class VcpuThreads:
             elif isinstance(ex, HltExit):
                 on_exit(VmExit(1, f"vCPU {vcpu.id}: halted outside the irqchip"))
             elif isinstance(ex, FailEntryExit):
+                self._log_state(vcpu)
                 on_exit(VmExit(1, f"vCPU {vcpu.id}: KVM entry failed (reason {ex.reason:#x})"))
             elif isinstance(ex, InternalErrorExit):
+                self._log_state(vcpu)
                 on_exit(VmExit(1, f"vCPU {vcpu.id}: KVM internal error (suberror {ex.suberror})"))
             elif isinstance(ex, UnknownExit):
                 on_exit(

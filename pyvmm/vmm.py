@@ -313,7 +313,12 @@ class Vmm:
         )
         self.coalesced = self._coalesced_ring()
         self.vcpu_threads = VcpuThreads(
-            self.vcpus, self.io_bus, self.mmio_bus, self.coalesced, self.request_exit
+            self.vcpus,
+            self.io_bus,
+            self.mmio_bus,
+            self.coalesced,
+            self.request_exit,
+            self.arch.describe_vcpu,
         )
 
     def _coalesced_ring(self) -> CoalescedRing | None:

@@ -117,3 +117,7 @@ class Arch(Protocol):
 
     def coalesced_zones(self) -> list[CoalescedZone]:
         """Ranges whose writes need no exit of their own."""
+
+    def describe_vcpu(self, vcpu: Vcpu) -> str:
+        """A line of the vCPU's state (where it runs, its page tables) for the log of an exit
+        that ends the VM unasked, such as a triple fault."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.devices.bus import Bus
-from pyvmm.kvm import InterruptedExit, SystemEventExit, VcpuExit
+from pyvmm.kvm import InterruptedExit, ShutdownExit, SystemEventExit, VcpuExit
 from pyvmm.vcpu_threads import (
     SYSTEM_EVENT_CRASH,
     SYSTEM_EVENT_RESET,
@@ -50,3 +50,26 @@ def test_a_system_event_ends_the_vm(event: int, expected: VmExit) -> None:
     threads.run_vcpu(vcpu)  # type: ignore[arg-type]
     assert exits == [expected]
     assert vcpu.exits == []
+
+
+def test_a_triple_fault_resets_and_logs_where_the_vcpu_was(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    vcpu = ScriptedVcpu([ShutdownExit()])
+    exits: list[VmExit] = []
+
+    def on_exit(exit: VmExit) -> None:
+        exits.append(exit)
+        threads.request_stop()
+
+    threads = VcpuThreads(
+        [vcpu],  # type: ignore[list-item]
+        Bus("io"),
+        Bus("mmio"),
+        None,
+        on_exit,
+        describe=lambda v: f"rip=0xffffffff81000000 of vCPU {v.id}",
+    )
+    threads.run_vcpu(vcpu)  # type: ignore[arg-type]
+    assert exits == [VmExit(0, "guest reset (triple fault)")]
+    assert "vCPU 0: rip=0xffffffff81000000 of vCPU 0" in caplog.text

@@ -167,3 +167,8 @@ class Aarch64:
 
     def coalesced_zones(self) -> list[CoalescedZone]:
         return []
+
+    def describe_vcpu(self, vcpu: Vcpu) -> str:
+        pc = vcpu.get_one_reg(kvm_arm.PC, 8)
+        pstate = vcpu.get_one_reg(kvm_arm.PSTATE, 8)
+        return f"pc={pc:#x} pstate={pstate:#x}"

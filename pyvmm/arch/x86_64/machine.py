@@ -176,6 +176,14 @@ class X86_64:
         # The other vCPUs wait in the in-kernel LAPIC for the guest's INIT/SIPI.
         regs.setup_boot_vcpu(vcpus[0], guest.kernel.entry, ZERO_PAGE_START)
 
+    def describe_vcpu(self, vcpu: Vcpu) -> str:
+        r, s = kvm_x86.get_regs(vcpu), kvm_x86.get_sregs(vcpu)
+        return (
+            f"rip={r.rip:#x} rsp={r.rsp:#x} rflags={r.rflags:#x} cs={s.cs.selector:#x} "
+            f"cr0={s.cr0:#x} cr2={s.cr2:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} efer={s.efer:#x} "
+            f"idt={s.idt.base:#x}/{s.idt.limit:#x}"
+        )
+
     def coalesced_zones(self) -> list[CoalescedZone]:
         """Writes to the PCI configuration address (0xcf8) need no exit: each is followed by an
         access to 0xcfc that exits anyway, and the ring is replayed before any exit is handled.
