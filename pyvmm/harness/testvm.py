@@ -50,6 +50,10 @@ COMMAND_FILE = "command.sh"
 PR_SET_PDEATHSIG = 1
 # What the test VM's kernel prints when its (emulated) CPUs stop making progress.
 LOCKUP_MARKERS = ("watchdog: BUG: soft lockup", "detected stalls on CPUs")
+# ... and when it dies. Nothing the command does as a process can do that; QEMU's emulation of
+# nested virtualisation has (twice in CI, while guests gave memory back: a kernel stack overrun
+# inside kvm_amd's vCPU run), so it is the emulator's failure, treated like a lockup.
+PANIC_MARKER = "Kernel panic - not syncing"
 WATCH_INTERVAL_S = 2.0
 # The test VM's init writes its uptime to a second serial port every few seconds. When that
 # stops, the emulation has stopped (seen once in CI: no console message, no progress, for
@@ -119,7 +123,8 @@ class TestVmError(Exception):
 
 
 class TestVmLockupError(TestVmError):
-    """The test VM's own kernel reported CPUs locked up: the emulator, not the command."""
+    """The test VM's own kernel reported CPUs locked up, or died: the emulator, not the
+    command."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,7 @@ class TestVm:
             console_text = console.read_text(errors="replace") if console.exists() else ""
             status = workdir / STATUS_FILE
             if not status.exists():
+                _check_console(console)  # it may have died between two looks
                 said = qemu_log.read_text(errors="replace").strip()
                 raise TestVmError(
                     f"test VM ended (QEMU status {proc.returncode}) without running the command: "
@@ -306,13 +312,7 @@ class TestVm:
                     + "; the command's output ends with: "
                     + _tail(watched.output)
                 )
-            if watched.console.exists():
-                text = watched.console.read_text(errors="replace")
-                if any(marker in text for marker in LOCKUP_MARKERS):
-                    raise TestVmLockupError(
-                        "the test VM's kernel locked up (QEMU emulation): "
-                        + _tail(watched.console, 2)
-                    )
+            _check_console(watched.console)
             size = watched.heartbeat.stat().st_size if watched.heartbeat.exists() else 0
             if size != beats:
                 beats, last_beat = size, now
@@ -323,6 +323,26 @@ class TestVm:
                     + _tail(watched.output)
                 )
             time.sleep(WATCH_INTERVAL_S)
+
+
+def _check_console(console: Path) -> None:
+    """TestVmLockupError if the test VM's kernel says it locked up or died."""
+    text = console.read_text(errors="replace") if console.exists() else ""
+    if any(marker in text for marker in LOCKUP_MARKERS):
+        raise TestVmLockupError(
+            "the test VM's kernel locked up (QEMU emulation): " + _tail(console, 2)
+        )
+    if PANIC_MARKER in text:
+        raise TestVmLockupError(
+            "the test VM's kernel died (QEMU emulation): " + _panic_report(text)
+        )
+
+
+def _panic_report(console: str) -> str:
+    """The lines of a kernel's death that say where: what it hit, the RIP, the panic."""
+    keys = ("BUG:", "Oops", "RIP:", "Comm:", "Kernel panic")
+    lines = [line.strip() for line in console.splitlines() if any(k in line for k in keys)]
+    return " | ".join(lines[-6:])
 
 
 def _tail(path: Path, lines: int = 5) -> str:

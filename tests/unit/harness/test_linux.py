@@ -92,6 +92,20 @@ def test_a_locked_up_test_vm_is_detected_on_its_console(tmp_path: Path) -> None:
         _wait_on_sleeper(watched, time.monotonic(), timeout=20)
 
 
+def test_a_test_vm_whose_kernel_dies_is_the_emulators_failure(tmp_path: Path) -> None:
+    watched = _watched(tmp_path)
+    watched.console.write_text(
+        "testvm: ready\n[ 317.3] BUG: TASK stack guard page was hit at 00000000105c9f47\n"
+        "[ 317.3] CPU: 0 PID: 430 Comm: python Not tainted 6.1.0-56-amd64 #1\n"
+        "[ 317.3] RIP: 0010:error_entry+0x17/0x130\n[ 317.3] Code: f8 e9 06\n"
+        "[ 317.3] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n"
+    )
+    with pytest.raises(
+        testvm.TestVmLockupError, match=r"kernel died .*stack guard.*Comm: python.*RIP: .*panic"
+    ):
+        _wait_on_sleeper(watched, time.monotonic(), timeout=20)
+
+
 def test_a_test_vm_whose_heartbeat_stops_is_a_lockup(tmp_path: Path) -> None:
     watched = _watched(tmp_path)
     watched.heartbeat.write_text("3.01\n8.02\n")
