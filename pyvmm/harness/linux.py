@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -125,6 +126,20 @@ class RootImage:
     path: Path
     token: str
     size_mib: int
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """One LinuxHarness.run: the guests' architecture, its wall time (the test VM's start and
+    stop included) and the boots it ran (each with its own wall time)."""
+
+    arch: str
+    wall_s: float
+    results: list[BootResult]
+
+
+# Every run of this process, in order: the Linux suite reports where its time went.
+TIMINGS: list[RunTiming] = []
 
 
 @dataclass(frozen=True)
@@ -247,9 +262,13 @@ class LinuxHarness:
         if self._dirs is None:
             with self.session():
                 return self.run(specs)
+        start = time.monotonic()
         if self.placement.native:
-            return run_boots(specs)
-        return self._run_in_testvm(specs, self._dirs.shared)
+            results = run_boots(specs)
+        else:
+            results = self._run_in_testvm(specs, self._dirs.shared)
+        TIMINGS.append(RunTiming(self.arch, time.monotonic() - start, results))
+        return results
 
     def _run_in_testvm(self, specs: list[BootSpec], scratch: Path) -> list[BootResult]:
         # The scratch directory is the session's shared one: the boots' own files are there.

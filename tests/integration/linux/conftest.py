@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 from pyvmm.harness.boots import BootResult
+from pyvmm.harness.linux import TIMINGS
 from tests.integration.conftest import save_serial_log
 
 
@@ -15,7 +16,7 @@ def warn_if_rerun(result: BootResult) -> None:
     save_serial_log(f"linux-{result.name}", result.output)
     if result.hung_attempt is not None:
         warnings.warn(
-            f"boot {result.name} hung once and was run again:\n{result.hung_attempt}",
+            f"boot {result.name} failed once and was run again: {result.hung_attempt}",
             stacklevel=2,
         )
 
@@ -63,3 +64,18 @@ def guest_match(result: BootResult, name: str, pattern: re.Pattern[str]) -> re.M
     m = pattern.fullmatch(details)
     assert m, f"{result.name}: GUEST {name} ok line not understood: {details}"
     return m
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Where the Linux suite's time went: each harness run (a test VM's whole life, unless the
+    host boots the kernel itself) and each boot in it."""
+    if not TIMINGS:
+        return
+    write = terminalreporter.write_line
+    write("Linux boots (wall s; to init s):")
+    for run in TIMINGS:
+        boots = sum(r.wall_s for r in run.results)
+        write(f"  {run.arch} run {run.wall_s:.0f} s, of which boots {boots:.0f} s:")
+        for r in run.results:
+            to_init = f"{r.to_init_s:.0f}" if r.to_init_s is not None else "-"
+            write(f"    {r.name:<28} {r.wall_s:6.1f} {to_init:>5}")

@@ -1,0 +1,31 @@
+"""run_boots runs a boot again when its first attempt failed in a way the emulator causes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyvmm.harness.boots import BootSpec, run_boots
+
+
+def _faults_once(tmp_path: Path) -> BootSpec:
+    """A 'VMM' whose first run logs a triple fault, and whose second runs cleanly."""
+    marker = tmp_path / "ran"
+    script = (
+        f"if [ -e {marker} ]; then echo 'GUEST done'; exit 0; fi; touch {marker}; "
+        "echo 'pyvmm: vCPU 0: triple fault: the guest resets' >&2; exit 0"
+    )
+    return BootSpec("faulty", ["sh", "-c", script], timeout=20)
+
+
+def test_in_the_test_vm_a_triple_fault_is_run_again_and_kept(tmp_path: Path) -> None:
+    (result,) = run_boots([_faults_once(tmp_path)], emulated=True)
+    assert "GUEST done" in result.output
+    assert result.hung_attempt is not None
+    assert result.hung_attempt.startswith("triple fault; ")
+    assert "vCPU 0: triple fault" in result.hung_attempt
+
+
+def test_on_a_kvm_host_a_triple_fault_stands(tmp_path: Path) -> None:
+    (result,) = run_boots([_faults_once(tmp_path)])
+    assert "triple fault" in result.stderr
+    assert result.hung_attempt is None
