@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvmm import __version__
 from pyvmm.arch.host import UnsupportedArchError
+from pyvmm.arch.interface import MachineError
 from pyvmm.balloon_policy import (
     CHROMEOS_LOW_MEM_DIR,
     DEFAULT_LOW_MEM_MARGIN_MIB,
@@ -69,6 +70,7 @@ USER_ERRORS = (
     DiskError,
     HelperError,
     UnsupportedArchError,
+    MachineError,
     DeviceProcessError,
     SeccompError,
     TapError,

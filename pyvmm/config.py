@@ -8,8 +8,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from pyvmm.arch.x86_64.mptable import MAX_PCI_IRQS, max_cpus
-from pyvmm.devices.pci.root import NUM_SLOTS
+from pyvmm.arch.host import host_arch
+from pyvmm.arch.interface import Arch
 from pyvmm.files import FileKindError, check_kind
 from pyvmm.memory import MAX_MEM_MIB
 from pyvmm.net import parse_mac
@@ -26,10 +26,6 @@ MIN_MEM_MIB = 2
 MAX_SOCKET_PATH_BYTES = 107
 SOCKET_FLAG = "-s/--socket"
 VSOCK_UDS_FLAG = "--vsock-uds"
-# Every disk, NIC and vsock device is a PCI device on bus 0 beside the host bridge and virtio-rng,
-# each with an INTx line the MP table must describe.
-MAX_PCI_DEVICES = min(NUM_SLOTS - 1, MAX_PCI_IRQS)
-MAX_DISKS = MAX_PCI_DEVICES - 1
 
 
 @dataclass(frozen=True)
@@ -116,9 +112,11 @@ class VmConfig:
     def mem_bytes(self) -> int:
         return self.mem_mib << 20
 
-    def validate(self) -> VmConfig:
+    def validate(self, arch: Arch | None = None) -> VmConfig:
         """Raise ConfigError for the first bad setting; return the config, with the control
-        socket's path resolved, so calls can chain. Removes a stale socket file at that path."""
+        socket's path resolved, so calls can chain. Removes a stale socket file at that path.
+        The machine's limits (vCPUs, PCI devices) are `arch`'s, by default the host's."""
+        arch = arch or host_arch()
         _check_readable_file(self.kernel, "KERNEL")
         if self.initrd is not None:
             _check_readable_file(self.initrd, "-i/--initrd")
@@ -126,7 +124,7 @@ class VmConfig:
             raise ConfigError(
                 f"-m/--mem {self.mem_mib}: guest memory must be {MIN_MEM_MIB} to {MAX_MEM_MIB} MiB"
             )
-        limit = max_cpus()
+        limit = arch.max_cpus
         if not 1 <= self.cpus <= limit:
             raise ConfigError(f"-c/--cpus {self.cpus}: pyvmm runs 1 to {limit} vCPUs")
         for p in self.params:
@@ -135,23 +133,26 @@ class VmConfig:
         fixed = (
             "virtio-rng is one" if self.balloon is None else "virtio-rng and the balloon are two"
         )
-        room = MAX_DISKS if self.balloon is None else MAX_DISKS - 1
+        # Every disk, NIC and vsock device is a PCI device on bus 0 beside the host bridge,
+        # virtio-rng and the balloon, each with an INTx line of its own.
+        devices = arch.max_pci_devices
+        room = devices - 1 if self.balloon is None else devices - 2
         if len(self.disks) > room:
             extra = self.disks[room]
             raise ConfigError(
                 f"{extra.flag} {extra.path}: at most {room} disks (the machine describes "
-                f"{MAX_PCI_DEVICES} PCI devices, and {fixed})"
+                f"{devices} PCI devices, and {fixed})"
             )
         if len(self.disks) + len(self.nets) > room:
             nic = self.nets[room - len(self.disks)]
             raise ConfigError(
                 f"{nic.flag}: at most {room} disks and NICs together (the machine "
-                f"describes {MAX_PCI_DEVICES} PCI devices, and {fixed})"
+                f"describes {devices} PCI devices, and {fixed})"
             )
         if self.vsock is not None and len(self.disks) + len(self.nets) + 1 > room:
             raise ConfigError(
                 f"--cid {self.vsock.cid}: no PCI slot left for virtio-vsock (the machine "
-                f"describes {MAX_PCI_DEVICES} PCI devices; {fixed}, disks and NICs take the "
+                f"describes {devices} PCI devices; {fixed}, disks and NICs take the "
                 "others)"
             )
         if self.balloon is not None:

@@ -27,6 +27,10 @@ from pyvmm.loader import KernelImage
 from pyvmm.memory import GuestMemory
 
 
+class MachineError(Exception):
+    """The architecture cannot build the machine asked for (its tables, its vCPUs)."""
+
+
 @dataclass(frozen=True)
 class GuestImage:
     """What loading the guest put in its memory."""
@@ -70,6 +74,10 @@ class Arch(Protocol):
     name: str
     required_caps: Sequence[Cap]
     default_cmdline: str
+    max_cpus: int
+    """The most vCPUs the machine's boot tables and interrupt controller describe."""
+    max_pci_devices: int
+    """The most PCI devices beside the host bridge, each with an INTx line of the machine's."""
 
     def configure_vm(self, vm: Vm) -> None:
         """Create the VM-wide state the architecture needs (in-kernel irqchip, timers)."""

@@ -18,10 +18,10 @@ from pyvmm.allocator import SystemAllocator
 from pyvmm.arch.aarch64 import fdt, layout
 from pyvmm.arch.aarch64.image import load_image, load_initrd
 from pyvmm.arch.aarch64.pci_ecam import Ecam
-from pyvmm.arch.interface import CoalescedZone, GuestImage, Platform
+from pyvmm.arch.interface import CoalescedZone, GuestImage, MachineError, Platform
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.irq import EventFdIrq
-from pyvmm.devices.pci.root import PciRoot
+from pyvmm.devices.pci.root import NUM_SLOTS, PciRoot
 from pyvmm.devices.pl031 import Pl031
 from pyvmm.devices.serial import Serial
 from pyvmm.kvm import aarch64 as kvm_arm
@@ -43,6 +43,7 @@ KVM_IRQCHIP_GIC = 0  # the only irqchip of an arm64 VM; its pins are SPI numbers
 SERIAL_SPI = 0
 RTC_SPI = 1
 PCI_INTX_FIRST_SPI = 4
+GICV2_MAX_CPUS = 8
 # KVM has had at least this many memory slots since it could say how many (KVM_CAP_NR_MEMSLOTS).
 MIN_MEMSLOTS = 32
 
@@ -50,7 +51,7 @@ MIN_MEMSLOTS = 32
 DEFAULT_CMDLINE = "console=ttyS0 panic=1"
 
 
-class MpidrError(Exception):
+class MpidrError(MachineError):
     """KVM numbered a vCPU otherwise than the device tree (written before the vCPUs) says."""
 
 
@@ -61,6 +62,8 @@ class Aarch64:
     name = "aarch64"
     required_caps: Sequence[Cap] = kvm_arm.REQUIRED_CAPS
     default_cmdline = DEFAULT_CMDLINE
+    max_cpus = layout.MAX_GICV3_CPUS  # a redistributor each below the distributor (GICv2: 8)
+    max_pci_devices = min(NUM_SLOTS - 1, GIC_SPIS - PCI_INTX_FIRST_SPI)  # an SPI each
 
     def __init__(self) -> None:
         self.vm: Vm | None = None
@@ -152,6 +155,11 @@ class Aarch64:
 
     def setup_vcpus(self, kvm: Kvm, vcpus: list[Vcpu], guest: GuestImage) -> None:
         assert self.vm is not None and self.gic is not None, "configure_vm first"
+        if self.gic_version == 2 and len(vcpus) > GICV2_MAX_CPUS:
+            raise MpidrError(
+                f"-c/--cpus {len(vcpus)}: this host's KVM has only a GICv2, which serves "
+                f"{GICV2_MAX_CPUS} vCPUs at most"
+            )
         target = kvm_arm.preferred_target(self.vm)
         for vcpu in vcpus:
             kvm_arm.init_vcpu(vcpu, target, primary=vcpu.id == 0)

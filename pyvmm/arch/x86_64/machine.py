@@ -28,7 +28,7 @@ from pyvmm.arch.x86_64.layout import (
     ZERO_PAGE_START,
     ram_ranges,
 )
-from pyvmm.arch.x86_64.mptable import write_mptable
+from pyvmm.arch.x86_64.mptable import MAX_PCI_IRQS, max_cpus, write_mptable
 from pyvmm.arch.x86_64.paging import write_page_tables
 from pyvmm.arch.x86_64.pci_cf8 import (
     CONFIG_ADDRESS_LEN,
@@ -41,7 +41,7 @@ from pyvmm.devices.bus import Bus
 from pyvmm.devices.cmos import Cmos
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.irq import EventFdIrq
-from pyvmm.devices.pci.root import PciRoot
+from pyvmm.devices.pci.root import NUM_SLOTS, PciRoot
 from pyvmm.devices.serial import Serial
 from pyvmm.kvm import x86_64 as kvm_x86
 from pyvmm.kvm.abi import Cap
@@ -86,6 +86,8 @@ class X86_64:
     name = "x86_64"
     required_caps: Sequence[Cap] = kvm_x86.REQUIRED_CAPS
     default_cmdline = DEFAULT_CMDLINE
+    max_cpus = max_cpus()  # what the MP table in the EBDA can describe
+    max_pci_devices = min(NUM_SLOTS - 1, MAX_PCI_IRQS)  # each on an IO-APIC pin the table names
 
     def configure_vm(self, vm: Vm) -> None:
         kvm_x86.configure_vm(vm)

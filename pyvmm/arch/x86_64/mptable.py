@@ -10,6 +10,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any
 
+from pyvmm.arch.interface import MachineError
 from pyvmm.arch.x86_64.layout import APIC_START, EBDA_START, IOAPIC_START, LOW_RAM_END
 from pyvmm.cdecl import declare
 from pyvmm.memory import GuestMemory
@@ -116,7 +117,7 @@ class IrqType(enum.IntEnum):
     EXTINT = 3
 
 
-class MpTableError(Exception):
+class MpTableError(MachineError):
     """The MP table cannot describe this machine."""
 
 
