@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the device processes' seccomp policies from DIR (default: seccomp/<arch>/)",
     )
     run.add_argument(
+        "--dump-device-tree-blob",
+        metavar="FILE",
+        help="write the flattened device tree the guest is given to FILE (arm64)",
+    )
+    run.add_argument(
         "--seccomp-log-failures",
         action="store_true",
         help="log a system call a device's policy does not allow instead of killing the device",
@@ -315,6 +320,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         sandbox=not args.disable_sandbox,
         seccomp_policy_dir=args.seccomp_policy_dir,
         seccomp_log_failures=args.seccomp_log_failures,
+        dump_device_tree=args.dump_device_tree_blob,
     ).validate()
 
 

@@ -107,6 +107,8 @@ class VmConfig:
     # Where the devices' seccomp policies are; None: seccomp/<arch>/ in pyvmm's tree.
     seccomp_policy_dir: str | None = None
     seccomp_log_failures: bool = False
+    # Where to write the flattened device tree given to the guest (architectures that have one).
+    dump_device_tree: str | None = None
 
     @property
     def mem_bytes(self) -> int:
@@ -175,11 +177,24 @@ class VmConfig:
                     f"{disk.flag} {disk.path}: the same image is given twice (also as "
                     f"{first.flag} {first.path}); a writable image can be only one disk"
                 )
+        if self.dump_device_tree is not None:
+            _check_dump_path(self.dump_device_tree, arch)
         if self.vsock is not None:  # near the end, as the next: it may remove a stale socket
             _check_vsock(self.vsock)
         if self.socket is not None:  # last: it may remove a stale socket file
             return dataclasses.replace(self, socket=check_socket_path(self.socket, os.getpid()))
         return self
+
+
+def _check_dump_path(path: str, arch: Arch) -> None:
+    flag = "--dump-device-tree-blob"
+    if not arch.has_device_tree:
+        raise ConfigError(f"{flag} {path}: {arch.name} guests are not given a device tree")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not a directory this process can write")
 
 
 def _check_balloon(balloon: BalloonConfig) -> None:

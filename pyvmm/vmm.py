@@ -22,7 +22,7 @@ from pyvmm.arch.host import host_arch
 from pyvmm.arch.interface import Arch, GuestImage, Platform
 from pyvmm.balloon_control import BalloonControl
 from pyvmm.balloon_policy import LowMemoryPolicy, PolicyTimes, pick_source
-from pyvmm.config import BalloonConfig, VmConfig
+from pyvmm.config import BalloonConfig, ConfigError, VmConfig
 from pyvmm.control import ControlServer
 from pyvmm.devices.bus import Bus
 from pyvmm.devices.child import BalloonSpec, DeviceSpec, DiskSpec, TapSpec, VsockSpec
@@ -304,7 +304,9 @@ class Vmm:
             self.vm, self.mem, buses, console_out, self._on_guest_reset
         )
         self._build_pci()
-        arch.write_boot_tables(self.mem, self.guest, cfg.cpus, self.pci_irqs)
+        device_tree = arch.write_boot_tables(self.mem, self.guest, cfg.cpus, self.pci_irqs)
+        if cfg.dump_device_tree is not None and device_tree is not None:
+            _dump_device_tree(cfg.dump_device_tree, device_tree)
 
         self.stdin_pump = (
             StdinPump(console_in_fd, self.platform.serial.queue_input)
@@ -613,3 +615,11 @@ class Vmm:
             self.platform.close()
         self.kvm.close()
         flush_guest_logs()
+
+
+def _dump_device_tree(path: str, blob: bytes) -> None:
+    """--dump-device-tree-blob: the tree as the guest gets it, for dtc or a comparison."""
+    try:
+        Path(path).write_bytes(blob)
+    except OSError as e:
+        raise ConfigError(f"--dump-device-tree-blob {path}: {e.strerror}") from e

@@ -78,6 +78,8 @@ class Arch(Protocol):
     """The most vCPUs the machine's boot tables and interrupt controller describe."""
     max_pci_devices: int
     """The most PCI devices beside the host bridge, each with an INTx line of the machine's."""
+    has_device_tree: bool
+    """Whether write_boot_tables describes the machine with a flattened device tree."""
 
     def configure_vm(self, vm: Vm) -> None:
         """Create the VM-wide state the architecture needs (in-kernel irqchip, timers)."""
@@ -117,8 +119,9 @@ class Arch(Protocol):
 
     def write_boot_tables(
         self, mem: GuestMemory, guest: GuestImage, cpus: int, pci_irqs: list[tuple[int, int]]
-    ) -> None:
-        """Describe the machine to the guest: `pci_irqs` lists (PCI slot, GSI) per device."""
+    ) -> bytes | None:
+        """Describe the machine to the guest: `pci_irqs` lists (PCI slot, GSI) per device.
+        Returns the flattened device tree where that is how the machine is described."""
 
     def setup_vcpus(self, kvm: Kvm, vcpus: list[Vcpu], guest: GuestImage) -> None:
         """Give each vCPU its initial state; the first enters the kernel."""

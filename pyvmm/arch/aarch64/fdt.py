@@ -116,10 +116,33 @@ def build(m: Machine) -> bytes:
         _serial(sw, m)
         _rtc(sw, m)
         _pci(sw, m)
-    blob = sw.as_fdt().as_bytearray()
+    tree = sw.as_fdt()
+    tree.pack()  # to its own size: the sequential writer's buffer has room to spare
+    blob = tree.as_bytearray()
     if len(blob) > layout.FDT_MAX_SIZE:
         raise ValueError(f"the device tree is {len(blob)} bytes, over {layout.FDT_MAX_SIZE}")
     return bytes(blob)
+
+
+def properties(blob: bytes) -> dict[str, bytes]:
+    """Every property of the tree `blob`, by its path (`/chosen/bootargs`), with its value: the
+    form in which Linux shows the tree it was given (/sys/firmware/devicetree/base)."""
+    tree = libfdt.Fdt(blob)
+    found: dict[str, bytes] = {}
+
+    def visit(node: int, path: str) -> None:
+        prop = tree.first_property_offset(node, libfdt.QUIET_NOTFOUND)
+        while prop >= 0:
+            value = tree.get_property_by_offset(prop)
+            found[f"{path}/{value.name}"] = bytes(value)
+            prop = tree.next_property_offset(prop, libfdt.QUIET_NOTFOUND)
+        child = tree.first_subnode(node, libfdt.QUIET_NOTFOUND)
+        while child >= 0:
+            visit(child, f"{path}/{tree.get_name(child)}")
+            child = tree.next_subnode(child, libfdt.QUIET_NOTFOUND)
+
+    visit(0, "")
+    return found
 
 
 def _chosen(sw: libfdt.FdtSw, m: Machine) -> None:

@@ -64,6 +64,7 @@ class Aarch64:
     default_cmdline = DEFAULT_CMDLINE
     max_cpus = layout.MAX_GICV3_CPUS  # a redistributor each below the distributor (GICv2: 8)
     max_pci_devices = min(NUM_SLOTS - 1, GIC_SPIS - PCI_INTX_FIRST_SPI)  # an SPI each
+    has_device_tree = True
 
     def __init__(self) -> None:
         self.vm: Vm | None = None
@@ -139,7 +140,7 @@ class Aarch64:
 
     def write_boot_tables(
         self, mem: GuestMemory, guest: GuestImage, cpus: int, pci_irqs: list[tuple[int, int]]
-    ) -> None:
+    ) -> bytes | None:
         ram = mem.ram_regions[0]
         machine = fdt.Machine(
             ram=(ram.guest_addr, ram.size),
@@ -151,7 +152,9 @@ class Aarch64:
             serial_spi=SERIAL_SPI,
             rtc_spi=RTC_SPI,
         )
-        mem.write(self.fdt_addr, fdt.build(machine))
+        blob = fdt.build(machine)
+        mem.write(self.fdt_addr, blob)
+        return blob
 
     def setup_vcpus(self, kvm: Kvm, vcpus: list[Vcpu], guest: GuestImage) -> None:
         assert self.vm is not None and self.gic is not None, "configure_vm first"

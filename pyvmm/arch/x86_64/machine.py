@@ -88,6 +88,7 @@ class X86_64:
     default_cmdline = DEFAULT_CMDLINE
     max_cpus = max_cpus()  # what the MP table in the EBDA can describe
     max_pci_devices = min(NUM_SLOTS - 1, MAX_PCI_IRQS)  # each on an IO-APIC pin the table names
+    has_device_tree = False
 
     def configure_vm(self, vm: Vm) -> None:
         kvm_x86.configure_vm(vm)
@@ -148,7 +149,7 @@ class X86_64:
 
     def write_boot_tables(
         self, mem: GuestMemory, guest: GuestImage, cpus: int, pci_irqs: list[tuple[int, int]]
-    ) -> None:
+    ) -> bytes | None:
         write_zero_page(
             mem,
             BootInfo(
@@ -161,6 +162,7 @@ class X86_64:
         write_gdt(mem)
         write_page_tables(mem)
         write_mptable(mem, cpus, pci_irqs)
+        return None  # the zero page and the MP table, no device tree
 
     def setup_vcpus(self, kvm: Kvm, vcpus: list[Vcpu], guest: GuestImage) -> None:
         supported = kvm_x86.supported_cpuid(kvm)

@@ -201,3 +201,16 @@ def test_chosen_holds_the_command_line_the_initrd_and_the_console() -> None:
 def test_no_initrd_no_initrd_properties() -> None:
     tree = _read(Machine(ram=RAM, cpus=1, cmdline=""))
     assert not _has(tree, "/chosen", "linux,initrd-start")
+
+
+def test_properties_lists_every_property_by_path_as_linux_shows_them(tmp_path: Path) -> None:
+    blob = fdt.build(TWO_CPUS)
+    props = fdt.properties(blob)
+    assert props["/chosen/bootargs"] == b"console=ttyS0 panic=1 root=/dev/vda ro\0"
+    assert props["/cpus/cpu@1/reg"] == struct.pack(">I", 1)
+    assert props["/intc@3fff0000/interrupt-controller"] == b""
+    assert props["/memory@80000000/reg"] == struct.pack(">QQ", *RAM)
+    # As many as dtc decompiles: each property is a line of its own that ends in ";".
+    lines = [line.strip() for line in _dtc(blob, tmp_path).stdout.splitlines()]
+    assert len(props) == sum(1 for x in lines if x.endswith(";") and x not in ("};", "/dts-v1/;"))
+    assert all(path.startswith("/") and "//" not in path for path in props)

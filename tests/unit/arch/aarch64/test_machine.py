@@ -191,7 +191,7 @@ def test_the_device_tree_lands_where_x0_points(
     arch = Aarch64()
     arch.configure_vm(FakeVm())  # type: ignore[arg-type]
     guest = arch.load_guest(mem, str(kernel), "console=ttyS0 quiet", None)
-    arch.write_boot_tables(mem, guest, 2, [(1, 4), (2, 5)])
+    blob = arch.write_boot_tables(mem, guest, 2, [(1, 4), (2, 5)])
     vcpus = [FakeVcpu(0), FakeVcpu(1)]
     arch.setup_vcpus(FakeKvm(), vcpus, guest)  # type: ignore[arg-type]
     x0 = vcpus[0].regs[kvm_arm.x_reg(0)]
@@ -199,6 +199,7 @@ def test_the_device_tree_lands_where_x0_points(
     magic, size = struct.unpack(">II", mem.read(x0, 8))
     tree = libfdt.Fdt(mem.read(x0, size))
     assert magic == 0xD00DFEED
+    assert blob == mem.read(x0, size)  # what --dump-device-tree-blob writes
     chosen = tree.path_offset("/chosen")
     assert tree.getprop(chosen, "bootargs").as_str() == "console=ttyS0 quiet"
     pci = tree.path_offset("/pci@10000")

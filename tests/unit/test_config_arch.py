@@ -1,5 +1,6 @@
-"""The limits `VmConfig.validate` holds a VM to are its architecture's: the x86 MP table's and
-IO-APIC's, or arm64's GICv3 redistributors and SPIs."""
+"""What `VmConfig.validate` checks against the VM's architecture: the limits (the x86 MP
+table's and IO-APIC's, or arm64's GICv3 redistributors and SPIs), and whether it has a device
+tree to dump."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def test_disks_fill_the_pci_devices_left_by_rng_and_the_balloon(
     with pytest.raises(ConfigError, match=rf"d{room}.img: at most {room} disks"):
         VmConfig(kernel, disks=_disks(tmp_path, room + 1)).validate(arch)
     VmConfig(kernel, disks=_disks(tmp_path, room + 1), balloon=None).validate(arch)
+
+
+def test_a_device_tree_is_dumped_only_where_there_is_one(tmp_path: Path, kernel: str) -> None:
+    blob = str(tmp_path / "guest.dtb")
+    VmConfig(kernel, dump_device_tree=blob).validate(Aarch64())
+    with pytest.raises(ConfigError, match=r"^--dump-device-tree-blob .*guest.dtb: x86_64 guests"):
+        VmConfig(kernel, dump_device_tree=blob).validate(X86_64())
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [("missing/guest.dtb", "is not a directory this process can write"), (".", "a directory")],
+)
+def test_a_device_tree_dump_needs_a_file_it_can_write(
+    tmp_path: Path, kernel: str, where: str, why: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^--dump-device-tree-blob .*: .*{why}"):
+        VmConfig(kernel, dump_device_tree=str(tmp_path / where)).validate(Aarch64())
