@@ -1,9 +1,14 @@
-"""What `bin/build_test` runs: each suite in turn, then a summary table and one closing line.
+"""What `bin/build_test` runs: the suites, then a summary table and one closing line.
 
 Suites: lint (ruff), type (mypy --strict), unit, integration (the probe guest and the CLI),
 linux (a stock Debian kernel, natively or in the test VM) and containers (the images, and runs
 in them); pytest's JUnit XML is kept under build/test-results (`PYVMM_TEST_RESULTS` names another
 directory under the tree) with summary.json beside it. `--quick` stops after the unit tests.
+
+The linux suite is the long one, and its test VMs leave part of the machine idle (QEMU's
+emulation of a guest with one vCPU keeps about one core busy): it starts once the unit tests
+pass, beside the integration and containers suites, its output kept in linux.log and printed
+when it ends; its test files run in LINUX_WORKERS pytest-xdist workers, a test VM each.
 
 `--container` runs the same suites inside the test image (docker/Dockerfile.test), with /dev/kvm
 and /dev/net/tun passed in and the work tree mounted at its own path, so the results land in the
@@ -31,6 +36,8 @@ RESULTS = ROOT / os.environ.get(RESULTS_ENV, "build/test-results")
 SUMMARY_FILE = "summary.json"
 LINT_PATHS = ["pyvmm", "tests", "bench"]
 LINUX_TESTS = "tests/integration/linux"
+LINUX_WORKERS_ENV = "PYVMM_LINUX_WORKERS"
+LINUX_WORKERS = 2  # test VMs at once; each test file's boots share one
 CONTAINER_TESTS = "tests/integration/containers"
 IN_CONTAINER_SKIPS = {
     "linux": "not run inside the container: the test VM (QEMU TCG) there is too slow; "
@@ -95,22 +102,64 @@ def run_type() -> SuiteResult:
     return SuiteResult("type", ok, time.monotonic() - start)
 
 
-def run_pytest(
-    name: str, path: str, workers: int | None = None, extra: Sequence[str] = ()
-) -> SuiteResult:
-    start = time.monotonic()
+def _pytest_command(
+    name: str, path: str, workers: int | None, extra: Sequence[str]
+) -> tuple[list[str], Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     xml = RESULTS / f"{name}.xml"
     xml.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", path, f"--junitxml={xml}", *extra]
     if workers:
         cmd += ["-n", str(workers)]
-    ok = _run(cmd)
+    return cmd, xml
+
+
+def _suite_result(name: str, ok: bool, start: float, xml: Path) -> SuiteResult:
     passed, failed, skipped, reasons = _count_junit(xml)
     if passed + failed == 0:
         ok = False
         reasons.append("no test ran")
     return SuiteResult(name, ok, time.monotonic() - start, passed, failed, skipped, reasons)
+
+
+def run_pytest(
+    name: str, path: str, workers: int | None = None, extra: Sequence[str] = ()
+) -> SuiteResult:
+    start = time.monotonic()
+    cmd, xml = _pytest_command(name, path, workers, extra)
+    return _suite_result(name, _run(cmd), start, xml)
+
+
+class BackgroundSuite:
+    """A pytest suite running beside the others, its output in RESULTS/<name>.log, printed
+    whole by result() (so that the suites' outputs do not interleave)."""
+
+    def __init__(
+        self, name: str, path: str, workers: int | None = None, extra: Sequence[str] = ()
+    ) -> None:
+        self.name = name
+        self.start = time.monotonic()
+        cmd, self.xml = _pytest_command(name, path, workers, extra)
+        self.log = RESULTS / f"{name}.log"
+        print(f"+ {' '.join(cmd)} > {self.log.relative_to(ROOT)} (in the background)", flush=True)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def result(self) -> SuiteResult:
+        status = self.proc.wait()
+        print(f"--- {self.name} (from {self.log.relative_to(ROOT)}) ---", flush=True)
+        sys.stdout.write(self.log.read_text(errors="replace"))
+        sys.stdout.flush()
+        return _suite_result(self.name, status == 0, self.start, self.xml)
+
+
+def linux_workers() -> int:
+    """How many test VMs the linux suite runs at once ($PYVMM_LINUX_WORKERS, else
+    LINUX_WORKERS), never more than the machine has cores."""
+    wanted = int(os.environ.get(LINUX_WORKERS_ENV) or LINUX_WORKERS)
+    return max(1, min(wanted, os.cpu_count() or 1))
 
 
 def build_probe_guest() -> bool:
@@ -236,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = min(os.cpu_count() or 1, 2)
     results = [run_lint(), run_type(), run_pytest("unit", "tests/unit", workers)]
     if not args.quick:
+        linux = None
+        if not args.in_container:
+            # Each test file's boots share a test VM: whole files to each worker.
+            n = linux_workers()
+            dist = ["--dist", "loadfile"] if n > 1 else []
+            linux = BackgroundSuite("linux", LINUX_TESTS, n if n > 1 else None, dist)
         t = time.monotonic()
         if build_probe_guest():
             ignore = ["--ignore", LINUX_TESTS, "--ignore", CONTAINER_TESTS]
@@ -246,12 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "integration", False, time.monotonic() - t, notes=["guest build failed"]
                 )
             )
-        if args.in_container:
+        if linux is None:
             results += [skipped_suite(n, why) for n, why in IN_CONTAINER_SKIPS.items()]
         else:
-            # One test VM (or one series of native boots) for the whole Linux suite: no xdist.
-            results.append(run_pytest("linux", LINUX_TESTS))
-            results.append(run_containers_suite())
+            containers = run_containers_suite()
+            results += [linux.result(), containers]
     wall = time.monotonic() - start
     write_summary(results, wall)
     print_summary(results, wall)

@@ -3,11 +3,17 @@ pyvmm.harness.boots.run_boots)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import warnings
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pyvmm.harness.boots import BootResult
+from pyvmm.harness.build_test import RESULTS
 from pyvmm.harness.linux import TIMINGS
 from tests.integration.conftest import save_serial_log
 
@@ -66,16 +72,45 @@ def guest_match(result: BootResult, name: str, pattern: re.Pattern[str]) -> re.M
     return m
 
 
+def _timings_dir() -> Path:
+    return RESULTS / "linux-timings"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the run itself, not an xdist worker
+        shutil.rmtree(_timings_dir(), ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Each process (each xdist worker) leaves its runs' timings for the summary."""
+    if not TIMINGS:
+        return
+    worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
+    _timings_dir().mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "arch": run.arch,
+            "wall_s": run.wall_s,
+            "boots": [[r.name, r.wall_s, r.to_init_s] for r in run.results],
+        }
+        for run in TIMINGS
+    ]
+    (_timings_dir() / f"{worker}.json").write_text(json.dumps(rows))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Where the Linux suite's time went: each harness run (a test VM's whole life, unless the
-    host boots the kernel itself) and each boot in it."""
-    if not TIMINGS:
+    host boots the kernel itself) and each boot in it, as every worker saw them."""
+    files = sorted(_timings_dir().glob("*.json")) if _timings_dir().is_dir() else []
+    if not files:
         return
     write = terminalreporter.write_line
     write("Linux boots (wall s; to init s):")
-    for run in TIMINGS:
-        boots = sum(r.wall_s for r in run.results)
-        write(f"  {run.arch} run {run.wall_s:.0f} s, of which boots {boots:.0f} s:")
-        for r in run.results:
-            to_init = f"{r.to_init_s:.0f}" if r.to_init_s is not None else "-"
-            write(f"    {r.name:<28} {r.wall_s:6.1f} {to_init:>5}")
+    for path in files:
+        for run in json.loads(path.read_text()):
+            boots = sum(b[1] for b in run["boots"])
+            write(f"  {path.stem}: {run['arch']} run {run['wall_s']:.0f} s, boots {boots:.0f} s:")
+            for name, wall, to_init in run["boots"]:
+                write(
+                    f"    {name:<28} {wall:6.1f} {'-' if to_init is None else f'{to_init:.0f}':>5}"
+                )
