@@ -6,8 +6,8 @@ in them); pytest's JUnit XML is kept under build/test-results (`PYVMM_TEST_RESUL
 directory under the tree) with summary.json beside it. `--quick` stops after the unit tests.
 
 The linux suite is the long one, and its test VMs leave part of the machine idle (QEMU's
-emulation of a guest with one vCPU keeps about one core busy): it starts once the unit tests
-pass, beside the integration and containers suites, its output kept in linux.log and printed
+emulation of a guest with one vCPU keeps about one core busy): it starts after the unit tests,
+beside the integration and containers suites, its output kept in linux.log and printed
 when it ends; its test files run in LINUX_WORKERS pytest-xdist workers, a test VM each.
 
 `--container` runs the same suites inside the test image (docker/Dockerfile.test), with /dev/kvm
