@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -292,6 +293,33 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _report_exception(name: str, where: str, exc: BaseException | None) -> None:
+    """An exception's type, message and frames on stderr, without their source lines: Python's
+    own printer opens each frame's .py file for them, a call the device's seccomp policy kills
+    the process for, halfway through the report."""
+    if exc is None:
+        return
+    lines = [f"pyvmm: virtio {name}: {where}: {type(exc).__name__}: {_one_line(exc)}"]
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append(f"  {code.co_filename}:{tb.tb_lineno} in {code.co_name}")
+        tb = tb.tb_next
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        lines.append(f"  after {type(cause).__name__}: {_one_line(cause)}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+
+
+def _report_uncaught(name: str) -> None:
+    """From here on an exception nothing catches, in any thread, is reported as above."""
+    sys.excepthook = lambda kind, exc, tb: _report_exception(name, "uncaught", exc)
+    threading.excepthook = lambda args: _report_exception(
+        name, f"thread {args.thread.name if args.thread else '?'}", args.exc_value
+    )
+
+
 # The host user a device process runs as when the VMM is root: nobody.
 NOBODY = (65534, 65534)
 
@@ -343,8 +371,12 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # the VMM reports it, as the reason this process did not start
         channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
         return 1
+    _report_uncaught(spec.name)
     try:
         server.serve(listener)
+    except Exception as exc:
+        _report_exception(spec.name, "serving", exc)
+        return 1
     finally:
         server.close()
     return 0

@@ -1,0 +1,59 @@
+"""A device process reports an exception nothing caught without reading any source file: its
+seccomp policy kills it for the open() Python's own traceback printer makes."""
+
+from __future__ import annotations
+
+import linecache
+import sys
+import threading
+
+import pytest
+
+from pyvmm.devices import child
+
+
+def _fail_deep() -> None:
+    def inner() -> None:
+        raise ValueError("the ring's index 70000 is past its size 256")
+
+    try:
+        {}["missing"]
+    except KeyError:
+        inner()
+
+
+def _no_source(*args: object, **kwargs: object) -> list[str]:
+    raise AssertionError("source lines were read")
+
+
+def test_an_exception_is_reported_with_its_frames_and_no_source(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(linecache, "getlines", _no_source)
+    monkeypatch.setattr(linecache, "updatecache", _no_source)
+    try:
+        _fail_deep()
+    except ValueError as exc:
+        child._report_exception("vda", "serving", exc)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "pyvmm: virtio vda: serving: ValueError: the ring's index 70000 is past its size 256"
+    )
+    assert any(
+        line.endswith(" in _fail_deep") and "test_child_errors.py:" in line for line in lines
+    )
+    assert lines[-2].endswith(" in inner")
+    assert lines[-1] == "  after KeyError: 'missing'"
+
+
+def test_uncaught_exceptions_in_threads_are_reported_the_same_way(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored after
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    child._report_uncaught("rng")
+    worker = threading.Thread(target=_fail_deep, name="rng-queue")
+    worker.start()
+    worker.join()
+    err = capsys.readouterr().err
+    assert err.startswith("pyvmm: virtio rng: thread rng-queue: ValueError: the ring's index")
