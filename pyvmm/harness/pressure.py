@@ -6,12 +6,13 @@ the Linux balloon suite's "inflation under real pressure", run where the VMMs ru
 It starts --vms pyvmm VMs of --mem-mib MiB whose guests each write a file of --write-mib MiB and
 delete it, then stay up until --seconds have passed (the `pressure` check in guest/linux/init):
 the guests have that memory free again, but the host holds it (the guests touched it), so the
-host's MemAvailable falls as they write, and only the balloons give it back. The policy
-of each VM watches a low-memory directory laid out as Chrome OS's (`--low-mem-dir`): this
-program writes the host's real MemAvailable into its `available` every MIRROR_S, and into its
-`margin` a level set once the guests run (MemAvailable then, less a --margin-share of the
-guests' memory): so the host is low once the guests hold more than that share, whatever the
-machine's size. The policies' timers are shortened (--timers).
+host's MemAvailable has fallen, and only the balloons give it back. The policy of each VM
+watches a low-memory directory laid out as Chrome OS's (`--low-mem-dir`): this program writes
+the host's real MemAvailable into its `available` every MIRROR_S, and into its `margin` a level
+set once every guest has written its file: MemAvailable then, plus --give-back of what it fell
+by since the guests were ready. So the host is low from then on, by the same share of the fall
+on any machine, however fast its guests write, until the balloons have given that much back.
+The policies' timers are shortened (--timers).
 
 Every SAMPLE_S it logs MemAvailable and each balloon's target and actual size. When the guests
 are done it prints their lines (`GUEST <check>` as `GUEST vm<N>-<check>`), then one JSON object:
@@ -39,6 +40,8 @@ MiB = 1 << 20
 SAMPLE_S = 0.5
 MIRROR_S = 0.1
 READY = b"GUEST pressure ready"
+WRITTEN = b"GUEST-LOG pressure wrote"
+FAILED = b"GUEST pressure FAIL"
 DEFAULT_TIMERS = "0.5,20,2"  # re-check, first leave check, leave checks after it
 BOOT_TIMEOUT_S = 300.0
 PR_SET_PDEATHSIG = 1
@@ -87,6 +90,7 @@ class Vm:
         self.output = bytearray()
         self.stderr = b""
         self.ready = threading.Event()
+        self.written = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -96,6 +100,9 @@ class Vm:
             self.output += line
             if READY in line:
                 self.ready.set()
+            elif WRITTEN in line or FAILED in line:
+                self.written.set()
+        self.written.set()  # a VM that ended writes no more
 
     def balloon(self) -> dict[str, Any] | None:
         try:
@@ -155,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-mib", type=int, default=1024)
     parser.add_argument("--write-mib", type=int, default=600)
     parser.add_argument("--seconds", type=int, default=170, help="how long each guest stays up")
-    # Above a half: the policy's balloon takes at most half of a VM of 500 MiB to 1.5 GiB.
-    parser.add_argument("--margin-share", type=float, default=0.55)
+    parser.add_argument("--give-back", type=float, default=0.25,
+                        help="the share of MemAvailable's fall the host wants back")  # fmt: skip
     parser.add_argument("--timers", default=DEFAULT_TIMERS)
     args = parser.parse_args(argv)
     low_mem = Path(args.dir) / "low_mem"
@@ -175,15 +182,21 @@ def main(argv: list[str] | None = None) -> int:
             if not vm.ready.wait(max(deadline - time.monotonic(), 0.0)):
                 raise RuntimeError(f"vm{vm.index} never said {READY.decode()!r}")
         start_available = mem_available_mib()
-        margin = int(start_available - args.margin_share * args.vms * args.mem_mib)
-        write_whole(low_mem / "margin", f"{margin}\n")
-        report.update(available_at_start_mib=start_available, margin_mib=margin)
+        report.update(available_at_start_mib=start_available)
         start = time.monotonic()
         timeline = []
         while any(vm.proc.poll() is None for vm in vms):
-            timeline.append(sample(vms, start))
+            entry = sample(vms, start)
+            if "margin_mib" not in report and all(vm.written.is_set() for vm in vms):
+                fell = start_available - entry["available_mib"]
+                margin = entry["available_mib"] + int(args.give_back * max(fell, 0))
+                write_whole(low_mem / "margin", f"{margin}\n")
+                report.update(margin_mib=margin, fell_mib=fell, low_from_s=entry["t"])
+            timeline.append(entry)
             time.sleep(SAMPLE_S)
         report["timeline"] = timeline
+        if "margin_mib" not in report:
+            raise RuntimeError("the guests ended before every one had written its file")
     except RuntimeError as e:
         report["error"] = str(e)
     report["exit"] = [vm.finish(BOOT_TIMEOUT_S + args.seconds) for vm in vms]

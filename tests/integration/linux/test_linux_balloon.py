@@ -10,9 +10,10 @@ when it has written its memory again.
 
 Inflation under real pressure (pyvmm.harness.pressure): two VMs whose guests each write and
 delete a file of most of their memory, so the host holds it though the guests no longer use
-it, until the host's MemAvailable falls under the margin; the low-memory policy of each (timers
-shortened) grows its balloon step by step, MemAvailable comes back above the margin, both guests
-go on running to their end, and the host's OOM killer kills nothing.
+it; once both have, the margin is set a quarter of MemAvailable's fall above where it is, so
+the host is low; the low-memory policy of each (timers shortened) grows its balloon step by
+step, MemAvailable comes back above the margin, both guests go on running to their end, and
+the host's OOM killer kills nothing.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ GUEST_BALLOON = re.compile(
 
 PRESSURE_VMS = 2
 PRESSURE_MEM_MIB = 1024  # each: the policy's balloon reaches half of it, in 32 MiB steps
-# Each guest writes a file this large and deletes it: the two have touched ~1.3 GiB of the test
-# VM's memory, which the host holds though the guests no longer use it; the host is low once
-# they hold 55% of their 2 GiB (--margin-share), and the balloons can take them back under it.
+# Each guest writes a file this large and deletes it: the two have touched ~1.2 GiB more of the
+# test VM's memory, which the host holds though the guests no longer use it. The host then wants
+# a quarter of that back (pressure's --give-back): ~150 MiB from each balloon, ~5 steps.
 PRESSURE_WRITE_MIB = 600
 PRESSURE_S = 170
 
@@ -145,7 +146,8 @@ def _say_pressure(run: PressureRun) -> None:
         return
     print(
         f"pressure: MemAvailable {report['available_at_start_mib']} MiB with the guests running, "
-        f"margin {report['margin_mib']} MiB; OOM kills {report['oom_kills']}"
+        f"then it fell by {report.get('fell_mib')} MiB; margin {report.get('margin_mib')} MiB "
+        f"from {report.get('low_from_s')} s; OOM kills {report['oom_kills']}"
     )
     for entry in report["timeline"]:
         sizes = ", ".join(
