@@ -139,11 +139,14 @@ def done(balloon: Balloon, deadline: float) -> dict[str, Any]:
     return {"filled": filled}
 
 
-def peer_argv(mode: str, socket_path: str, timeout_s: float, *extra: str) -> list[str]:
+def peer_argv(
+    mode: str, socket_path: str, timeout_s: float, *extra: str, python: str = sys.executable
+) -> list[str]:
     """This program for BootSpec.on_line: `cycle` with extra [MIB], `done` with none (and, for
-    QEMU, extra ["--qmp-ram-mib", N]: `socket_path` is then its QMP socket)."""
+    QEMU, extra ["--qmp-ram-mib", N]: `socket_path` is then its QMP socket); `python` runs it
+    where the boots run (LinuxHarness.python)."""
     return [
-        *[sys.executable, "-m", "pyvmm.harness.balloonpeer", mode, socket_path, *extra],
+        *[python, "-m", "pyvmm.harness.balloonpeer", mode, socket_path, *extra],
         *["--timeout", f"{timeout_s:g}"],
     ]
 

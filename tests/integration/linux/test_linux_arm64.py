@@ -23,13 +23,15 @@ from typing import Any
 
 import pytest
 
-from pyvmm.harness import netcheck, vsockpeer
+from pyvmm.arch.aarch64 import fdt
+from pyvmm.harness import balloonpeer, netcheck, vsockpeer
 from pyvmm.harness.armroot import missing_emulation
-from pyvmm.harness.boots import DEFAULT_TIMEOUT, BootResult, BootSpec
+from pyvmm.harness.boots import DEFAULT_TIMEOUT, BootResult, BootSpec, command_report
 from pyvmm.harness.kit import make_ext4
 from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.testvm_arm64 import QEMU_ARM64
-from tests.integration.linux.conftest import completed, guest_check
+from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
+from tests.integration.linux.test_linux_balloon import FILLED, GUEST_BALLOON, READY, SLACK
 
 MiB = 1 << 20
 MEM_MIB = 1024
@@ -39,8 +41,8 @@ TOKEN = "pyvmm.token=a64c0de"
 # Not the ext4 root disk (-r): the net and vsock checks need the initramfs's writable /tmp and
 # its vsock helper.
 CHECKS = [
-    "uptime", "mem", "cpus", "cmdline", "rtc", "hwrng", "disks", "rwdisk", "trim",
-    "net", "vsock", "dmesg",
+    "uptime", "mem", "cpus", "cmdline", "rtc", "hwrng", "dt", "disks", "rwdisk", "trim",
+    "net", "vsock", "balloon", "dmesg",
 ]  # fmt: skip
 COPY_MIB = 8
 DATA_MIB = 12
@@ -49,6 +51,8 @@ FILL_MIB = 12
 MIN_TRIMMED = 8 * MiB
 NET_MIB = 4  # each way
 VSOCK_MIB = 4  # each way
+BALLOON_MIB = 128
+BALLOON_FILL_MIB = 256  # what the guest writes before the balloon grows and after it shrinks
 WAIT_S = 60  # the guest's bound on each transfer
 VSOCK_PORT = 5000
 # vhost-vsock's CIDs are the host's to share among its VMs: one out of the way of others'.
@@ -77,6 +81,9 @@ class Boot:
     source: bytes
     data: bytes
     trim: str
+    device_tree: bytes
+    balloon: dict[str, Any]  # balloonpeer's reports ({} when it never ran)
+    balloon_done: dict[str, Any]
 
 
 def _trim_image(directory: Path) -> Path:
@@ -107,6 +114,8 @@ def boot() -> Iterator[Boot]:
         with open(data_img, "wb") as f:
             f.truncate(DATA_MIB * MiB)
         trim_img = _trim_image(dirs.local)
+        dtb = dirs.shared / "guest.dtb"
+        control = str(dirs.local / "arm64.ctl")
 
         # One pyvmm.check= for both: the vsock parameters without their own.
         vsock_params = vsockpeer.kernel_params([], VSOCK_CID, VSOCK_PORT, VSOCK_MIB, WAIT_S)
@@ -121,12 +130,15 @@ def boot() -> Iterator[Boot]:
                 *["-p", netcheck.kernel_params(CHECKS, NET_MIB, WAIT_S), "-p", TOKEN],
                 *["-p", vsock_params.split(" ", 1)[1]],
                 *["-p", f"pyvmm.mem={MEM_MIB}", "-p", f"pyvmm.cpus={CPUS}"],
+                *["--dump-device-tree-blob", str(dtb), "-s", control],
+                *["-p", f"pyvmm.balloon_mib={BALLOON_MIB} pyvmm.balloon_fill={BALLOON_FILL_MIB}"],
+                *["-p", f"pyvmm.balloon_wait={2 * WAIT_S}"],
                 "-p",
                 f"pyvmm.data=vda pyvmm.src=vdb pyvmm.mib={COPY_MIB} pyvmm.trim=vdc",
                 str(files.vmlinux),
             ),
             watch=[str(trim_img)],
-            timeout=DEFAULT_TIMEOUT + 4 * WAIT_S,
+            timeout=DEFAULT_TIMEOUT + 8 * WAIT_S,
             on_line={
                 netcheck.NET_READY: netcheck.peer_argv(NET_MIB, 2 * WAIT_S, harness.python),
                 vsockpeer.DATA_READY: vsockpeer.peer_argv(
@@ -137,6 +149,10 @@ def boot() -> Iterator[Boot]:
                     str(VSOCK_MIB),
                     python=harness.python,
                 ),
+                READY: balloonpeer.peer_argv(
+                    "cycle", control, 4 * WAIT_S, str(BALLOON_MIB), python=harness.python
+                ),
+                FILLED: balloonpeer.peer_argv("done", control, 2 * WAIT_S, python=harness.python),
             },
             netns=True,
         )
@@ -148,6 +164,9 @@ def boot() -> Iterator[Boot]:
             source,
             data_img.read_bytes(),
             str(trim_img),
+            dtb.read_bytes() if dtb.exists() else b"",
+            command_report(result.commands, READY, "balloonpeer"),
+            command_report(result.commands, FILLED, "balloonpeer"),
         )
 
 
@@ -199,3 +218,36 @@ def test_arm64_guest_moves_data_over_vhost_vsock_each_way(boot: Boot) -> None:
     assert sent["bytes"] == received["bytes"] == VSOCK_MIB * MiB, boot.vsock
     assert f"rx {VSOCK_MIB * MiB} bytes crc32 {sent['crc32']}" in details, details
     assert f"tx {VSOCK_MIB * MiB} bytes crc32 {received['crc32']}" in details, details
+
+
+def test_arm64_guest_sees_the_device_tree_pyvmm_wrote(boot: Boot) -> None:
+    """Node by node, property by property: what Linux took in (/sys/firmware/devicetree) is the
+    tree --dump-device-tree-blob saved, but for the `name` property Linux gives every node."""
+    guest_check(boot.result, "dt")
+    assert boot.device_tree, "pyvmm wrote no device tree (--dump-device-tree-blob)"
+    written = fdt.properties(boot.device_tree)
+    seen = {}
+    for line in boot.result.output.splitlines():
+        if line.startswith("GUEST-DT "):
+            path, _, value = line[len("GUEST-DT ") :].strip().partition(" ")
+            seen[path] = bytes.fromhex(value)
+    synthesized = {p for p in seen if p.endswith("/name") and p not in written}
+    assert set(written) == set(seen) - synthesized, (
+        f"only pyvmm's: {sorted(set(written) - set(seen))}; "
+        f"only Linux's: {sorted(set(seen) - synthesized - set(written))}"
+    )
+    changed = sorted(p for p in written if written[p] != seen[p])
+    assert not changed, [(p, written[p].hex(), seen[p].hex()) for p in changed]
+
+
+def test_arm64_guest_gives_the_balloon_its_memory_and_gets_it_back(boot: Boot) -> None:
+    m = guest_match(boot.result, "balloon", GUEST_BALLOON)
+    before, inflated, deflated = (int(m[k]) * 1024 for k in ("before", "inflated", "deflated"))
+    assert abs((before - inflated) - BALLOON_MIB * MiB) <= SLACK, m.group(0)
+    assert abs(before - deflated) <= SLACK, m.group(0)
+    cycle = peer_ok(boot.result, READY, boot.balloon, "balloonpeer")
+    freed = cycle["before"] - cycle["inflated"]
+    assert abs(freed - BALLOON_MIB * MiB) <= SLACK, f"the memfd gave back {freed / MiB:.1f} MiB"
+    filled = peer_ok(boot.result, FILLED, boot.balloon_done, "balloonpeer")["filled"]
+    assert filled - cycle["inflated"] >= BALLOON_MIB * MiB - SLACK
+    assert cycle["stats"]["total_memory"] > (MEM_MIB - 128) * MiB
