@@ -236,12 +236,15 @@ class DeviceServer:
             except WireError:
                 return  # the VMM is gone
             close_fds(fds)
+            kind = Op.REPLY
             try:
                 answer = self.handle(op, payload)
             except Exception as exc:  # the VMM reports it; this process goes on serving
-                self.channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
-                continue
-            self.channel.send(Op.REPLY, answer)
+                kind, answer = Op.FAILED, _one_line(exc).encode(errors="replace")
+            try:
+                self.channel.send(kind, answer)
+            except WireError:
+                return  # the VMM is gone (it ended while this request was answered)
             if op is Op.SHUTDOWN:
                 return
 

@@ -53,6 +53,9 @@ NET_MIB = 4  # each way
 VSOCK_MIB = 4  # each way
 BALLOON_MIB = 128
 BALLOON_FILL_MIB = 256  # what the guest writes before the balloon grows and after it shrinks
+# The guest's bound on each balloon step: an upper bound only (the run beside another test VM
+# took over two minutes for the last one once).
+BALLOON_WAIT_S = 240
 WAIT_S = 60  # the guest's bound on each transfer
 VSOCK_PORT = 5000
 # vhost-vsock's CIDs are the host's to share among its VMs: one out of the way of others'.
@@ -132,13 +135,13 @@ def boot() -> Iterator[Boot]:
                 *["-p", f"pyvmm.mem={MEM_MIB}", "-p", f"pyvmm.cpus={CPUS}"],
                 *["--dump-device-tree-blob", str(dtb), "-s", control],
                 *["-p", f"pyvmm.balloon_mib={BALLOON_MIB} pyvmm.balloon_fill={BALLOON_FILL_MIB}"],
-                *["-p", f"pyvmm.balloon_wait={2 * WAIT_S}"],
+                *["-p", f"pyvmm.balloon_wait={BALLOON_WAIT_S}"],
                 "-p",
                 f"pyvmm.data=vda pyvmm.src=vdb pyvmm.mib={COPY_MIB} pyvmm.trim=vdc",
                 str(files.vmlinux),
             ),
             watch=[str(trim_img)],
-            timeout=DEFAULT_TIMEOUT + 8 * WAIT_S,
+            timeout=DEFAULT_TIMEOUT + 4 * WAIT_S + 4 * BALLOON_WAIT_S,
             on_line={
                 netcheck.NET_READY: netcheck.peer_argv(NET_MIB, 2 * WAIT_S, harness.python),
                 vsockpeer.DATA_READY: vsockpeer.peer_argv(

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from pyvmm.devices import child
+from pyvmm.devices.wire import Op, WireError
 
 
 def _fail_deep() -> None:
@@ -57,3 +58,28 @@ def test_uncaught_exceptions_in_threads_are_reported_the_same_way(
     worker.join()
     err = capsys.readouterr().err
     assert err.startswith("pyvmm: virtio rng: thread rng-queue: ValueError: the ring's index")
+
+
+class _GoneVmm:
+    """A channel to a VMM that asks once and is gone before the answer."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def recv(self) -> tuple[Op, bytes, list[int]]:
+        if self.asked:
+            raise AssertionError("asked again after the VMM was gone")
+        self.asked = True
+        return Op.BAR_READ, b"", []
+
+    def send(self, op: Op, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+        if op is not Op.REPLY or payload:  # the first answer (start-up) goes through
+            raise WireError(f"send {op.name}: Broken pipe")
+
+
+def test_a_vmm_gone_before_the_answer_ends_the_process_quietly() -> None:
+    server = child.DeviceServer.__new__(child.DeviceServer)
+    server.channel = _GoneVmm()  # type: ignore[assignment]
+    server.handle = lambda op, payload: b"\x01\x02\x03\x04"  # type: ignore[method-assign]
+    server.serve()  # returns: no exception, so no traceback at the VM's end
+    assert server.channel.asked  # type: ignore[attr-defined]
