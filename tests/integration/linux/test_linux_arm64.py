@@ -153,9 +153,11 @@ def boot() -> Iterator[Boot]:
                     python=harness.python,
                 ),
                 READY: balloonpeer.peer_argv(
-                    "cycle", control, 4 * WAIT_S, str(BALLOON_MIB), python=harness.python
+                    "cycle", control, 2 * BALLOON_WAIT_S, str(BALLOON_MIB), python=harness.python
                 ),
-                FILLED: balloonpeer.peer_argv("done", control, 2 * WAIT_S, python=harness.python),
+                FILLED: balloonpeer.peer_argv(
+                    "done", control, BALLOON_WAIT_S, python=harness.python
+                ),
             },
             netns=True,
         )
