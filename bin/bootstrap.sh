@@ -15,8 +15,12 @@ APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 libcap2 lib
 # What the Linux guest kit and the test VM need: kmod (depmod) and e2fsprogs for the kit,
 # QEMU for the test VM on hosts whose KVM cannot boot a stock kernel.
 LINUX_APT_PACKAGES=(kmod e2fsprogs qemu-system-x86)
+# What the arm64 suite needs on another host (bin/build_test): the arm64 test VM's QEMU, and
+# mmdebstrap with qemu-user-static (binfmt) to make its arm64 root.
+ARM64_APT_PACKAGES=(qemu-system-arm qemu-user-static binfmt-support mmdebstrap)
 # What the container suites and docker/build need: podman (with runc) when no Docker engine
-# answers, debootstrap for the local Debian base image. Not needed inside the test image.
+# answers, debootstrap for the local Debian base image (ARM64_APT_PACKAGES make arm64's on
+# another host). Not needed inside the test image.
 CONTAINER_APT_PACKAGES=(podman runc debootstrap)
 
 missing_apt_packages() {

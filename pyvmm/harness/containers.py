@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,7 +38,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pyvmm.harness.kit import cache_root
+from pyvmm.harness.armroot import missing_emulation
+from pyvmm.harness.kit import cache_root, find_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = ROOT / "docker"
@@ -250,6 +252,11 @@ def debian_sources(suite: str, sources: Sequence[tuple[str, str, str]]) -> list[
     return lines
 
 
+def _failed(what: str, proc: subprocess.CompletedProcess[str]) -> str:
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-10:]
+    return f"{what} failed (status {proc.returncode}):\n" + "\n".join(f"    {t}" for t in tail)
+
+
 def debian_mirror(suite: str, sources: Sequence[tuple[str, str, str]]) -> str:
     for uri, s, _ in sources:
         if s == suite:
@@ -310,6 +317,13 @@ class ImageSpec:
             h.update(name.encode() + b"\0")
             h.update(hashlib.sha256(data).digest())
         return h.hexdigest()[:24]
+
+    def for_arch(self, arch: str) -> ImageSpec:
+        """The image for `arch`: the host's keeps its tag; another architecture's is tagged by
+        its Debian name (`pyvmm:arm64`), so that building it leaves the host's alone."""
+        if arch == platform.machine():
+            return self
+        return dataclasses.replace(self, tag=f"{self.tag}:{ARCHES[arch]}")
 
     def context_tar(self, pip_ca: bytes = b"") -> BytesIO:
         buf = BytesIO()
@@ -473,49 +487,26 @@ class Engine:
         return int(self.client.images.get(tag).attrs.get("Size", 0))
 
     def ensure_base(self, arch: str, suite: str) -> str:
-        """The local Debian base image (tag `pyvmm-base:<suite>-<debarch>`), made with
-        debootstrap from the host's apt mirror and imported, once."""
+        """The local Debian base image (tag `pyvmm-base:<suite>-<debarch>`), made once from the
+        host's apt mirror and imported: by debootstrap for the host's architecture, by
+        mmdebstrap under qemu-user-static for arm64 on another host."""
         debarch = ARCHES[arch]
         tag = f"{BASE_REPOSITORY}:{suite}-{debarch}"
         if self.image_id(tag) is not None:
             return tag
-        host_arch = platform.machine()
-        if arch != host_arch:
-            raise ContainerError(
-                f"the {arch} base image is made by debootstrap on an {arch} machine "
-                f"(this one is {host_arch})"
-            )
-        debootstrap = shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin")
-        if debootstrap is None:
-            raise ContainerError("debootstrap not found: apt-get install debootstrap")
+        foreign = arch != platform.machine()
         sources = apt_sources()
-        mirror = debian_mirror(suite, sources)
-        self.progress(f"containers: debootstrap --variant=minbase {suite} from {mirror} ...")
+        lines = debian_sources(suite, sources) or [
+            f"deb {debian_mirror(suite, sources)} {suite} main"
+        ]
         start = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="pyvmm-base-") as tmp:
-            rootfs = Path(tmp) / "rootfs"
-            cmd = [debootstrap, "--variant=minbase", f"--arch={debarch}", suite, str(rootfs)]
-            proc = subprocess.run([*cmd, mirror], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                tail = (proc.stdout + proc.stderr).strip().splitlines()[-10:]
-                raise ContainerError(
-                    f"debootstrap {suite} from {mirror} failed (status {proc.returncode}):\n"
-                    + "\n".join(f"    {line}" for line in tail)
-                )
-            lines = debian_sources(suite, sources) or [f"deb {mirror} {suite} main"]
-            (rootfs / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
-            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for f in (rootfs / junk).glob("*"):
-                    if f.is_file():
-                        f.unlink()
             tarball = Path(tmp) / "rootfs.tar"
-            subprocess.run(
-                ["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(tarball), "."],
-                check=True,
-            )
-            answer = self.client.api.import_image_from_file(
-                str(tarball), repository=BASE_REPOSITORY, tag=f"{suite}-{debarch}"
-            )
+            if foreign:
+                self._mmdebstrap(arch, suite, lines, tarball)
+            else:
+                self._debootstrap(debarch, suite, sources, lines, Path(tmp) / "rootfs", tarball)
+            answer = self._import(tarball, f"{suite}-{debarch}", debarch if foreign else None)
         if self.image_id(tag) is None:
             # podman's compatible API (4.3) ignores the tag: find the imported image by id.
             m = re.search(r"(?:sha256:)?([0-9a-f]{64})", str(answer))
@@ -527,6 +518,76 @@ class Engine:
         self.progress(f"containers: base image {tag} made in {time.monotonic() - start:.0f}s")
         return tag
 
+    def _debootstrap(
+        self,
+        debarch: str,
+        suite: str,
+        sources: Sequence[tuple[str, str, str]],
+        lines: list[str],
+        rootfs: Path,
+        tarball: Path,
+    ) -> None:
+        debootstrap = shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin")
+        if debootstrap is None:
+            raise ContainerError("debootstrap not found: apt-get install debootstrap")
+        mirror = debian_mirror(suite, sources)
+        self.progress(f"containers: debootstrap --variant=minbase {suite} from {mirror} ...")
+        cmd = [debootstrap, "--variant=minbase", f"--arch={debarch}", suite, str(rootfs)]
+        proc = subprocess.run([*cmd, mirror], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ContainerError(_failed(f"debootstrap {suite} from {mirror}", proc))
+        (rootfs / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for f in (rootfs / junk).glob("*"):
+                if f.is_file():
+                    f.unlink()
+        subprocess.run(
+            ["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(tarball), "."], check=True
+        )
+
+    def _mmdebstrap(self, arch: str, suite: str, lines: list[str], tarball: Path) -> None:
+        """A minbase root of another architecture as a tarball: mmdebstrap runs its maintainer
+        scripts through qemu-user-static (binfmt_misc), and leaves no apt lists or caches."""
+        if arch != "aarch64":
+            raise ContainerError(
+                f"the {arch} base image is made on an {arch} machine (this one is "
+                f"{platform.machine()}; only arm64 images are made under emulation)"
+            )
+        why = missing_emulation()
+        if why is not None:
+            raise ContainerError(f"cannot make the {arch} base image here: {why}")
+        self.progress(f"containers: mmdebstrap --variant=minbase --arch=arm64 {suite} ...")
+        cmd = [find_tool("mmdebstrap"), "--variant=minbase", "--arch=arm64", "--quiet", suite]
+        proc = subprocess.run(
+            [*cmd, str(tarball), *lines], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise ContainerError(_failed(f"mmdebstrap --arch=arm64 {suite}", proc))
+
+    def _import(self, tarball: Path, tag: str, debarch: str | None) -> object:
+        """Import `tarball` as BASE_REPOSITORY:`tag`; an image of another architecture says so
+        (the import's platform), so that builds from it run its programs under emulation."""
+        if debarch is None:
+            return self.client.api.import_image_from_file(
+                str(tarball), repository=BASE_REPOSITORY, tag=tag
+            )
+        api = self.client.api
+        params = {
+            "fromSrc": "-",
+            "repo": BASE_REPOSITORY,
+            "tag": tag,
+            "platform": f"linux/{debarch}",
+        }
+        with open(tarball, "rb") as data:
+            response = api._post(  # the SDK's import has no platform argument
+                api._url("/images/create"),
+                params=params,
+                data=data,
+                headers={"Content-Type": "application/tar"},
+                timeout=None,
+            )
+        return api._result(response)
+
     def build(self, spec: ImageSpec, arch: str = "x86_64", force: bool = False) -> bool:
         """Build `spec` unless an image with the same key exists; True if it was built."""
         if arch not in ARCHES:
@@ -535,6 +596,8 @@ class Engine:
         suite = versions.get("DEBIAN_SUITE", "bookworm")
         base = self.ensure_base(arch, suite)
         buildargs = {**versions, **pip_index_args(), "ARCH": arch, "BASE_IMAGE": base}
+        spec = spec.for_arch(arch)
+        foreign = arch != platform.machine()
         pip_ca = host_pip_cert()
         key = spec.key(buildargs, self.image_id(base) or "", pip_ca)
         if not force and self.image_label(spec.tag, KEY_LABEL) == key:
@@ -552,6 +615,7 @@ class Engine:
             forcerm=True,
             pull=False,
             decode=True,
+            platform=f"linux/{ARCHES[arch]}" if foreign else None,
         )
         step, output = consume_build_stream(stream, self.progress)
         if step is not None:
@@ -703,12 +767,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for spec in specs:
                 start = time.monotonic()
                 built = engine.build(spec, args.arch, force=args.force)
-                size = engine.image_size(spec.tag) / 1e6
+                tag = spec.for_arch(args.arch).tag
+                size = engine.image_size(tag) / 1e6
                 what = "built" if built else "cached"
-                _say(
-                    f"containers: {spec.tag}: {what} in {time.monotonic() - start:.1f}s, "
-                    f"{size:.0f} MB"
-                )
+                _say(f"containers: {tag}: {what} in {time.monotonic() - start:.1f}s, {size:.0f} MB")
     except ContainerError as e:
         _say(f"docker/build: {e}")
         return 1

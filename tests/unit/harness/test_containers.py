@@ -228,3 +228,15 @@ def test_pip_index_passes_only_remote_indexes() -> None:
     }
     assert c.pip_index_args({"PIP_INDEX_URL": "file:///opt/pypi/simple"}) == {}
     assert c.pip_index_args({}) == {}
+
+
+def test_another_architectures_image_is_tagged_by_its_debian_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(c.platform, "machine", lambda: "x86_64")
+    assert c.RUNTIME_IMAGE.for_arch("x86_64") is c.RUNTIME_IMAGE
+    assert c.RUNTIME_IMAGE.for_arch("aarch64").tag == "pyvmm:arm64"
+    assert c.TEST_IMAGE.for_arch("aarch64").tag == "pyvmm-test:arm64"
+    assert c.TEST_IMAGE.for_arch("aarch64").dockerfile == c.TEST_IMAGE.dockerfile
+    monkeypatch.setattr(c.platform, "machine", lambda: "aarch64")
+    assert c.TEST_IMAGE.for_arch("aarch64") is c.TEST_IMAGE  # an arm64 runner's own
