@@ -4,7 +4,7 @@ the Linux balloon suite's "inflation under real pressure", run where the VMMs ru
     python -m pyvmm.harness.pressure --dir DIR --kernel BZIMAGE --initrd INITRD [options]
 
 It starts --vms pyvmm VMs of --mem-mib MiB whose guests each write a file of --write-mib MiB and
-delete it, then stay up until --seconds have passed (the `pressure` check in guest/linux/init):
+delete it, then stay up --seconds more (the `pressure` check in guest/linux/init):
 the guests have that memory free again, but the host holds it (the guests touched it), so the
 host's MemAvailable has fallen, and only the balloons give it back. The policy of each VM
 watches a low-memory directory laid out as Chrome OS's (`--low-mem-dir`): this program writes
@@ -44,6 +44,7 @@ WRITTEN = b"GUEST-LOG pressure wrote"
 FAILED = b"GUEST pressure FAIL"
 DEFAULT_TIMERS = "0.5,20,2"  # re-check, first leave check, leave checks after it
 BOOT_TIMEOUT_S = 300.0
+WRITE_TIMEOUT_S = 400.0  # a bound on the guests' writing, two at once under emulation
 PR_SET_PDEATHSIG = 1
 
 
@@ -161,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vms", type=int, default=2)
     parser.add_argument("--mem-mib", type=int, default=1024)
     parser.add_argument("--write-mib", type=int, default=600)
-    parser.add_argument("--seconds", type=int, default=170, help="how long each guest stays up")
+    parser.add_argument(
+        "--seconds", type=int, default=90, help="how long each guest stays up once it has written"
+    )
     parser.add_argument("--give-back", type=float, default=0.25,
                         help="the share of MemAvailable's fall the host wants back")  # fmt: skip
     parser.add_argument("--timers", default=DEFAULT_TIMERS)
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the guests ended before every one had written its file")
     except RuntimeError as e:
         report["error"] = str(e)
-    report["exit"] = [vm.finish(BOOT_TIMEOUT_S + args.seconds) for vm in vms]
+    report["exit"] = [vm.finish(BOOT_TIMEOUT_S + WRITE_TIMEOUT_S + args.seconds) for vm in vms]
     stop.set()
     mirror.join()
     report["oom_kills"] = oom_kills() - kills_before

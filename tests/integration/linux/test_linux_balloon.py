@@ -54,7 +54,7 @@ PRESSURE_MEM_MIB = 1024  # each: the policy's balloon reaches half of it, in 32 
 # test VM's memory, which the host holds though the guests no longer use it. The host then wants
 # a quarter of that back (pressure's --give-back): ~150 MiB from each balloon, ~5 steps.
 PRESSURE_WRITE_MIB = 600
-PRESSURE_S = 170
+PRESSURE_S = 120  # how long each guest stays up once it has written: the balloons' time
 
 
 @dataclass
@@ -95,7 +95,7 @@ def boots() -> Iterator[Boots]:
                 *["--vms", str(PRESSURE_VMS), "--mem-mib", str(PRESSURE_MEM_MIB)],
                 *["--write-mib", str(PRESSURE_WRITE_MIB), "--seconds", str(PRESSURE_S)],
             ],
-            timeout=360 + 2 * PRESSURE_S,  # two VMs starting at once under emulation
+            timeout=360 + 400 + PRESSURE_S,  # two VMs starting, then writing, at once
         )
         spec = BootSpec(
             "balloon",
