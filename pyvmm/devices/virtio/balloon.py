@@ -261,6 +261,11 @@ class Balloon(VirtioDevice):
             return
         data = read_at(readable, 0, length)
         pfns = sorted(set(struct.unpack(f"<{length // PFN.size}I", data)))
+        if role is Role.DEFLATE and pfns:
+            # Nothing to do but refuse frames outside RAM: one look when all lie in one region.
+            span = (pfns[-1] - pfns[0] + 1) << PFN_SHIFT
+            if self.mem.is_ram(pfns[0] << PFN_SHIFT, span):
+                return
         for first, count in _runs(pfns):
             if role is Role.INFLATE:
                 self._discard_pages(role, first, count)

@@ -206,6 +206,27 @@ def test_frames_outside_ram_are_refused_and_logged_once(
     assert mem.read(RAM - PAGE_SIZE, 1) == (b"\x00" if inside else b"\x33")
 
 
+@pytest.mark.parametrize(
+    "pfns",
+    [
+        [POOL_PFN, RAM // PAGE_SIZE],  # good, then past the end of RAM
+        [0xE0000, POOL_PFN],  # the PCI hole, then good
+        [POOL_PFN, 0xFFFFFFFF],
+    ],
+)
+def test_deflated_frames_outside_ram_are_refused_and_logged_once(
+    rig: Rig, mem: GuestMemory, pfns: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="pyvmm.devices.virtio.balloon"):
+        for _ in range(10):
+            head = rig.send_pfns(1, pfns)
+            assert rig.drivers[1].used() == [(head, 0)], "the buffer comes back"
+        head = rig.send_pfns(1, [POOL_PFN, POOL_PFN + 7])  # all RAM: nothing said
+        assert rig.drivers[1].used() == [(head, 0)]
+    lines = [r.getMessage() for r in caplog.records if "not guest RAM" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("virtio balloon: deflate"), lines
+
+
 def test_a_buffer_that_is_not_frame_numbers_comes_back(rig: Rig, mem: GuestMemory) -> None:
     mem.fill(POOL, PAGE_SIZE, 0x44)
     driver = rig.drivers[0]
