@@ -156,6 +156,7 @@ def boots() -> Iterator[Boots]:
                     str(files.bzimage),
                 ),
                 watch=[str(trim_img)],
+                timeout=300,  # ~90 s alone; a bound for a machine busy with another test VM
             ),
             BootSpec(
                 "stop",
