@@ -159,7 +159,7 @@ class Aarch64:
     def setup_vcpus(self, kvm: Kvm, vcpus: list[Vcpu], guest: GuestImage) -> None:
         assert self.vm is not None and self.gic is not None, "configure_vm first"
         if self.gic_version == 2 and len(vcpus) > GICV2_MAX_CPUS:
-            raise MpidrError(
+            raise MachineError(
                 f"-c/--cpus {len(vcpus)}: this host's KVM has only a GICv2, which serves "
                 f"{GICV2_MAX_CPUS} vCPUs at most"
             )
