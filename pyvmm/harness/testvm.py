@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from pyvmm.harness.kit import GuestKit
 
@@ -54,6 +55,8 @@ LOCKUP_MARKERS = ("watchdog: BUG: soft lockup", "detected stalls on CPUs")
 # nested virtualisation has (twice in CI, while guests gave memory back: a kernel stack overrun
 # inside kvm_amd's vCPU run), so it is the emulator's failure, treated like a lockup.
 PANIC_MARKER = "Kernel panic - not syncing"
+# What the test VM's init prints just before it starts the command.
+READY_MARKER = "testvm: ready"
 WATCH_INTERVAL_S = 2.0
 # The test VM's init writes its uptime to a second serial port every few seconds. When that
 # stops, the emulation has stopped (seen once in CI: no console message, no progress, for
@@ -276,12 +279,7 @@ class TestVm:
             console_text = console.read_text(errors="replace") if console.exists() else ""
             status = workdir / STATUS_FILE
             if not status.exists():
-                _check_console(console)  # it may have died between two looks
-                said = qemu_log.read_text(errors="replace").strip()
-                raise TestVmError(
-                    f"test VM ended (QEMU status {proc.returncode}) without running the command: "
-                    + (said or _tail(console, 60))  # a panic's whole report
-                )
+                _ended_early(proc.returncode, watched, qemu_log)
             return TestVmResult(
                 int(status.read_text().strip() or "255"),
                 (workdir / OUTPUT_FILE).read_text(errors="replace"),
@@ -336,6 +334,26 @@ def _check_console(console: Path) -> None:
         raise TestVmLockupError(
             "the test VM's kernel died (QEMU emulation): " + _panic_report(text)
         )
+
+
+def _ended_early(returncode: int | None, watched: WatchedFiles, qemu_log: Path) -> NoReturn:
+    """Say why QEMU ended before the command wrote its status. A test VM that had started the
+    command and then ended with QEMU status 0 reset itself (QEMU runs with -no-reboot): its
+    kernel triple-faulted under the emulator, as TCG's SVM emulation has been seen to make it
+    do, so that is a lockup and worth a fresh test VM."""
+    _check_console(watched.console)  # it may have died between two looks
+    said = qemu_log.read_text(errors="replace").strip()
+    console = watched.console.read_text(errors="replace") if watched.console.exists() else ""
+    if returncode == 0 and READY_MARKER in console:
+        raise TestVmLockupError(
+            f"the test VM reset itself while running the command (last uptime "
+            f"{_tail(watched.heartbeat, 1)} s; its kernel triple-faulted?); the command's output "
+            "ends with: " + _tail(watched.output)
+        )
+    raise TestVmError(
+        f"test VM ended (QEMU status {returncode}) without running the command: "
+        + (said or _tail(watched.console, 60))  # a panic's whole report
+    )
 
 
 def _panic_report(console: str) -> str:

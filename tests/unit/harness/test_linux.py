@@ -125,3 +125,26 @@ def test_a_quiet_test_vm_that_overruns_its_time_says_what_the_command_printed(
         testvm.TestVmError, match=r"did not finish within 0 s.*output ends with: boots: vmlinux"
     ):
         _wait_on_sleeper(watched, time.monotonic() - 1, timeout=0)
+
+
+def test_a_test_vm_that_resets_while_running_the_command_is_the_emulators_failure(
+    tmp_path: Path,
+) -> None:
+    watched = _watched(tmp_path)
+    watched.console.write_text("testvm: ready after 7.80 s\n[ 74.3] kvm [141]: vcpu0\n")
+    watched.heartbeat.write_text("185.0\n190.1\n")
+    watched.output.write_text("boots: intx started\n")
+    (tmp_path / "qemu.log").write_text("")
+    with pytest.raises(
+        testvm.TestVmLockupError, match=r"reset itself .*last uptime 190.1 s.*boots: intx"
+    ):
+        testvm._ended_early(0, watched, tmp_path / "qemu.log")
+
+
+def test_a_test_vm_that_never_got_to_the_command_says_what_qemu_said(tmp_path: Path) -> None:
+    watched = _watched(tmp_path)
+    watched.console.write_text("Loading initrd\n")
+    (tmp_path / "qemu.log").write_text("qemu-system-x86_64: -virtfs: no such option\n")
+    with pytest.raises(testvm.TestVmError, match=r"status 1\) without running .*-virtfs") as e:
+        testvm._ended_early(1, watched, tmp_path / "qemu.log")
+    assert not isinstance(e.value, testvm.TestVmLockupError)
