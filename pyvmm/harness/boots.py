@@ -99,6 +99,9 @@ class BootResult:
     # first attempt's console tail and pyvmm's stderr (thread stacks after a hang), so a flaky
     # failure is reported, not hidden.
     hung_attempt: str | None = None
+    # (wall seconds since the VMM started, the check's name) as each check's GUEST line came:
+    # where a slow boot spent its time.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BootResult:
@@ -109,6 +112,7 @@ class BootResult:
             path: [None if s is None else FileState(**s) for s in states]
             for path, states in data.get("watched", {}).items()
         }
+        fields["timeline"] = [(float(t), str(name)) for t, name in data.get("timeline", [])]
         return cls(**fields)
 
 
@@ -197,6 +201,8 @@ def run_boot(spec: BootSpec) -> BootResult:
     out = bytearray()
     err = bytearray()
     to_init: float | None = None
+    timeline: list[tuple[float, str]] = []
+    seen = 0  # how much of `out` has been searched for GUEST lines
     typed = False
     timed_out = False
     streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
@@ -213,8 +219,13 @@ def run_boot(spec: BootSpec) -> BootResult:
                     del streams[fd]
                     continue
                 streams[fd].extend(chunk)
-            if to_init is None and b"GUEST " in out:
-                to_init = time.monotonic() - start
+            end = out.rfind(b"\n") + 1
+            if end > seen:
+                now = time.monotonic() - start
+                timeline += [(now, name) for name in _guest_line_names(out[seen:end])]
+                seen = end
+                if to_init is None and timeline:
+                    to_init = timeline[0][0]
             if spec.type_line is not None and not typed and INPUT_READY in out:
                 os.write(master, spec.type_line.encode() + b"\n")
                 typed = True
@@ -249,7 +260,19 @@ def run_boot(spec: BootSpec) -> BootResult:
         parse_checks(text),
         commands,
         {path: [before[path], after[path]] for path in spec.watch},
+        timeline=timeline,
     )
+
+
+def _guest_line_names(text: bytes | bytearray) -> list[str]:
+    """The check names (second word) of the GUEST lines in `text`, in order."""
+    names = []
+    for line in text.split(b"\n"):
+        at = line.find(b"GUEST ")
+        if at >= 0:
+            words = line[at:].decode(errors="replace").split()
+            names.append(" ".join(words[1:3]))
+    return names
 
 
 def _drain(fd: int, seconds: float) -> bytes:

@@ -91,7 +91,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         {
             "arch": run.arch,
             "wall_s": run.wall_s,
-            "boots": [[r.name, r.wall_s, r.to_init_s] for r in run.results],
+            "boots": [[r.name, r.wall_s, r.to_init_s, r.timeline] for r in run.results],
         }
         for run in TIMINGS
     ]
@@ -105,12 +105,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not files:
         return
     write = terminalreporter.write_line
-    write("Linux boots (wall s; to init s):")
+    write("Linux boots (wall s; to init s; when each check's line came, s):")
     for path in files:
         for run in json.loads(path.read_text()):
             boots = sum(b[1] for b in run["boots"])
             write(f"  {path.stem}: {run['arch']} run {run['wall_s']:.0f} s, boots {boots:.0f} s:")
-            for name, wall, to_init in run["boots"]:
-                write(
-                    f"    {name:<28} {wall:6.1f} {'-' if to_init is None else f'{to_init:.0f}':>5}"
-                )
+            for name, wall, to_init, timeline in run["boots"]:
+                init = "-" if to_init is None else f"{to_init:.0f}"
+                checks = ", ".join(f"{check} {t:.0f}" for t, check in timeline)
+                write(f"    {name:<28} {wall:6.1f} {init:>5}  {checks}")

@@ -29,3 +29,16 @@ def test_on_a_kvm_host_a_triple_fault_stands(tmp_path: Path) -> None:
     (result,) = run_boots([_faults_once(tmp_path)])
     assert "triple fault" in result.stderr
     assert result.hung_attempt is None
+
+
+def test_each_guest_line_is_timed_as_it_comes(tmp_path: Path) -> None:
+    script = (
+        "echo 'boot noise'; echo '[ 1.0] GUEST mem ok MemTotal'; sleep 1; "
+        "printf 'GUEST hwrng ok virtio'; sleep 0.5; echo '_rng.0'; echo 'GUEST done'"
+    )
+    (result,) = run_boots([BootSpec("timed", ["sh", "-c", script], timeout=20)])
+    names = [name for _, name in result.timeline]
+    assert names == ["mem ok", "hwrng ok", "done"]
+    times = [t for t, _ in result.timeline]
+    assert result.to_init_s == times[0]
+    assert times[1] - times[0] >= 1.0  # the second line counted when it ended, not before
