@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ class BootSpec:
     # A line to type on the console once the guest says "GUEST input ready".
     type_line: str | None = None
     # Commands to run while the VMM runs: marker -> argv, run once when the marker first appears
-    # in the console output (with the timeout that is left).
+    # in the console output (with the timeout that is left), beside the console's reading.
     on_line: dict[str, list[str]] = field(default_factory=dict)
     # Paths whose state is recorded just before the VMM starts and just after it exits.
     watch: list[str] = field(default_factory=list)
@@ -169,6 +170,27 @@ def run_command(
     return CommandResult(marker, argv, proc.returncode, output, at_s, watched)
 
 
+class _Command:
+    """run_command in a thread of its own, so that the console is read while it runs (a guest
+    that prints meanwhile must not fill the pipe and stall its VMM)."""
+
+    def __init__(
+        self, marker: str, argv: list[str], timeout: float, at_s: float, watch: list[str]
+    ) -> None:
+        self._done: list[CommandResult] = []
+        self._thread = threading.Thread(
+            target=lambda: self._done.append(run_command(marker, argv, timeout, at_s, watch)),
+            name=f"on-line {marker}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def result(self) -> CommandResult:
+        """Its result, once it has ended (run_command bounds it by its timeout)."""
+        self._thread.join()
+        return self._done[0]
+
+
 def in_netns_of(pid: int, argv: list[str]) -> list[str]:
     """`argv`, to be run in the network namespace of the process `pid`."""
     return ["nsenter", f"--target={pid}", "--net", "--", *argv]
@@ -193,7 +215,7 @@ def run_boot(spec: BootSpec) -> BootResult:
         stdin = subprocess.DEVNULL
     before = {path: file_state(path) for path in spec.watch}
     pending = {marker.encode(): (marker, argv) for marker, argv in spec.on_line.items()}
-    commands: list[CommandResult] = []
+    commands: list[_Command] = []
     start = time.monotonic()
     argv = [*NEW_NETNS, *spec.argv] if spec.netns else spec.argv
     proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -234,7 +256,7 @@ def run_boot(spec: BootSpec) -> BootResult:
                 if spec.netns:
                     command = in_netns_of(proc.pid, command)
                 now = time.monotonic() - start
-                commands.append(run_command(marker, command, spec.timeout - now, now, spec.watch))
+                commands.append(_Command(marker, command, spec.timeout - now, now, spec.watch))
     finally:
         if proc.poll() is None and timed_out:
             # Ask pyvmm for every thread's stack (on stderr) before killing it: a hung VMM
@@ -258,7 +280,7 @@ def run_boot(spec: BootSpec) -> BootResult:
         to_init,
         timed_out,
         parse_checks(text),
-        commands,
+        [command.result() for command in commands],
         {path: [before[path], after[path]] for path in spec.watch},
         timeline=timeline,
     )

@@ -42,3 +42,16 @@ def test_each_guest_line_is_timed_as_it_comes(tmp_path: Path) -> None:
     times = [t for t, _ in result.timeline]
     assert result.to_init_s == times[0]
     assert times[1] - times[0] >= 1.0  # the second line counted when it ended, not before
+
+
+def test_a_command_runs_beside_the_console_not_instead_of_reading_it(tmp_path: Path) -> None:
+    # The guest prints after the marker while the command still runs: those lines are read as
+    # they come, and the command's result is still collected.
+    script = "echo 'GUEST peer ready'; sleep 0.5; echo 'GUEST mem ok'; sleep 2; echo 'GUEST done'"
+    peer = ["sh", "-c", "sleep 1.5; echo peer-said"]
+    spec = BootSpec("beside", ["sh", "-c", script], timeout=20, on_line={"GUEST peer ready": peer})
+    (result,) = run_boots([spec])
+    when = {name: t for t, name in result.timeline}
+    assert when["mem ok"] - when["peer ready"] < 1.5  # not held up by the 1.5 s command
+    (command,) = result.commands
+    assert command.returncode == 0 and command.output.strip() == "peer-said"
