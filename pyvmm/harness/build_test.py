@@ -4,6 +4,8 @@ Suites: lint (ruff), type (mypy --strict), unit, integration (the probe guest an
 linux (a stock Debian kernel, natively or in the test VM) and containers (the images, and runs
 in them); pytest's JUnit XML is kept under build/test-results (`PYVMM_TEST_RESULTS` names another
 directory under the tree) with summary.json beside it. `--quick` stops after the unit tests.
+The unit and integration suites run in as many pytest-xdist workers as there are cores, two at
+most.
 
 The linux suite is the long one: its test files run in LINUX_WORKERS pytest-xdist workers, a
 test VM each (QEMU's emulation of a guest with one vCPU keeps about one core busy). It starts
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.monotonic()
         if build_probe_guest():
             ignore = ["--ignore", LINUX_TESTS, "--ignore", CONTAINER_TESTS]
-            results.append(run_pytest("integration", "tests/integration", extra=ignore))
+            results.append(run_pytest("integration", "tests/integration", workers, ignore))
         else:
             results.append(
                 SuiteResult(
