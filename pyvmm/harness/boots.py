@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import select
 import signal
@@ -170,25 +171,38 @@ def run_command(
     return CommandResult(marker, argv, proc.returncode, output, at_s, watched)
 
 
-class _Command:
-    """run_command in a thread of its own, so that the console is read while it runs (a guest
-    that prints meanwhile must not fill the pipe and stall its VMM)."""
+class _Commands:
+    """The on-line commands of one boot, run one after another (each in the order its marker
+    came, as the guest's checks expect) in a thread of their own, so that the console is read
+    while they run: a guest printing meanwhile must not fill the pipe and stall its VMM."""
 
-    def __init__(
-        self, marker: str, argv: list[str], timeout: float, at_s: float, watch: list[str]
-    ) -> None:
-        self._done: list[CommandResult] = []
-        self._thread = threading.Thread(
-            target=lambda: self._done.append(run_command(marker, argv, timeout, at_s, watch)),
-            name=f"on-line {marker}",
-            daemon=True,
+    def __init__(self, watch: list[str]) -> None:
+        self._watch = watch
+        self._queue: queue.SimpleQueue[tuple[str, list[str], float, float] | None] = (
+            queue.SimpleQueue()
         )
-        self._thread.start()
+        self._results: list[CommandResult] = []
+        self._thread: threading.Thread | None = None
 
-    def result(self) -> CommandResult:
-        """Its result, once it has ended (run_command bounds it by its timeout)."""
-        self._thread.join()
-        return self._done[0]
+    def add(self, marker: str, argv: list[str], deadline: float, at_s: float) -> None:
+        """Run `argv` once those before it have ended, until time.monotonic() `deadline`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="on-line", daemon=True)
+            self._thread.start()
+        self._queue.put((marker, argv, deadline, at_s))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            marker, argv, deadline, at_s = item
+            timeout = deadline - time.monotonic()
+            self._results.append(run_command(marker, argv, timeout, at_s, self._watch))
+
+    def results(self) -> list[CommandResult]:
+        """Every command's result, once the last has ended (each is bounded by its deadline)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        return self._results
 
 
 def in_netns_of(pid: int, argv: list[str]) -> list[str]:
@@ -215,7 +229,7 @@ def run_boot(spec: BootSpec) -> BootResult:
         stdin = subprocess.DEVNULL
     before = {path: file_state(path) for path in spec.watch}
     pending = {marker.encode(): (marker, argv) for marker, argv in spec.on_line.items()}
-    commands: list[_Command] = []
+    commands = _Commands(spec.watch)
     start = time.monotonic()
     argv = [*NEW_NETNS, *spec.argv] if spec.netns else spec.argv
     proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -251,12 +265,11 @@ def run_boot(spec: BootSpec) -> BootResult:
             if spec.type_line is not None and not typed and INPUT_READY in out:
                 os.write(master, spec.type_line.encode() + b"\n")
                 typed = True
-            for key in [k for k in pending if k in out]:
+            for key in sorted((k for k in pending if k in out), key=out.find):
                 marker, command = pending.pop(key)
                 if spec.netns:
                     command = in_netns_of(proc.pid, command)
-                now = time.monotonic() - start
-                commands.append(_Command(marker, command, spec.timeout - now, now, spec.watch))
+                commands.add(marker, command, start + spec.timeout, time.monotonic() - start)
     finally:
         if proc.poll() is None and timed_out:
             # Ask pyvmm for every thread's stack (on stderr) before killing it: a hung VMM
@@ -280,7 +293,7 @@ def run_boot(spec: BootSpec) -> BootResult:
         to_init,
         timed_out,
         parse_checks(text),
-        [command.result() for command in commands],
+        commands.results(),
         {path: [before[path], after[path]] for path in spec.watch},
         timeline=timeline,
     )

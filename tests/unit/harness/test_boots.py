@@ -55,3 +55,14 @@ def test_a_command_runs_beside_the_console_not_instead_of_reading_it(tmp_path: P
     assert when["mem ok"] - when["peer ready"] < 1.5  # not held up by the 1.5 s command
     (command,) = result.commands
     assert command.returncode == 0 and command.output.strip() == "peer-said"
+
+
+def test_commands_run_one_after_another_in_their_markers_order(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    script = "echo 'GUEST a ready'; echo 'GUEST b ready'; sleep 2; echo 'GUEST done'"
+    first = ["sh", "-c", f"echo a-start >> {log}; sleep 1; echo a-end >> {log}"]
+    second = ["sh", "-c", f"echo b-start >> {log}"]
+    on_line = {"GUEST a ready": first, "GUEST b ready": second}
+    (result,) = run_boots([BootSpec("order", ["sh", "-c", script], timeout=20, on_line=on_line)])
+    assert log.read_text().split() == ["a-start", "a-end", "b-start"]
+    assert [c.marker for c in result.commands] == ["GUEST a ready", "GUEST b ready"]
