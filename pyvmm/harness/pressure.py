@@ -4,7 +4,7 @@ the Linux balloon suite's "inflation under real pressure", run where the VMMs ru
     python -m pyvmm.harness.pressure --dir DIR --kernel BZIMAGE --initrd INITRD [options]
 
 It starts --vms pyvmm VMs of --mem-mib MiB whose guests each write a file of --write-mib MiB and
-delete it, then stay up --seconds more (the `pressure` check in guest/linux/init):
+delete it, then stay up --seconds more at most (the `pressure` check in guest/linux/init):
 the guests have that memory free again, but the host holds it (the guests touched it), so the
 host's MemAvailable has fallen, and only the balloons give it back. The policy of each VM
 watches a low-memory directory laid out as Chrome OS's (`--low-mem-dir`): this program writes
@@ -12,7 +12,9 @@ the host's real MemAvailable into its `available` every MIRROR_S, and into its `
 set once every guest has written its file: MemAvailable then, plus --give-back of what it fell
 by since the guests were ready. So the host is low from then on, by the same share of the fall
 on any machine, however fast its guests write, until the balloons have given that much back.
-The policies' timers are shortened (--timers).
+The policies' timers are shortened (--timers). Once MemAvailable is back above the margin and
+every balloon has been asked for SETTLED_STEPS sizes, the guests have shown what they are for:
+this program types "enough" on their consoles, SETTLED_HOLD_S later, and they end.
 
 Every SAMPLE_S it logs MemAvailable and each balloon's target and actual size. When the guests
 are done it prints their lines (`GUEST <check>` as `GUEST vm<N>-<check>`), then one JSON object:
@@ -46,6 +48,9 @@ DEFAULT_TIMERS = "0.5,20,2"  # re-check, first leave check, leave checks after i
 BOOT_TIMEOUT_S = 300.0
 WRITE_TIMEOUT_S = 400.0  # a bound on the guests' writing, two at once under emulation
 PR_SET_PDEATHSIG = 1
+SETTLED_STEPS = 3  # distinct balloon targets each VM's policy must have set
+SETTLED_HOLD_S = 10.0  # how long the recovered state is watched before the guests are let go
+ENOUGH = b"enough\n"
 
 
 def _die_with_parent() -> None:
@@ -83,7 +88,7 @@ class Vm:
         argv += ["--balloon-policy-timers", args.timers, "-p", "quiet", "-p", params, args.kernel]
         self.proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,  # its console: "enough" ends the guest's wait
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent,  # a harness that kills this program kills its VMs
@@ -114,6 +119,15 @@ class Vm:
         balloon: dict[str, Any] | None = reply.get("balloon")
         return balloon
 
+    def tell_enough(self) -> None:
+        """Type "enough" on the guest's console: it stops waiting and ends."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(ENOUGH)
+            self.proc.stdin.flush()
+        except OSError:  # it has ended already
+            pass
+
     def finish(self, timeout: float) -> int | None:
         try:
             _, err = self.proc.communicate(timeout=timeout)
@@ -139,6 +153,23 @@ def sample(vms: list[Vm], start: float) -> dict[str, Any]:
             entry[f"vm{vm.index}"] = {"target_mib": balloon["target"] / MiB,
                                       "actual_mib": balloon["actual"] / MiB}  # fmt: skip
     return entry
+
+
+def settled(timeline: list[dict[str, Any]], margin: int, vms: int) -> float | None:
+    """When (timeline seconds) MemAvailable first came back above `margin` after falling under
+    it, with every VM's balloon asked for SETTLED_STEPS sizes by then; None if not yet."""
+    low = False
+    targets: list[set[float]] = [set() for _ in range(vms)]
+    for entry in timeline:
+        for i in range(vms):
+            target = entry.get(f"vm{i}", {}).get("target_mib", 0)
+            if target:
+                targets[i].add(target)
+        low = low or entry["available_mib"] < margin
+        enough_steps = all(len(t) >= SETTLED_STEPS for t in targets)
+        if low and enough_steps and entry["available_mib"] > margin:
+            return float(entry["t"])
+    return None
 
 
 def _mirror_available(path: Path, stop: threading.Event) -> None:
@@ -196,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 write_whole(low_mem / "margin", f"{margin}\n")
                 report.update(margin_mib=margin, fell_mib=fell, low_from_s=entry["t"])
             timeline.append(entry)
+            if "margin_mib" in report and "enough_at_s" not in report:
+                at = settled(timeline, report["margin_mib"], len(vms))
+                if at is not None and entry["t"] - at >= SETTLED_HOLD_S:
+                    report["enough_at_s"] = entry["t"]
+                    for vm in vms:
+                        vm.tell_enough()
             time.sleep(SAMPLE_S)
         report["timeline"] = timeline
         if "margin_mib" not in report:
