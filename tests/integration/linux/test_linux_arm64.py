@@ -5,9 +5,12 @@ One boot (in one test VM boot: each L2 boot costs a minute or more under emulati
 sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs, whose initramfs
 checks uptime, memory, CPUs, the command line, the PL031 RTC, virtio-rng, the disks (names and
 sizes, data written to a writable disk, fstrim), virtio-net (pyvmm's own device on a TAP, in the
-boot's network namespace: ping and TCP each way with netpeer), vsock (the host kernel's
-vhost-vsock: a stream each way with vsockpeer) and a clean kernel log. Skipped, with the reason,
-where arm64 emulation cannot be installed.
+boot's network namespace: ping and TCP each way with netpeer), vsock (pyvmm's own device, under
+its seccomp/aarch64 policy, the host's end a Unix socket: a stream each way with vsockpeer, then
+a suspend and resume through the control socket that resets the transport), the balloon, the
+device tree and a clean kernel log. The host kernel's vhost devices run in the x86_64 suite
+only: their data paths are the host kernel's. Skipped, with the reason, where arm64 emulation
+cannot be installed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.testvm_arm64 import QEMU_ARM64
 from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
 from tests.integration.linux.test_linux_balloon import FILLED, GUEST_BALLOON, READY, SLACK
+from tests.integration.linux.test_linux_vsock import GUEST_RESET, OLD_STREAM_ENDS
 
 MiB = 1 << 20
 MEM_MIB = 1024
@@ -42,7 +46,7 @@ TOKEN = "pyvmm.token=a64c0de"
 # its vsock helper.
 CHECKS = [
     "uptime", "mem", "cpus", "cmdline", "rtc", "hwrng", "dt", "disks", "rwdisk", "trim",
-    "net", "vsock", "balloon", "dmesg",
+    "net", "vsock", "vsockreset", "balloon", "dmesg",
 ]  # fmt: skip
 COPY_MIB = 8
 DATA_MIB = 12
@@ -58,8 +62,7 @@ BALLOON_FILL_MIB = 256  # what the guest writes before the balloon grows and aft
 BALLOON_WAIT_S = 240
 WAIT_S = 60  # the guest's bound on each transfer
 VSOCK_PORT = 5000
-# vhost-vsock's CIDs are the host's to share among its VMs: one out of the way of others'.
-VSOCK_CID = 20000 + os.getpid() % 40000
+VSOCK_CID = 3
 
 
 def _cannot_run() -> str | None:
@@ -81,6 +84,7 @@ class Boot:
     result: BootResult
     net: dict[str, Any]  # the peers' reports ({} when one never ran)
     vsock: dict[str, Any]
+    vsock_reset: dict[str, Any]
     source: bytes
     data: bytes
     trim: str
@@ -119,17 +123,18 @@ def boot() -> Iterator[Boot]:
         trim_img = _trim_image(dirs.local)
         dtb = dirs.shared / "guest.dtb"
         control = str(dirs.local / "arm64.ctl")
+        uds = str(dirs.local / "vsock.sock")  # a Unix socket: not on 9p
 
         # One pyvmm.check= for both: the vsock parameters without their own.
         vsock_params = vsockpeer.kernel_params([], VSOCK_CID, VSOCK_PORT, VSOCK_MIB, WAIT_S)
-        vsock_guest = vsockpeer.Guest(cid=VSOCK_CID)
+        vsock_guest = vsockpeer.Guest(uds=uds)
         spec = BootSpec(
             "arm64",
             harness.pyvmm_argv(
                 *["-c", str(CPUS), "-m", str(MEM_MIB), "-p", "quiet"],
                 *["-i", str(files.initramfs)],
                 *["--rwdisk", str(data_img), "-d", str(src_img), "--rwdisk", str(trim_img)],
-                *[*netcheck.pyvmm_net_args(), "--cid", str(VSOCK_CID)],
+                *[*netcheck.pyvmm_net_args(), "--cid", str(VSOCK_CID), "--vsock-uds", uds],
                 *["-p", netcheck.kernel_params(CHECKS, NET_MIB, WAIT_S), "-p", TOKEN],
                 *["-p", vsock_params.split(" ", 1)[1]],
                 *["-p", f"pyvmm.mem={MEM_MIB}", "-p", f"pyvmm.cpus={CPUS}"],
@@ -141,7 +146,7 @@ def boot() -> Iterator[Boot]:
                 str(files.vmlinux),
             ),
             watch=[str(trim_img)],
-            timeout=DEFAULT_TIMEOUT + 4 * WAIT_S + 4 * BALLOON_WAIT_S,
+            timeout=DEFAULT_TIMEOUT + 5 * WAIT_S + 4 * BALLOON_WAIT_S,
             on_line={
                 netcheck.NET_READY: netcheck.peer_argv(NET_MIB, 2 * WAIT_S, harness.python),
                 vsockpeer.DATA_READY: vsockpeer.peer_argv(
@@ -150,6 +155,15 @@ def boot() -> Iterator[Boot]:
                     VSOCK_PORT,
                     2 * WAIT_S,
                     str(VSOCK_MIB),
+                    python=harness.python,
+                ),
+                vsockpeer.RESET_READY: vsockpeer.peer_argv(
+                    "reset",
+                    vsock_guest,
+                    VSOCK_PORT,
+                    WAIT_S,
+                    "--control",
+                    control,
                     python=harness.python,
                 ),
                 READY: balloonpeer.peer_argv(
@@ -166,6 +180,7 @@ def boot() -> Iterator[Boot]:
             result,
             netcheck.peer_report(result),
             vsockpeer.peer_report(result.commands, vsockpeer.DATA_READY),
+            vsockpeer.peer_report(result.commands, vsockpeer.RESET_READY),
             source,
             data_img.read_bytes(),
             str(trim_img),
@@ -215,7 +230,7 @@ def test_arm64_guest_moves_data_over_virtio_net_each_way(boot: Boot) -> None:
     assert f"rx {NET_MIB * MiB} bytes sha256 {sent['sha256']}" in details, details
 
 
-def test_arm64_guest_moves_data_over_vhost_vsock_each_way(boot: Boot) -> None:
+def test_arm64_guest_moves_data_over_vsock_each_way(boot: Boot) -> None:
     details = guest_check(boot.result, "vsock")
     assert details.startswith(f"cid {VSOCK_CID};"), details
     assert "error" not in boot.vsock, boot.vsock
@@ -223,6 +238,15 @@ def test_arm64_guest_moves_data_over_vhost_vsock_each_way(boot: Boot) -> None:
     assert sent["bytes"] == received["bytes"] == VSOCK_MIB * MiB, boot.vsock
     assert f"rx {VSOCK_MIB * MiB} bytes crc32 {sent['crc32']}" in details, details
     assert f"tx {VSOCK_MIB * MiB} bytes crc32 {received['crc32']}" in details, details
+
+
+def test_arm64_suspend_and_resume_reset_the_guests_vsock_streams(boot: Boot) -> None:
+    details = guest_check(boot.result, "vsockreset")
+    m = GUEST_RESET.fullmatch(details)
+    assert m, f"GUEST vsockreset ok line not understood: {details}"
+    assert (m["accepted"], m["connected"]) == ("ECONNRESET", "ECONNRESET"), details
+    old = peer_ok(boot.result, vsockpeer.RESET_READY, boot.vsock_reset, "vsockpeer")["old"]
+    assert set(old.values()) <= OLD_STREAM_ENDS["vsock-uds"], f"the host's old streams: {old}"
 
 
 def test_arm64_guest_sees_the_device_tree_pyvmm_wrote(boot: Boot) -> None:
