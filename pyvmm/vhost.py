@@ -116,6 +116,12 @@ class Vhost:
         self.fd = fd
         self.kind = kind
 
+    def close(self) -> None:
+        """Close the fd; again does nothing (its number may be another file's by then)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def _ioctl(self, what: str, request: int, arg: int | bytes | bytearray = 0) -> bytes:
         try:
             out = fcntl.ioctl(self.fd, request, arg)

@@ -274,6 +274,7 @@ class VirtioPciDevice(PciDevice):
         self._notify_base: int | None = None
         self._worker: QueueWorker | None = None
         self._abandoned = False  # a worker that never stopped may still use the device
+        self._closed = False
         self.guest_log = GuestLog(log, f"virtio {device.name}")
         self._reset_state()
 
@@ -627,6 +628,11 @@ class VirtioPciDevice(PciDevice):
             self._worker.resume()
 
     def close(self) -> None:
+        """Release the device's files; again does nothing (a device process closes its device
+        when the VMM says so, and once more on its way out)."""
+        if self._closed:
+            return
+        self._closed = True
         self._reset()
         self.msix.close()
         if self._abandoned:

@@ -133,4 +133,4 @@ class VhostRings:
         for fd in self.calls.values():
             os.close(fd)
         self.calls = {}
-        os.close(self.vhost.fd)
+        self.vhost.close()

@@ -166,3 +166,21 @@ def test_vhost_signals_an_unmasked_vector_directly_and_a_masked_one_through_the_
             os.close(fd)
         dev.close()
         host.close()
+
+
+def test_closing_twice_leaves_a_file_that_took_the_vhost_fds_number_alone() -> None:
+    # A device process closes its device when the VMM says so and again on its way out.
+    host, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    vhost = FakeVhost()
+    old_number = vhost.fd
+    dev = VhostNet(FakeTap(guest_end.detach()), vhost, "net0", MAC)
+    dev.close()
+    other = os.eventfd(0)
+    reused = os.dup2(other, old_number)  # a file opened since, under the freed number
+    try:
+        dev.close()
+        os.fstat(reused)  # still open
+    finally:
+        for fd in (other, reused):
+            os.close(fd)
+        host.close()
