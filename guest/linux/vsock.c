@@ -12,7 +12,9 @@
  *                                   the stream to end without further data; then take a second
  *                                   stream on the same listener and echo one line on it
  *   vsock hold CID PORT WAIT        the same from the connecting side: send a line, read it
- *                                   back, wait for the end; then connect again, line and back
+ *                                   back and say so (a second line: the peer may act on the
+ *                                   stream once it has it, knowing nothing is still in flight
+ *                                   to us), wait for the end; then connect again, the same
  *   vsock accept PORT COUNT         take COUNT streams on PORT one after another, closing each
  *                                   at once; print "COUNT SECONDS" (the first accept to the
  *                                   last close)
@@ -44,6 +46,7 @@
 #define CHUNK (64 * 1024)
 #define MAX_LINE 256
 #define HOLD_LINE "pyvmm vsock hold\n"
+#define HELD_LINE "pyvmm vsock held\n"
 #define MAX_BYTES (1ULL << 40)
 #define RETRY_NS 100000000L /* between connection attempts: 0.1 s */
 
@@ -344,6 +347,7 @@ static void exchange(int fd, int connected)
 		if (strcmp(line, HOLD_LINE))
 			die("hold: '%.*s' came back, not the line sent", (int)strcspn(line, "\n"),
 			    line);
+		write_all(fd, HELD_LINE, strlen(HELD_LINE), "hold");
 	} else {
 		read_line(fd, line, "hold");
 		write_all(fd, line, strlen(line), "hold");

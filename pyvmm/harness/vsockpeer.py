@@ -45,6 +45,7 @@ DEFAULT_TIMEOUT_S = 120.0
 CONNECT_RETRY_S = 0.1  # the guest may not listen yet
 MAX_LINE = 256
 HOLD_LINE = b"pyvmm vsock hold\n"  # what the guest's `vsock hold` sends (guest/linux/vsock.c)
+HELD_LINE = b"pyvmm vsock held\n"  # ... and then, once our echo of it has come back
 SUSPENDED_S = 1.0  # how long the VM stays suspended
 QUIET_S = 3.0  # how long old streams are watched for their end before they are written to
 # The guest's readiness lines (guest/linux/init) and the mode each one starts.
@@ -246,7 +247,8 @@ def exchange_data(guest: Guest, port: int, mib: int, deadline: float) -> dict[st
 
 def hold_line(sock: socket.socket, opened_by_host: bool, deadline: float) -> None:
     """The line `vsock hold` exchanges: the side that opened the stream sends, the other
-    echoes it."""
+    echoes it. On a stream the guest opened, the guest then says it has the echo: until then
+    the echo may still be on its way through the device, and a transport reset would drop it."""
     sock.settimeout(_left(deadline))
     try:
         if opened_by_host:
@@ -259,6 +261,9 @@ def hold_line(sock: socket.socket, opened_by_host: bool, deadline: float) -> Non
             if line != HOLD_LINE:
                 raise PeerError(f"the guest sent {line!r}, not {HOLD_LINE!r}")
             sock.sendall(line)
+            line = read_line(sock)
+            if line != HELD_LINE:
+                raise PeerError(f"the guest sent {line!r}, not {HELD_LINE!r}")
     except OSError as e:
         raise PeerError(f"the line exchange with the guest: {e}") from None
 

@@ -163,3 +163,37 @@ def test_argv_names_the_way_to_the_guest() -> None:
     assert argv[-7:] == ["data", "--cid", "7", "5000", "64", "--timeout", "60"]
     argv = vsockpeer.peer_argv("reset", Guest(uds="/u"), PORT, 60, "--control", "/c")
     assert argv[-8:] == ["reset", "--uds", "/u", "5000", "--control", "/c", "--timeout", "60"]
+
+
+def _guest_opened_stream(ack: bytes) -> tuple[socket.socket, threading.Thread, threading.Event]:
+    """The host's end of a stream the guest opened, the guest's `vsock hold` at the other end:
+    it sends the line, reads the echo, then (a while later) sends `ack`, saying so first."""
+    host, guest = socket.socketpair()
+    acking = threading.Event()
+
+    def run() -> None:
+        with guest:
+            guest.sendall(vsockpeer.HOLD_LINE)
+            guest.recv(64)
+            time.sleep(0.2)  # the echo's arrival, as through a slow device
+            acking.set()
+            guest.sendall(ack)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return host, thread, acking
+
+
+def test_the_host_acts_on_a_guest_opened_stream_only_once_the_guest_has_the_echo() -> None:
+    host, thread, acking = _guest_opened_stream(vsockpeer.HELD_LINE)
+    with host:
+        vsockpeer.hold_line(host, False, time.monotonic() + 10)
+        assert acking.is_set(), "returned while the echo could still be on its way"
+    thread.join()
+
+
+def test_a_guest_that_does_not_say_it_has_the_echo_is_an_error() -> None:
+    host, thread, _ = _guest_opened_stream(b"something else\n")
+    with host, pytest.raises(PeerError, match="not b'pyvmm vsock held"):
+        vsockpeer.hold_line(host, False, time.monotonic() + 10)
+    thread.join()
