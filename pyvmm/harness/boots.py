@@ -30,6 +30,14 @@ GUEST_LINE = re.compile(r"GUEST (\S+) (ok|FAIL)(?: (.*))?$")
 INPUT_READY = b"GUEST input ready"
 DEFAULT_TIMEOUT = 180.0
 STACKS_SIGNAL = signal.SIGUSR2  # pyvmm dumps its threads' stacks on this (pyvmm/cli.py)
+TRIPLE_FAULT = "triple fault"  # what pyvmm logs when the guest's vCPU shuts down
+# A guest booted with BEAT_PARAM prints BEAT every BEAT_S while its checks run. Once it has, a
+# console silent for BEAT_STALL_S means the guest stopped (as nested KVM under emulation has
+# been seen to, after a check began): the boot is a hang then, not at its whole timeout.
+BEAT_S = 10
+BEAT_PARAM = f"pyvmm.beat={BEAT_S}"
+BEAT = b"GUEST-BEAT"
+BEAT_STALL_S = 9 * BEAT_S
 STACK_DUMP_WAIT_S = 3.0
 # unshare execs the VMM in a new network namespace (so the VMM keeps its pid).
 NEW_NETNS = ["unshare", "--net", "--"]
@@ -92,7 +100,7 @@ class BootResult:
     wall_s: float
     # Wall time from starting the VMM to the guest's first GUEST line (its init running).
     to_init_s: float | None
-    timed_out: bool = False
+    timed_out: bool = False  # or stopped: silent for BEAT_STALL_S after a BEAT
     checks: dict[str, list[str]] = field(default_factory=dict)
     commands: list[CommandResult] = field(default_factory=list)
     # path -> [state before, state after]; None where the path did not exist.
@@ -241,11 +249,16 @@ def run_boot(spec: BootSpec) -> BootResult:
     seen = 0  # how much of `out` has been searched for GUEST lines
     typed = False
     timed_out = False
+    heard = start  # when the console last said something
     streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     try:
         while streams:
             remaining = spec.timeout - (time.monotonic() - start)
             if remaining <= 0:
+                timed_out = True
+                break
+            if time.monotonic() - heard > BEAT_STALL_S and BEAT in out:
+                err.extend(f"boots: the guest stopped beating {BEAT_STALL_S} s ago\n".encode())
                 timed_out = True
                 break
             ready, _, _ = select.select(list(streams), [], [], min(remaining, 1.0))
@@ -255,6 +268,8 @@ def run_boot(spec: BootSpec) -> BootResult:
                     del streams[fd]
                     continue
                 streams[fd].extend(chunk)
+                if fd == proc.stdout.fileno():
+                    heard = time.monotonic()
             end = out.rfind(b"\n") + 1
             if end > seen:
                 now = time.monotonic() - start
@@ -324,7 +339,6 @@ def _drain(fd: int, seconds: float) -> bytes:
     return bytes(data)
 
 
-TRIPLE_FAULT = "triple fault"  # what pyvmm logs when the guest's vCPU shuts down
 
 
 def run_boots(specs: list[BootSpec], emulated: bool = False) -> list[BootResult]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvmm.harness.boots import BootResult, BootSpec, run_boots
+from pyvmm.harness.boots import BEAT_PARAM, BootResult, BootSpec, run_boots
 from pyvmm.harness.kit import GuestKit, KitError, make_ext4
 from pyvmm.harness.testvm import TestVm, TestVmError
 from pyvmm.harness.testvm_arm64 import Arm64TestVm
@@ -234,7 +234,9 @@ class LinuxHarness:
         return build_root_image(self.kit, size_mib)
 
     def pyvmm_argv(self, *args: str) -> list[str]:
-        return [self.python, "-m", "pyvmm", "run", *args]
+        """`pyvmm run ARGS`, the guest's init beating (boots.BEAT_PARAM) so that a guest that
+        stops is caught then, not at its boot's timeout."""
+        return [self.python, "-m", "pyvmm", "run", "-p", BEAT_PARAM, *args]
 
     def pyvmm_control_argv(self, command: str, socket: Path) -> list[str]:
         return [self.python, "-m", "pyvmm", command, str(socket)]

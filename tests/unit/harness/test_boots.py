@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from pyvmm.harness import boots
 from pyvmm.harness.boots import BootSpec, run_boots
 
 
@@ -66,3 +69,22 @@ def test_commands_run_one_after_another_in_their_markers_order(tmp_path: Path) -
     (result,) = run_boots([BootSpec("order", ["sh", "-c", script], timeout=20, on_line=on_line)])
     assert log.read_text().split() == ["a-start", "a-end", "b-start"]
     assert [c.marker for c in result.commands] == ["GUEST a ready", "GUEST b ready"]
+
+
+def test_a_guest_that_stops_beating_is_a_hang_before_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(boots, "BEAT_STALL_S", 1.0)
+    script = "echo 'GUEST-BEAT'; echo 'GUEST net ready'; exec sleep 60"
+    (result,) = run_boots([BootSpec("stopped", ["sh", "-c", script], timeout=50)])
+    assert result.timed_out
+    assert "stopped beating" in result.stderr
+    assert result.wall_s < 40  # well before its timeout
+
+
+def test_a_guest_that_never_beats_may_stay_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(boots, "BEAT_STALL_S", 1.0)
+    script = "echo 'GUEST net ready'; sleep 3; echo 'GUEST done'"
+    (result,) = run_boots([BootSpec("quiet", ["sh", "-c", script], timeout=50)])
+    assert not result.timed_out
+    assert "GUEST done" in result.output
