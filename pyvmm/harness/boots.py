@@ -38,6 +38,7 @@ BEAT_S = 10
 BEAT_PARAM = f"pyvmm.beat={BEAT_S}"
 BEAT = b"GUEST-BEAT"
 BEAT_STALL_S = 9 * BEAT_S
+DONE = b"GUEST done"  # the checks have ended, and with them the beat
 STACK_DUMP_WAIT_S = 3.0
 # unshare execs the VMM in a new network namespace (so the VMM keeps its pid).
 NEW_NETNS = ["unshare", "--net", "--"]
@@ -257,7 +258,7 @@ def run_boot(spec: BootSpec) -> BootResult:
             if remaining <= 0:
                 timed_out = True
                 break
-            if time.monotonic() - heard > BEAT_STALL_S and BEAT in out:
+            if time.monotonic() - heard > BEAT_STALL_S and BEAT in out and DONE not in out:
                 err.extend(f"boots: the guest stopped beating {BEAT_STALL_S} s ago\n".encode())
                 timed_out = True
                 break
@@ -337,8 +338,6 @@ def _drain(fd: int, seconds: float) -> bytes:
             break
         data.extend(chunk)
     return bytes(data)
-
-
 
 
 def run_boots(specs: list[BootSpec], emulated: bool = False) -> list[BootResult]:

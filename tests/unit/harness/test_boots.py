@@ -88,3 +88,10 @@ def test_a_guest_that_never_beats_may_stay_silent(monkeypatch: pytest.MonkeyPatc
     (result,) = run_boots([BootSpec("quiet", ["sh", "-c", script], timeout=50)])
     assert not result.timed_out
     assert "GUEST done" in result.output
+
+
+def test_a_guest_done_with_its_checks_may_stay_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(boots, "BEAT_STALL_S", 1.0)
+    script = "echo 'GUEST-BEAT'; echo 'GUEST done'; sleep 3"  # a slow VMM exit
+    (result,) = run_boots([BootSpec("ending", ["sh", "-c", script], timeout=50)])
+    assert not result.timed_out and result.returncode == 0
