@@ -23,7 +23,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvmm.kvm.abi import ffi
 from pyvmm.native import virtq
 
 PAGE_SIZE = 4096
@@ -88,7 +87,7 @@ class MemoryRegion:
     @property
     def host_addr(self) -> int:
         """The host virtual address of the region's first byte (for KVM memory slots)."""
-        addr: int = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mapping)))
+        addr: int = int(virtq.ffi.cast("uintptr_t", virtq.ffi.from_buffer(self.mapping)))
         return addr
 
 
@@ -275,9 +274,9 @@ class GuestMemory:
     def guest_range(self, view: memoryview) -> tuple[int, int]:
         """The guest address and length of `view`, a view of guest memory this object gave
         (a descriptor's buffer); GuestMemoryError if it is not one."""
-        where = int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
+        where = int(virtq.ffi.cast("uintptr_t", virtq.ffi.from_buffer(view)))
         for start, stop, region_view in self._spans:
-            base = int(ffi.cast("uintptr_t", ffi.from_buffer(region_view)))
+            base = int(virtq.ffi.cast("uintptr_t", virtq.ffi.from_buffer(region_view)))
             if base <= where and where + len(view) <= base + (stop - start):
                 return start + where - base, len(view)
         raise GuestMemoryError(where, len(view))
