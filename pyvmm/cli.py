@@ -345,7 +345,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class StoppedBySignal(BaseException):
-    """A stop signal arrived before the VM was built; unwinds the building (which cleans up)."""
+    """A stop signal arrived before the VM was built: it ends `pyvmm run` there."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -354,12 +354,20 @@ class StoppedBySignal(BaseException):
 
 class _StopOnSignal:
     """The handler for STOP_SIGNALS: once the VM exists it asks it to exit (the main loop then
-    stops it), before that it unwinds whatever is being built."""
+    stops it). While the VM is being built it is only noted (`pending`), and the VM is closed
+    as soon as it exists: an exception raised at an arbitrary point of the building could leave
+    a file behind (a socket made, not yet recorded for removal). Before that nothing is built
+    yet, and it ends `pyvmm run` at once (StoppedBySignal)."""
 
     def __init__(self) -> None:
         self.vmm: Vmm | None = None
+        self.building = False
+        self.pending: int | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.vmm is None and self.building:
+            self.pending = self.pending or signum
+            return
         if self.vmm is None:
             raise StoppedBySignal(signum)
         from pyvmm.vmm import VmExit  # imported by now: self.vmm is a Vmm
@@ -379,8 +387,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     console_out = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
     vmm: Vmm | None = None
     try:
+        on_signal.building = True
         vmm = Vmm(config, console_out=console_out, console_in_fd=stdin_fd)
         on_signal.vmm = vmm
+        if on_signal.pending is not None:
+            raise StoppedBySignal(on_signal.pending)
         with raw_terminal(stdin_fd) if stdin_fd is not None else contextlib.nullcontext():
             result = vmm.run()
     finally:
