@@ -185,8 +185,10 @@ def boots() -> Iterator[Boots]:
                     str(files.bzimage),
                     cpus=INTX_CPUS,
                 ),
-                # Boot, two I/O phases, a stall's report: the guest ends by itself within this.
-                timeout=120 + 2 * INTX_WAIT_S,
+                # Boot (eleven device processes starting: ~200 s to init in CI beside another
+                # test VM), two I/O phases each bounded in the guest. A guest that stops is
+                # caught sooner, by its beat.
+                timeout=300 + 2 * INTX_WAIT_S,
             ),
         ]
         disks, stop, intx = harness.run(specs)

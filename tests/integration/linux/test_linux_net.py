@@ -84,8 +84,10 @@ def boots() -> Iterator[dict[str, NetBoot]]:
                 *flags,
                 *["-p", params, str(files.bzimage)],
             ),
-            # Boot, ping, both transfers (each bounded in the guest), the dmesg check.
-            timeout=120 + 2 * NET_WAIT_S,
+            # Boot (~180 s to init in CI beside another test VM), ping, both transfers (each
+            # bounded in the guest), the dmesg check. A guest that stops is caught sooner, by
+            # its beat.
+            timeout=300 + 2 * NET_WAIT_S,
             on_line={NET_READY: peer},
             netns=True,
         )
