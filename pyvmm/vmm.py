@@ -30,6 +30,7 @@ from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.pci.device import VmCalls
 from pyvmm.devices.pci.root import PciRoot
 from pyvmm.devices.proxy import DeviceProcessError, ProxyDevice, start_device
+from pyvmm.devices.spawner import DeviceSpawner, SpawnError
 from pyvmm.devices.virtio.balloon import Balloon
 from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
@@ -274,6 +275,12 @@ class Vmm:
 
     def _build(self, console_out: BinaryIO, console_in_fd: int | None) -> None:
         cfg, arch = self.config, self.arch
+        if cfg.sandbox:
+            # First: the zygote's interpreter imports while this process builds the VM.
+            try:
+                self._spawner: DeviceSpawner | None = DeviceSpawner()
+            except SpawnError as exc:
+                raise DeviceProcessError(f"device processes: {exc}") from None
         self.vm = Vm(self.kvm)
         arch.configure_vm(self.vm)
         self.allocator = arch.allocator(self.kvm)
@@ -397,7 +404,8 @@ class Vmm:
             if self.config.sandbox:
                 # Every process starts at once; none is waited for here (see _start_devices).
                 spec = self._device_spec(name, backing, mac, intx)
-                self.virtio_devices.append(start_device(spec, services))
+                assert self._spawner is not None
+                self.virtio_devices.append(start_device(spec, services, self._spawner))
             else:
                 backend = _backend(name, backing, mac)
                 self.virtio_devices.append(VirtioPciDevice(backend, self.mem, intx, services))
@@ -442,6 +450,7 @@ class Vmm:
     def _start_devices(self) -> None:
         """Wait for the device processes to be built while the VM goes on starting (a guest
         reaches its PCI devices late); one that cannot start ends the VM with its reason."""
+        self._close_spawner()  # every device process is forked by now
         for device in self.virtio_devices:
             if isinstance(device, ProxyDevice):
                 try:
@@ -449,6 +458,11 @@ class Vmm:
                 except DeviceProcessError as exc:
                     self.request_exit(VmExit(EXIT_START_FAILED, str(exc)))
                     return
+
+    def _close_spawner(self) -> None:
+        spawner = getattr(self, "_spawner", None)
+        if spawner is not None:
+            spawner.close()
 
     def _device_spec(
         self, name: str, backing: Backing, mac: bytes | None, intx: LevelIrq
@@ -593,6 +607,7 @@ class Vmm:
         starter = getattr(self, "_starter", None)
         if starter is not None:
             starter.join(STOP_TIMEOUT_S)  # its waits end once the processes are gone
+        self._close_spawner()
         if self._vsock_host is not None:
             self._vsock_host.close()
             self._vsock_host = None

@@ -1,12 +1,12 @@
 """A device process: one virtio PCI function, served to the VMM over a socketpair.
 
-The VMM starts it as a fresh interpreter, `python -m pyvmm.devices.child SPEC` (never a fork of
-its own threaded self), handing over by fd the socket, the guest memfd, the INTx line's eventfds
-and the device's backing file; SPEC (JSON, `DeviceSpec`) says which fd is which. The process
-builds the device exactly as the VMM would in-process, then jails itself and installs its
-seccomp filter, and only then serves the VMM's requests (`wire.py`) until told to shut down or
-until the VMM goes away. The virtqueues' work runs in the device's worker thread here, on the
-eventfds and guest memory this process holds: the VMM sees only register traffic.
+The VMM's zygote (`zygote.py`, a fresh interpreter, never a fork of the VMM's threaded self)
+forks it, handing over by fd the socket, the guest memfd, the INTx line's eventfds and the
+device's backing file; its `DeviceSpec` says which fd is which. The process builds the device
+exactly as the VMM would in-process, then jails itself and installs its seccomp filter, and
+only then serves the VMM's requests (`wire.py`) until told to shut down or until the VMM goes
+away. The virtqueues' work runs in the device's worker thread here, on the eventfds and guest
+memory this process holds: the VMM sees only register traffic.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyvmm.devices.irq import LevelIrq
+from pyvmm.devices.virtio.balloon import Balloon
+from pyvmm.devices.virtio.block import Block
 from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.net import Net
+from pyvmm.devices.virtio.pci import VirtioPciDevice
+from pyvmm.devices.virtio.rng import Rng
+from pyvmm.devices.virtio.vhost_net import VhostNet
+from pyvmm.devices.virtio.vhost_vsock import VhostVsock
+from pyvmm.devices.virtio.vsock import Vsock
 from pyvmm.devices.wire import (
     BAR_OFFSET,
     BAR_OFFSET_LENGTH,
@@ -41,6 +49,20 @@ from pyvmm.devices.wire import (
     unpack,
     unpack_addresses,
 )
+from pyvmm.disk.raw import RawDisk
+from pyvmm.memory import GuestMemory
+from pyvmm.net.tap import Tap
+from pyvmm.sandbox.jail import (
+    JailError,
+    JailSpec,
+    die_with_parent,
+    enter_jail,
+    held_fds,
+    name_process,
+)
+from pyvmm.sandbox.seccomp import load_filter
+from pyvmm.vhost import Vhost
+from pyvmm.vsock.dialer import DialRequests
 
 log = logging.getLogger("pyvmm.device")
 
@@ -99,6 +121,43 @@ class DeviceSpec:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    def fds(self) -> list[int]:
+        """The fds this spec names, each once: what the process must be handed."""
+        named = [self.sock, self.memfd, *self.intx[1:]]
+        if self.disk is not None:
+            named.append(self.disk.fd)
+        if self.tap is not None:
+            named += [self.tap.fd, *([] if self.tap.vhost_fd is None else [self.tap.vhost_fd])]
+        if self.vsock is not None:
+            vsock = self.vsock
+            named += [fd for fd in (vsock.listener, vsock.dialer, vsock.vhost_fd) if fd is not None]
+        return list(dict.fromkeys(named))
+
+    def renumbered(self, numbers: dict[int, int]) -> DeviceSpec:
+        """This spec with each fd it names replaced by `numbers[fd]` (where a process was
+        handed them under other numbers)."""
+
+        def new(fd: int | None) -> int | None:
+            return None if fd is None else numbers[fd]
+
+        spec = dataclasses.replace(self, sock=numbers[self.sock], memfd=numbers[self.memfd])
+        gsi, irqfd, resample = self.intx
+        spec.intx = (gsi, numbers[irqfd], numbers[resample])
+        if self.disk is not None:
+            spec.disk = dataclasses.replace(self.disk, fd=numbers[self.disk.fd])
+        if self.tap is not None:
+            tap = self.tap
+            spec.tap = dataclasses.replace(tap, fd=numbers[tap.fd], vhost_fd=new(tap.vhost_fd))
+        if self.vsock is not None:
+            vsock = self.vsock
+            spec.vsock = dataclasses.replace(
+                vsock,
+                listener=new(vsock.listener),
+                dialer=new(vsock.dialer),
+                vhost_fd=new(vsock.vhost_fd),
+            )
+        return spec
+
     @classmethod
     def from_json(cls, text: str) -> DeviceSpec:
         data = json.loads(text)
@@ -147,19 +206,11 @@ class ChildLink:
 
 def _backend(spec: DeviceSpec) -> VirtioDevice:
     if spec.kind == "block_device":
-        from pyvmm.devices.virtio.block import Block
-        from pyvmm.disk.raw import RawDisk
-
         if spec.disk is None:
             raise ValueError("a block device needs a disk")
         disk = RawDisk.from_fd(spec.disk.fd, spec.disk.path, spec.disk.writable)
         return Block(disk, name=spec.name, serial=spec.disk.serial)
     if spec.kind in ("net_device", "vhost_net_device"):
-        from pyvmm.devices.virtio.net import Net
-        from pyvmm.devices.virtio.vhost_net import VhostNet
-        from pyvmm.net.tap import Tap
-        from pyvmm.vhost import Vhost
-
         if spec.tap is None:
             raise ValueError("a net device needs a TAP")
         tap = Tap(spec.tap.fd, spec.tap.name, spec.tap.created)
@@ -170,32 +221,20 @@ def _backend(spec: DeviceSpec) -> VirtioDevice:
             raise ValueError("a vhost-net device needs /dev/vhost-net")
         return VhostNet(tap, Vhost(spec.tap.vhost_fd), spec.name, mac)
     if spec.kind == "vsock_device":
-        import socket
-
-        from pyvmm.devices.virtio.vsock import Vsock
-        from pyvmm.vsock.dialer import DialRequests
-
         if spec.vsock is None or spec.vsock.listener is None or spec.vsock.dialer is None:
             raise ValueError("a vsock device needs its host sockets")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, spec.vsock.listener)
         dialer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, spec.vsock.dialer)
         return Vsock(spec.vsock.cid, listener, DialRequests(dialer), spec.name)
     if spec.kind == "vhost_vsock_device":
-        from pyvmm.devices.virtio.vhost_vsock import VhostVsock
-        from pyvmm.vhost import Vhost
-
         if spec.vsock is None or spec.vsock.vhost_fd is None:
             raise ValueError("a vhost-vsock device needs /dev/vhost-vsock")
         return VhostVsock(spec.vsock.cid, Vhost(spec.vsock.vhost_fd, "vhost-vsock"), spec.name)
     if spec.kind == "balloon_device":
-        from pyvmm.devices.virtio.balloon import Balloon
-
         if spec.balloon is None:
             raise ValueError("a balloon device needs its settings")
         return Balloon(spec.balloon.page_reporting)
     if spec.kind == "rng_device":
-        from pyvmm.devices.virtio.rng import Rng
-
         return Rng()
     raise ValueError(f"unknown device kind {spec.kind!r}")
 
@@ -204,9 +243,6 @@ class DeviceServer:
     """The device and the loop that answers the VMM."""
 
     def __init__(self, spec: DeviceSpec, channel: Channel) -> None:
-        from pyvmm.devices.virtio.pci import VirtioPciDevice
-        from pyvmm.memory import GuestMemory
-
         self.channel = channel
         self.mem = GuestMemory(spec.ram, memfd=spec.memfd)
         link = ChildLink(self.channel)
@@ -331,18 +367,14 @@ def _jail(spec: DeviceSpec, new_fds: int) -> None:
     """Enter the jail (pyvmm.sandbox.jail), keeping every fd this process holds by now: the
     spawner passed it only the device's, and building the device made the rest; `new_fds` is
     the room the device needs for more."""
-    from pyvmm.sandbox.jail import JailSpec, enter_jail, held_fds
-
     run_as = NOBODY if os.geteuid() == 0 else None
     name = f"virtio {spec.name}"
     jail = JailSpec(name, spec.parent_pid, held_fds(), run_as=run_as, threads=True)
     enter_jail(dataclasses.replace(jail, new_fds=new_fds))
 
 
-def main(argv: list[str]) -> int:
-    from pyvmm.sandbox.jail import JailError, die_with_parent, name_process
-
-    spec = DeviceSpec.from_json(argv[0])
+def run(spec: DeviceSpec) -> int:
+    """Be the device process `spec` describes, holding the fds it names; its exit status."""
     try:
         die_with_parent(f"virtio {spec.name}", spec.parent_pid)
         name_process(f"virtio {spec.name}", f"pyvmm-{spec.name}")
@@ -355,8 +387,6 @@ def main(argv: list[str]) -> int:
         server = DeviceServer(spec, channel)
         seccomp_filter = None
         if spec.policy_dir is not None:
-            from pyvmm.sandbox.seccomp import load_filter
-
             # Compiled before the jail: libseccomp is loaded and the policy read from the
             # host's files while there are any.
             seccomp_filter = load_filter(Path(spec.policy_dir), spec.kind, spec.log_failures)
@@ -383,7 +413,3 @@ def main(argv: list[str]) -> int:
     finally:
         server.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

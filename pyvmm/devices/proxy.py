@@ -1,9 +1,10 @@
 """The VMM's side of a device process: a PCI function on the bus whose every register and
 configuration access is forwarded to the process that runs the device (`child.py`).
 
-`start_device` starts the process; `ProxyDevice` stands in the PCI slot at once, its BARs
-placed by the VMM beforehand, and the device is waited for only when it is first needed (or by
-`wait_ready`), so that interpreters starting do not hold up the guest. Each access is one
+`start_device` has the device zygote (`spawner.py`) start the process; `ProxyDevice` stands in
+the PCI slot at once, its BARs placed by the VMM beforehand, and the device is waited for only
+when it is first needed (or by `wait_ready`), so that processes starting do not hold up the
+guest. Each access is one
 request and one answer over the socketpair (`wire.py`), serialised by a lock; on the way the
 process may ask for what only the VMM can do (a GSI, an irqfd, an MSI route, an ioeventfd),
 which `VmServices` carries out.
@@ -20,13 +21,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from pyvmm.devices.child import DeviceSpec
 from pyvmm.devices.pci.device import BarWindows, PciDevice, VmServices
+from pyvmm.devices.spawner import DeviceProcess, DeviceSpawner, SpawnError
 from pyvmm.devices.wire import (
     BAR_OFFSET,
     BAR_OFFSET_LENGTH,
@@ -49,8 +50,9 @@ from pyvmm.sandbox.seccomp import watch_denials
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 5.0  # a register access the device process has not answered by then failed
-# A bound on a device process's start (0.3 s on a KVM host). Eleven fresh interpreters starting
-# at once inside the test VM, beside another test VM on the same two cores, took over 60 s.
+# A bound on a device process's start (0.1 s on a KVM host). Eleven of them starting at once
+# inside the test VM, beside another test VM on the same two cores, took over 60 s (each a fresh
+# interpreter then, not yet forked from the zygote).
 START_TIMEOUT_S = 180.0
 SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -65,7 +67,7 @@ class ProxyDevice(PciDevice):
     def __init__(
         self,
         name: str,
-        process: subprocess.Popen[bytes],
+        process: DeviceProcess,
         channel: Channel,
         services: VmServices,
         policy: str = "",
@@ -269,6 +271,8 @@ class ProxyDevice(PciDevice):
 
     def _cause(self, exc: Exception) -> str:
         code = self.process.poll()
+        if self.process.error is not None:
+            return self.process.error
         if code is None:
             return str(exc)
         if code < 0:
@@ -298,41 +302,30 @@ def _ones(data: memoryview) -> bytes:
 
 
 def spawn_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
-    """Start the device process `spec` describes and wait until its device is built."""
-    device = start_device(spec, services)
+    """Start the device process `spec` describes (a zygote of its own) and wait until its
+    device is built."""
+    spawner = DeviceSpawner()
+    try:
+        device = start_device(spec, services, spawner)
+    finally:
+        spawner.close()
     device.wait_ready()
     return device
 
 
-def start_device(spec: DeviceSpec, services: VmServices) -> ProxyDevice:
-    """Start the device process `spec` describes; `wait_ready()` on the result before use (so
-    that several processes can start at once). The fds `spec` names are handed over: the caller
-    may close its copies once the process is ready."""
+def start_device(spec: DeviceSpec, services: VmServices, spawner: DeviceSpawner) -> ProxyDevice:
+    """Have `spawner` start the device process `spec` describes; `wait_ready()` on the result
+    before use (so that several processes can start at once). The fds `spec` names are handed
+    over: the caller may close its copies at once."""
     ours, theirs = Channel.pair()
     spec.sock = theirs.fileno()
     spec.parent_pid = os.getpid()
-    fds = [spec.sock, spec.memfd, *spec.intx[1:]]
-    if spec.disk is not None:
-        fds.append(spec.disk.fd)
-    if spec.tap is not None:
-        fds.append(spec.tap.fd)
-        if spec.tap.vhost_fd is not None:
-            fds.append(spec.tap.vhost_fd)
-    if spec.vsock is not None:
-        vsock = spec.vsock
-        fds += [fd for fd in (vsock.listener, vsock.dialer, vsock.vhost_fd) if fd is not None]
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pyvmm.devices.child", spec.to_json()],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            pass_fds=fds,
-            close_fds=True,
-        )
-    except OSError as exc:
+        process = spawner.spawn(spec)
+    except SpawnError as exc:
         ours.close()
         raise DeviceProcessError(
-            f"virtio {spec.name}: cannot start a device process: {exc.strerror or exc}"
+            f"virtio {spec.name}: cannot start a device process: {exc}"
         ) from None
     finally:
         theirs.close()

@@ -1,11 +1,11 @@
 """The jail a device process puts itself in: namespaces, an empty root, no privileges, rlimits.
 
-A device process is a fresh interpreter that the VMM started with fork+exec, passing it the fds
-it needs. Still single-threaded, with every module it will use imported and every fd it will
-hold made, it calls `enter_jail`, then installs its seccomp filter (pyvmm.sandbox.seccomp) as
-the very last step. Afterwards nothing can be imported (there is no file system), no fd opened
-(CPython's mmap dup()s the fd it maps: guest memory is mapped before) and no thread started
-(RLIMIT_NPROC counts threads). `enter_jail` goes, in this order:
+A device process is forked by the VMM's device zygote (a fresh interpreter, single-threaded),
+which passes it the fds it needs. Still single-threaded, with every module it will use imported
+and every fd it will hold made, it calls `enter_jail`, then installs its seccomp filter
+(pyvmm.sandbox.seccomp) as the very last step. Afterwards nothing can be imported (there is no
+file system), no fd opened (CPython's mmap dup()s the fd it maps: guest memory is mapped
+before) and no thread started (RLIMIT_NPROC counts threads). `enter_jail` goes, in this order:
 
 1. The user (`run_as`, root only): root becomes an unprivileged host user first, keeping its
    capabilities for the steps below. It must come before the user namespace (a process can map
@@ -110,6 +110,7 @@ class Prctl(enum.IntEnum):
     SET_DUMPABLE = 4
     SET_NAME = 15
     SET_SECUREBITS = 28
+    SET_CHILD_SUBREAPER = 36
     SET_NO_NEW_PRIVS = 38
 
 
@@ -175,7 +176,7 @@ def enter_jail(spec: JailSpec) -> JailReport:
     kept = _kept_fds(spec)
     _run_as(spec)
     die_with_parent(name, spec.parent_pid)
-    closed = _close_all_but(kept)
+    closed = close_all_but(kept)
     uid, gid = os.geteuid(), os.getegid()
     why_not = _unshare_user(name, uid, gid) if spec.user_namespace else "not asked for"
     _check(name, "namespaces", _libc.unshare(OTHER_NAMESPACES))
@@ -267,7 +268,13 @@ def die_with_parent(name: str, parent: int) -> None:
         raise JailError(name, "parent", f"pid {parent} is gone (the parent is now {os.getppid()})")
 
 
-def _close_all_but(kept: frozenset[int]) -> tuple[int, ...]:
+def adopt_orphans(on: bool) -> None:
+    """Make this process the parent of its descendants whose own parent ends (a child
+    subreaper), or stop; a JailError if the kernel refuses."""
+    _prctl("pyvmm", "child subreaper", Prctl.SET_CHILD_SUBREAPER, int(on))
+
+
+def close_all_but(kept: frozenset[int]) -> tuple[int, ...]:
     """Close every fd not in `kept`; the ones that were open."""
     try:
         listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
@@ -399,7 +406,7 @@ def _wait_and_pass_on(name: str, child: int, keep: int) -> NoReturn:
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # die of it (and the child with us)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        _close_all_but(frozenset({0, 1, 2, keep}))  # the device's fds are the child's alone
+        close_all_but(frozenset({0, 1, 2, keep}))  # the device's fds are the child's alone
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
