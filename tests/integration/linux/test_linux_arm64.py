@@ -259,7 +259,7 @@ def test_arm64_guest_sees_the_device_tree_pyvmm_wrote(boot: Boot) -> None:
     for line in boot.result.output.splitlines():
         if line.startswith("GUEST-DT "):
             path, _, value = line[len("GUEST-DT ") :].strip().partition(" ")
-            seen[path] = bytes.fromhex(value)
+            seen[path] = bytes.fromhex(value)  # od's hex, spaced
     synthesized = {p for p in seen if p.endswith("/name") and p not in written}
     assert set(written) == set(seen) - synthesized, (
         f"only pyvmm's: {sorted(set(written) - set(seen))}; "
