@@ -43,7 +43,7 @@ DISK_CHECKS = ["root", "disks", "rwdisk", "trim", "hwrng", "dmesg"]
 # for 16 PCI interrupts: the rng cannot be device 16, on pin 16.)
 INTX_DISKS = ("vda", "vdb", "vdi")  # each copies its first half to the next one's second half
 INTX_FILLERS = 6
-INTX_MIB = 12  # half a busy disk: the first seeded by the host, the second written by the guest
+INTX_MIB = 6  # half a busy disk: the first seeded by the host, the second written by the guest
 # The copies go in rounds of INTX_MIB / INTX_ROUNDS MiB: at each round's end every line falls
 # quiet, where a lost last interrupt would leave its job waiting for ever.
 INTX_ROUNDS = 6
