@@ -1,24 +1,31 @@
 """A stock Debian arm64 kernel boots under pyvmm: natively on an arm64 KVM host, else inside the
 arm64 test VM (QEMU's emulated arm64 at EL2, with the arm64 root's Python running pyvmm).
 
-One boot (in one test VM boot: each L2 boot costs a minute or more under emulation), with the
-sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs, whose initramfs
-checks uptime, memory, CPUs, the command line, the PL031 RTC, virtio-rng, the disks (names and
-sizes, data written to a writable disk, fstrim), virtio-net (pyvmm's own device on a TAP, in the
-boot's network namespace: ping and TCP each way with netpeer), vsock (pyvmm's own device, under
-its seccomp/aarch64 policy, the host's end a Unix socket: a stream each way with vsockpeer, then
-a suspend and resume through the control socket that resets the transport), the balloon, the
-device tree and a clean kernel log. The host kernel's vhost devices run in the x86_64 suite
-only: their data paths are the host kernel's. Skipped, with the reason, where arm64 emulation
-cannot be installed.
+Two boots in one test VM boot (each L2 boot costs a minute or more under emulation). The main
+one, with the sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs,
+whose initramfs checks uptime, memory, CPUs, the command line, the PL031 RTC, virtio-rng, the
+disks (names and sizes, data written to a writable disk, fstrim), virtio-net (pyvmm's own device
+on a TAP, in the boot's network namespace: ping and TCP each way with netpeer), vsock (pyvmm's
+own device, under its seccomp/aarch64 policy, the host's end a Unix socket: a stream each way
+with vsockpeer, then a suspend and resume through the control socket that resets the transport),
+the balloon, the device tree and a clean kernel log, and ends by PSCI SYSTEM_RESET. The second
+runs its devices as threads (--disable-sandbox) from the ext4 root disk (-r: the initramfs
+switches to it) and is ended from outside by `pyvmm stop`. The host kernel's vhost devices run
+in the x86_64 suite only: their data paths are the host kernel's; the low-memory policy's
+pressure run too (the policy is the same Python on both, and the balloon under it is proven
+here). Skipped, with the reason, where arm64 emulation cannot be installed.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
+import io
 import os
 import random
 import shutil
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +42,7 @@ from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.testvm_arm64 import QEMU_ARM64
 from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
 from tests.integration.linux.test_linux_balloon import FILLED, GUEST_BALLOON, READY, SLACK
+from tests.integration.linux.test_linux_disks import STOP_MARKER
 from tests.integration.linux.test_linux_vsock import GUEST_RESET, OLD_STREAM_ENDS
 
 MiB = 1 << 20
@@ -42,12 +50,13 @@ MEM_MIB = 1024
 CPUS = 2
 SEED = 0xA64
 TOKEN = "pyvmm.token=a64c0de"
-# Not the ext4 root disk (-r): the net and vsock checks need the initramfs's writable /tmp and
-# its vsock helper.
+# From the initramfs, not the ext4 root disk (-r): the net and vsock checks need its writable
+# /tmp and its vsock helper. The root disk has a boot of its own (ROOT_CHECKS).
 CHECKS = [
     "uptime", "mem", "cpus", "cmdline", "rtc", "hwrng", "dt", "disks", "rwdisk", "trim",
     "net", "vsock", "vsockreset", "balloon", "dmesg",
 ]  # fmt: skip
+ROOT_CHECKS = ["root", "hwrng", "wait"]  # the last waits for `pyvmm stop`
 COPY_MIB = 8
 DATA_MIB = 12
 TRIM_MIB = 32
@@ -91,6 +100,9 @@ class Boot:
     device_tree: bytes
     balloon: dict[str, Any]  # balloonpeer's reports ({} when it never ran)
     balloon_done: dict[str, Any]
+    root: BootResult  # the root-disk boot, ended by pyvmm stop
+    root_token: str
+    root_control: str
 
 
 def _trim_image(directory: Path) -> Path:
@@ -123,6 +135,8 @@ def boot() -> Iterator[Boot]:
         trim_img = _trim_image(dirs.local)
         dtb = dirs.shared / "guest.dtb"
         control = str(dirs.local / "arm64.ctl")
+        root = harness.root_image()
+        root_control = str(dirs.local / "arm64-root.ctl")
         uds = str(dirs.local / "vsock.sock")  # a Unix socket: not on 9p
 
         # One pyvmm.check= for both: the vsock parameters without their own.
@@ -175,7 +189,18 @@ def boot() -> Iterator[Boot]:
             },
             netns=True,
         )
-        (result,) = harness.run([spec])
+        root_spec = BootSpec(
+            "arm64-root",
+            harness.pyvmm_argv(
+                *["-m", str(MEM_MIB), "-p", "quiet", "--disable-sandbox"],
+                *["-i", str(files.initramfs), "-r", str(root.path), "-s", root_control],
+                *["-p", f"pyvmm.check={','.join(ROOT_CHECKS)} pyvmm.root_token={root.token}"],
+                str(files.vmlinux),
+            ),
+            on_line={STOP_MARKER: harness.pyvmm_control_argv("stop", Path(root_control))},
+            watch=[root_control],
+        )
+        result, root_result = harness.run([spec, root_spec])
         yield Boot(
             result,
             netcheck.peer_report(result),
@@ -187,6 +212,9 @@ def boot() -> Iterator[Boot]:
             dtb.read_bytes() if dtb.exists() else b"",
             command_report(result.commands, READY, "balloonpeer"),
             command_report(result.commands, FILLED, "balloonpeer"),
+            root_result,
+            root.token,
+            root_control,
         )
 
 
@@ -249,17 +277,25 @@ def test_arm64_suspend_and_resume_reset_the_guests_vsock_streams(boot: Boot) -> 
     assert set(old.values()) <= OLD_STREAM_ENDS["vsock-uds"], f"the host's old streams: {old}"
 
 
+def _guest_tree(output: str) -> dict[str, bytes]:
+    """path -> value of every property in the guest's GUEST-DT64 lines (a gzipped tar of its
+    /sys/firmware/devicetree/base, in base64)."""
+    lines = [
+        line.split(" ", 1)[1] for line in output.splitlines() if line.startswith("GUEST-DT64 ")
+    ]
+    packed = gzip.decompress(base64.b64decode("".join(lines)))
+    with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
+        files = [(m, tar.extractfile(m)) for m in tar.getmembers() if m.isfile()]
+        return {"/" + m.name.removeprefix("./"): f.read() for m, f in files if f is not None}
+
+
 def test_arm64_guest_sees_the_device_tree_pyvmm_wrote(boot: Boot) -> None:
     """Node by node, property by property: what Linux took in (/sys/firmware/devicetree) is the
     tree --dump-device-tree-blob saved, but for the `name` property Linux gives every node."""
     guest_check(boot.result, "dt")
     assert boot.device_tree, "pyvmm wrote no device tree (--dump-device-tree-blob)"
     written = fdt.properties(boot.device_tree)
-    seen = {}
-    for line in boot.result.output.splitlines():
-        if line.startswith("GUEST-DT "):
-            path, _, value = line[len("GUEST-DT ") :].strip().partition(" ")
-            seen[path] = bytes.fromhex(value)  # od's hex, spaced
+    seen = _guest_tree(boot.result.output)
     synthesized = {p for p in seen if p.endswith("/name") and p not in written}
     assert set(written) == set(seen) - synthesized, (
         f"only pyvmm's: {sorted(set(written) - set(seen))}; "
@@ -280,3 +316,21 @@ def test_arm64_guest_gives_the_balloon_its_memory_and_gets_it_back(boot: Boot) -
     filled = peer_ok(boot.result, FILLED, boot.balloon_done, "balloonpeer")["filled"]
     assert filled - cycle["inflated"] >= BALLOON_MIB * MiB - SLACK
     assert cycle["stats"]["total_memory"] > (MEM_MIB - 128) * MiB
+
+
+def test_arm64_guest_runs_from_the_root_disk_and_pyvmm_stop_ends_it(boot: Boot) -> None:
+    """-r on arm64: the initramfs switched to the ext4 disk, read-only; the devices as threads
+    (virtio-rng answered); `pyvmm stop` through the control socket ends the VM with status 0."""
+    result = boot.root
+    completed(result)
+    details = guest_check(result, "root")
+    assert details.startswith(f"/dev/vda ext4 ro marker={boot.root_token},"), details
+    assert details.endswith("write refused: Read-only file system"), details
+    guest_check(result, "hwrng")
+    assert STOP_MARKER in result.output, f"the guest never got ready:\n{result.output[-3000:]}"
+    assert "GUEST done" not in result.output, "the guest ended by itself, not by pyvmm stop"
+    [stop] = result.commands
+    assert stop.returncode == 0, f"pyvmm stop exited {stop.returncode}: {stop.output}"
+    before, after = result.watched[boot.root_control]
+    assert stop.watched[boot.root_control] is not None, "no control socket while running"
+    assert before is None and after is None, "pyvmm left its control socket behind"
