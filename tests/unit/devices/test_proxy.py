@@ -44,22 +44,26 @@ class FakeVm:
         return self.gsis[-1]
 
 
-@pytest.fixture
-def rng() -> Iterator[tuple[ProxyDevice, FakeVm]]:
-    mem = GuestMemory([(0, 4 * MiB)])
-    intx = LevelIrq(16)
-    vm = FakeVm()
-    spec = DeviceSpec(
+def rng_spec(mem: GuestMemory, intx: LevelIrq) -> DeviceSpec:
+    """A virtio-rng device process's spec, its BARs placed at BAR_ADDR."""
+    return DeviceSpec(
         name="rng",
         kind="rng_device",
         parent_pid=0,
         sock=-1,
         memfd=mem.memfd,
-        ram=[(0, 4 * MiB)],
-        intx=(16, intx.fd, intx.resample_fd),
+        ram=[(0, mem.size)],
+        intx=(intx.gsi, intx.fd, intx.resample_fd),
         bars=[(index, BAR_ADDR, size) for index, size in plain_bar_sizes().items()],
     )
-    device = spawn_device(spec, vm.calls)
+
+
+@pytest.fixture
+def rng() -> Iterator[tuple[ProxyDevice, FakeVm]]:
+    mem = GuestMemory([(0, 4 * MiB)])
+    intx = LevelIrq(16)
+    vm = FakeVm()
+    device = spawn_device(rng_spec(mem, intx), vm.calls)
     try:
         yield device, vm
     finally:

@@ -15,28 +15,18 @@ from pyvmm.devices.child import DeviceSpec, DiskSpec, TapSpec, VsockSpec
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.proxy import DeviceProcessError, start_device
 from pyvmm.devices.spawner import DeviceSpawner
-from pyvmm.devices.virtio.pci import plain_bar_sizes
 from pyvmm.memory import GuestMemory
-from tests.unit.devices.test_proxy import BAR_ADDR, FakeVm
+from tests.unit.devices.test_proxy import FakeVm, rng_spec
 
 MiB = 1 << 20
 
 
 @pytest.fixture
-def rng_spec() -> Iterator[DeviceSpec]:
+def spec() -> Iterator[DeviceSpec]:
     mem = GuestMemory([(0, 4 * MiB)])
     intx = LevelIrq(16)
     try:
-        yield DeviceSpec(
-            name="rng",
-            kind="rng_device",
-            parent_pid=0,
-            sock=-1,
-            memfd=mem.memfd,
-            ram=[(0, 4 * MiB)],
-            intx=(16, intx.fd, intx.resample_fd),
-            bars=[(index, BAR_ADDR, size) for index, size in plain_bar_sizes().items()],
-        )
+        yield rng_spec(mem, intx)
     finally:
         intx.close()
         mem.close()
@@ -72,10 +62,10 @@ def test_fds_and_their_new_numbers() -> None:
     assert spec.fds() == [10, 11, 12, 13, 14, 15, 16, 17, 18]  # the original is untouched
 
 
-def test_a_device_process_is_a_child_of_the_vmm_and_the_zygote_ends(rng_spec: DeviceSpec) -> None:
+def test_a_device_process_is_a_child_of_the_vmm_and_the_zygote_ends(spec: DeviceSpec) -> None:
     before = children()
     spawner = DeviceSpawner()
-    device = start_device(rng_spec, FakeVm().calls, spawner)
+    device = start_device(spec, FakeVm().calls, spawner)
     try:
         device.wait_ready()
         assert parent_of(device.pid) == os.getpid()
@@ -88,9 +78,9 @@ def test_a_device_process_is_a_child_of_the_vmm_and_the_zygote_ends(rng_spec: De
     assert device.process.returncode == 0
 
 
-def test_a_device_killed_is_seen_with_its_signal(rng_spec: DeviceSpec) -> None:
+def test_a_device_killed_is_seen_with_its_signal(spec: DeviceSpec) -> None:
     spawner = DeviceSpawner()
-    device = start_device(rng_spec, FakeVm().calls, spawner)
+    device = start_device(spec, FakeVm().calls, spawner)
     spawner.close()
     try:
         device.wait_ready()
@@ -101,11 +91,11 @@ def test_a_device_killed_is_seen_with_its_signal(rng_spec: DeviceSpec) -> None:
         device.close()
 
 
-def test_a_zygote_that_dies_is_the_reason_its_devices_give(rng_spec: DeviceSpec) -> None:
+def test_a_zygote_that_dies_is_the_reason_its_devices_give(spec: DeviceSpec) -> None:
     spawner = DeviceSpawner()
     try:
         os.kill(spawner._zygote.pid, signal.SIGSTOP)  # it answers for nothing from now on
-        owed = start_device(rng_spec, FakeVm().calls, spawner)
+        owed = start_device(spec, FakeVm().calls, spawner)
         spawner._zygote.kill()
         spawner._zygote.wait()
         with pytest.raises(DeviceProcessError) as info:
@@ -116,7 +106,7 @@ def test_a_zygote_that_dies_is_the_reason_its_devices_give(rng_spec: DeviceSpec)
         assert owed.pid == 0 and not owed.alive
         owed.close()
         with pytest.raises(DeviceProcessError) as info:  # and for what is asked of it later
-            start_device(rng_spec, FakeVm().calls, spawner)
+            start_device(spec, FakeVm().calls, spawner)
         assert "the device zygote ended (killed by signal 9)" in str(info.value)
     finally:
         spawner.close()
