@@ -1,7 +1,7 @@
 """A stock Debian arm64 kernel boots under pyvmm: natively on an arm64 KVM host, else inside the
 arm64 test VM (QEMU's emulated arm64 at EL2, with the arm64 root's Python running pyvmm).
 
-Three boots in one test VM boot (each L2 boot costs a minute or more under emulation). The main
+Four boots in one test VM boot (each L2 boot costs a minute or more under emulation). The main
 one, with the sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs,
 whose initramfs checks uptime, memory, CPUs, the command line, the PL031 RTC, virtio-rng, the
 disks (names and sizes, data written to a writable disk, fstrim), virtio-net (pyvmm's own device
@@ -12,9 +12,10 @@ device tree and a clean kernel log, and ends by PSCI SYSTEM_RESET. The second ru
 as threads (--disable-sandbox) from the ext4 root disk (-r: the initramfs switches to it), takes
 a line typed on its console and is ended from outside by `pyvmm stop`. The third runs the net
 and vsock checks again through the host kernel's vhost-net and vhost-vsock (host programs use
-AF_VSOCK), each in its device process under its aarch64 policy. The low-memory policy's pressure
-run is x86_64's only: the policy is the same Python on both, and the balloon under it is proven
-here. Skipped, with the reason, where arm64 emulation cannot be installed.
+AF_VSOCK), each in its device process under its aarch64 policy. The fourth boots the kernel
+alone, which goes as far as mounting a root and resets. The low-memory policy's pressure run is
+x86_64's only: the policy is the same Python on both, and the balloon under it is proven here.
+Skipped, with the reason, where arm64 emulation cannot be installed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.testvm_arm64 import QEMU_ARM64
 from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
 from tests.integration.linux.test_linux_balloon import FILLED, GUEST_BALLOON, READY, SLACK
+from tests.integration.linux.test_linux_boot import VFS_PANIC
 from tests.integration.linux.test_linux_disks import STOP_MARKER
 from tests.integration.linux.test_linux_vsock import GUEST_RESET, OLD_STREAM_ENDS
 
@@ -121,6 +123,7 @@ class Boot:
     balloon: dict[str, Any]  # balloonpeer's reports ({} when it never ran)
     balloon_done: dict[str, Any]
     root: BootResult  # the root-disk boot, ended by pyvmm stop
+    no_initrd: BootResult  # the kernel alone: as far as the root mount, then PSCI reset
     root_token: str
     root_control: str
 
@@ -249,7 +252,13 @@ def boot() -> Iterator[Boot]:
             on_line=_stream_peers(harness.python, vsockpeer.Guest(cid=VHOST_CID), vhost_control),
             netns=True,
         )
-        result, root_result, vhost_result = harness.run([spec, root_spec, vhost_spec])
+        no_initrd_spec = BootSpec(
+            "arm64-no-initrd",
+            harness.pyvmm_argv("-m", str(MEM_MIB), "-p", "quiet", str(files.vmlinux)),
+        )
+        result, root_result, vhost_result, no_initrd_result = harness.run(
+            [spec, root_spec, vhost_spec, no_initrd_spec]
+        )
         yield Boot(
             result,
             _streams(result, VSOCK_CID, OLD_STREAM_ENDS["vsock-uds"]),
@@ -264,6 +273,7 @@ def boot() -> Iterator[Boot]:
             command_report(result.commands, READY, "balloonpeer"),
             command_report(result.commands, FILLED, "balloonpeer"),
             root_result,
+            no_initrd_result,
             root.token,
             root_control,
         )
@@ -414,3 +424,10 @@ def test_arm64_guest_runs_from_the_root_disk_and_pyvmm_stop_ends_it(boot: Boot) 
     before, after = result.watched[boot.root_control]
     assert stop.watched[boot.root_control] is not None, "no control socket while running"
     assert before is None and after is None, "pyvmm left its control socket behind"
+
+
+def test_arm64_kernel_without_initrd_boots_to_the_root_mount(boot: Boot) -> None:
+    """No initrd and no disk: the kernel gets as far as mounting a root and, with panic=1,
+    resets through PSCI; pyvmm exits 0."""
+    completed(boot.no_initrd)
+    assert VFS_PANIC in boot.no_initrd.output, boot.no_initrd.output[-3000:]
