@@ -21,6 +21,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyvmm.devices.irq import LevelIrq
 from pyvmm.devices.virtio.balloon import Balloon
@@ -332,13 +333,11 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _report_exception(name: str, where: str, exc: BaseException | None) -> None:
-    """An exception's type, message and frames on stderr, without their source lines: Python's
-    own printer opens each frame's .py file for them, a call the device's seccomp policy kills
-    the process for, halfway through the report."""
-    if exc is None:
-        return
-    lines = [f"pyvmm: virtio {name}: {where}: {type(exc).__name__}: {_one_line(exc)}"]
+def _frames(exc: BaseException) -> list[str]:
+    """An exception's frames, and its cause, without their source lines: Python's own printer
+    opens each frame's .py file for them, a call the device's seccomp policy kills the process
+    for, halfway through the report."""
+    lines = []
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
@@ -347,7 +346,25 @@ def _report_exception(name: str, where: str, exc: BaseException | None) -> None:
     cause = exc.__cause__ or exc.__context__
     if cause is not None:
         lines.append(f"  after {type(cause).__name__}: {_one_line(cause)}")
-    sys.stderr.write("\n".join(lines) + "\n")
+    return lines
+
+
+class _JailedFormatter(logging.Formatter):
+    """Log lines whose exceptions are printed by `_frames` (log.exception in the worker)."""
+
+    def formatException(self, ei: Any) -> str:
+        _, exc, _ = ei
+        if exc is None:
+            return ""
+        return "\n".join([f"{type(exc).__name__}: {_one_line(exc)}", *_frames(exc)])
+
+
+def _report_exception(name: str, where: str, exc: BaseException | None) -> None:
+    """An exception's type, message and frames on stderr (`_frames`)."""
+    if exc is None:
+        return
+    lines = [f"pyvmm: virtio {name}: {where}: {type(exc).__name__}: {_one_line(exc)}"]
+    sys.stderr.write("\n".join([*lines, *_frames(exc)]) + "\n")
     sys.stderr.flush()
 
 
@@ -381,7 +398,9 @@ def run(spec: DeviceSpec) -> int:
     except JailError:
         return 1  # the VMM is gone already
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the VMM decides when this process ends
-    logging.basicConfig(format="pyvmm: %(message)s", level=logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JailedFormatter("pyvmm: %(message)s"))
+    logging.basicConfig(handlers=[handler], level=logging.WARNING)
     channel = Channel(socket.socket(fileno=spec.sock))
     try:
         server = DeviceServer(spec, channel)
