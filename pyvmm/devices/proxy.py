@@ -4,10 +4,9 @@ configuration access is forwarded to the process that runs the device (`child.py
 `start_device` has the device zygote (`spawner.py`) start the process; `ProxyDevice` stands in
 the PCI slot at once, its BARs placed by the VMM beforehand, and the device is waited for only
 when it is first needed (or by `wait_ready`), so that processes starting do not hold up the
-guest. Each access is one
-request and one answer over the socketpair (`wire.py`), serialised by a lock; on the way the
-process may ask for what only the VMM can do (a GSI, an irqfd, an MSI route, an ioeventfd),
-which `VmServices` carries out.
+guest. Each access is one request and one answer over the socketpair (`wire.py`), serialised
+by a lock; on the way the process may ask for what only the VMM can do (a GSI, an irqfd, an
+MSI route, an ioeventfd), which `VmServices` carries out.
 
 A process that dies, or does not answer within `REPLY_TIMEOUT_S`, is reported once, with its
 device's name and the cause, and killed; from then on the function reads as absent hardware

@@ -99,8 +99,12 @@ class DeviceProcess:
                 return True
             pidfd = self._pidfd
             self._waiters += 1
+        ready = False
         try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
+            # poll, not select: select refuses fds above 1023, and a process may hold more.
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            ready = bool(poller.poll(None if timeout is None else timeout * 1000))
         finally:
             with self._lock:
                 self._waiters -= 1
