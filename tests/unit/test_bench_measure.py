@@ -1,8 +1,12 @@
-"""The benchmark table: medians, the pyvmm/QEMU ratio, which side is behind, interleaving."""
+"""The benchmark table: medians, the pyvmm/QEMU ratio, which side is behind, interleaving; and
+figures taken between two lines of a VMM's output."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.measure import PYVMM, QEMU, THREADS, Row, interleave, table
+from bench.native import Untimed, _between, run_vmm
 
 
 def test_a_row_keeps_medians_and_the_ratio() -> None:
@@ -57,3 +61,12 @@ def test_runs_alternate_between_the_vmms() -> None:
     results = interleave(3, {PYVMM: lambda: job(PYVMM), QEMU: lambda: job(QEMU)})
     assert order == [PYVMM, QEMU] * 3
     assert results == {PYVMM: {"t": [1.0, 3.0, 5.0]}, QEMU: {"t": [2.0, 4.0, 6.0]}}
+
+
+def test_a_figure_between_two_lines_that_came_together_is_refused() -> None:
+    together = run_vmm(["sh", "-c", "printf 'A start\\nA ok\\n'"])
+    with pytest.raises(Untimed, match="'A start' and 'A ok' came in one read"):
+        _between(together, "A start", "A ok")
+    apart = run_vmm(["sh", "-c", "echo A start; sleep 0.2; echo A ok"])
+    wall, _ = _between(apart, "A start", "A ok")
+    assert wall >= 0.2
