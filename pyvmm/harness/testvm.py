@@ -44,6 +44,7 @@ QEMU = "qemu-system-x86_64"
 # guests log an SRSO WARNING.
 TESTVM_CPU = "max,family=22,model=48"
 DEFAULT_MEM_MIB = 4096
+MAX_CPUS = 4
 STATUS_FILE = "status"
 OUTPUT_FILE = "output"
 COMMAND_FILE = "command.sh"
@@ -148,6 +149,14 @@ def _die_with_parent() -> None:
     os.setsid()
 
 
+def default_cpus() -> int:
+    """The host's cores shared out among the test VMs that run side by side, one per pytest
+    worker. With more vCPUs than cores, TCG's vCPU threads take turns on a core, and the nested
+    guest's vCPU was seen off the CPU long enough for the kernel's RCU stall warnings (CI)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min((os.cpu_count() or 1) // workers, MAX_CPUS))
+
+
 class TestVm:
     """Boots the kit's Debian kernel under QEMU TCG with KVM loaded inside."""
 
@@ -160,7 +169,7 @@ class TestVm:
             raise TestVmError(f"{QEMU} not found: apt-get install qemu-system-x86")
         self.kit = kit
         self.mem_mib = mem_mib
-        self.cpus = cpus or min(os.cpu_count() or 1, 4)
+        self.cpus = cpus or default_cpus()
 
     def initramfs(self) -> Path:
         """The test VM's own initramfs (its init and the modules it loads)."""

@@ -12,7 +12,6 @@ pyvmm.harness.testvm).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pyvmm.harness.testvm import (
     TestVm,
     TestVmError,
     WatchedFiles,
+    default_cpus,
 )
 
 QEMU_ARM64 = "qemu-system-aarch64"
@@ -129,7 +129,7 @@ class Arm64TestVm(TestVm):
         self.kit = kit
         self.project = project.resolve()
         self.mem_mib = mem_mib
-        self.cpus = cpus or min(os.cpu_count() or 1, 4)
+        self.cpus = cpus or default_cpus()
 
     def initramfs(self) -> Path:
         return self.kit.build_initramfs("testvm", TESTVM_ARM64_INIT, TESTVM_ARM64_MODULES)
