@@ -52,6 +52,20 @@ ensure_apt_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
+# ensure_arm64_binfmt: arm64 programs run on this host through qemu-user-static (mmdebstrap
+# runs the arm64 root's maintainer scripts). Installing the package registers it only where a
+# service manager mounted binfmt_misc; on a fresh machine or in a container, root does it here.
+# Without root, the arm64 suite says what is missing and skips itself.
+ensure_arm64_binfmt() {
+    local dir=/proc/sys/fs/binfmt_misc
+    [ "$(uname -m)" = aarch64 ] && return 0
+    [ -e "$dir/qemu-aarch64" ] && grep -qx enabled "$dir/qemu-aarch64" && return 0
+    [ "$(id -u)" -eq 0 ] && command -v update-binfmts >/dev/null || return 0
+    [ -e "$dir/register" ] || mount -t binfmt_misc binfmt_misc "$dir" 2>/dev/null || return 0
+    echo "bootstrap: registering qemu-aarch64 with binfmt_misc" >&2
+    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+}
+
 find_python() {
     local py
     for py in python3.13 python3.12 python3.11 python3; do

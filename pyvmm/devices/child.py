@@ -21,6 +21,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from pyvmm.devices.irq import LevelIrq
@@ -369,11 +370,43 @@ def _report_exception(name: str, where: str, exc: BaseException | None) -> None:
 
 
 def _report_uncaught(name: str) -> None:
-    """From here on an exception nothing catches, in any thread, is reported as above."""
+    """From here on an exception nothing catches, in any thread, or one raised where it cannot
+    propagate (a finalizer), is reported as above."""
     sys.excepthook = lambda kind, exc, tb: _report_exception(name, "uncaught", exc)
     threading.excepthook = lambda args: _report_exception(
         name, f"thread {args.thread.name if args.thread else '?'}", args.exc_value
     )
+    sys.unraisablehook = lambda unraisable: _report_exception(
+        name, f"unraisable ({unraisable.err_msg or 'in a finalizer'})", unraisable.exc_value
+    )
+
+
+class JailedOpenError(PermissionError):
+    """Python code in a jailed device process tried to open a file."""
+
+
+def _refuse_files(name: str) -> None:
+    """Make Python's file opens (open(), os.open, a module's source read for its first import)
+    raise JailedOpenError, reported with where it came from, instead of reaching the seccomp
+    filter, which kills the whole process for them without a word of why."""
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event != "open":
+            return
+        what = f"opening {args[0]!r}"
+        frames: list[str] = []
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            frames.append(
+                f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+            )
+            frame = frame.f_back
+        sys.stderr.write(
+            "\n".join([f"pyvmm: virtio {name}: the jail refuses {what}", *frames]) + "\n"
+        )
+        raise JailedOpenError(f"the jail refuses {what}")
+
+    sys.addaudithook(hook)
 
 
 # The host user a device process runs as when the VMM is root: nobody.
@@ -424,6 +457,8 @@ def run(spec: DeviceSpec) -> int:
         channel.send(Op.FAILED, _one_line(exc).encode(errors="replace"))
         return 1
     _report_uncaught(spec.name)
+    if seccomp_filter is not None:
+        _refuse_files(spec.name)
     try:
         server.serve(listener)
     except Exception as exc:

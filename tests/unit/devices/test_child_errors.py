@@ -1,9 +1,11 @@
-"""A device process reports an exception nothing caught without reading any source file: its
-seccomp policy kills it for the open() Python's own traceback printer makes."""
+"""A device process reports an exception nothing caught without reading any source file (its
+seccomp policy kills it for the open() Python's own traceback printer makes), and a file it
+opens in the jail is an exception that says where, not a kill."""
 
 from __future__ import annotations
 
 import linecache
+import subprocess
 import sys
 import threading
 
@@ -83,3 +85,41 @@ def test_a_vmm_gone_before_the_answer_ends_the_process_quietly() -> None:
     server.handle = lambda op, payload: b"\x01\x02\x03\x04"  # type: ignore[method-assign]
     server.serve()  # returns: no exception, so no traceback at the VM's end
     assert server.channel.asked  # type: ignore[attr-defined]
+
+
+def test_a_file_opened_in_the_jail_is_an_exception_with_its_frames() -> None:
+    # In a process of its own: an audit hook cannot be taken back.
+    script = """
+import gc
+from pyvmm.devices import child
+child._report_uncaught("vsock")
+child._refuse_files("vsock")
+def read_config():
+    with open("/etc/hostname") as f:
+        return f.read()
+try:
+    read_config()
+except child.JailedOpenError as e:
+    print("raised:", e)
+class Leaky:
+    def __del__(self):
+        read_config()
+Leaky()
+gc.collect()
+print("still here")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "raised: the jail refuses opening '/etc/hostname'",
+        "still here",
+    ]
+    err = proc.stderr.splitlines()
+    assert err[0] == "pyvmm: virtio vsock: the jail refuses opening '/etc/hostname'"
+    assert any(line.endswith(" in read_config") for line in err), err
+    assert (
+        "pyvmm: virtio vsock: unraisable (in a finalizer): JailedOpenError: the jail refuses "
+        "opening '/etc/hostname'" in err
+    ), err
