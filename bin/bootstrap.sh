@@ -16,9 +16,10 @@ APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 libcap2 lib
 # QEMU for the test VM on hosts whose KVM cannot boot a stock kernel.
 LINUX_APT_PACKAGES=(kmod e2fsprogs qemu-system-x86)
 # What the arm64 suite needs on another host (bin/build_test): the arm64 test VM's QEMU,
-# mmdebstrap with qemu-user-static (binfmt) to make its arm64 root, and the cross compiler for
-# the guest kit's static helpers and pyvmm's compiled helpers (the test VM has no gcc).
-ARM64_APT_PACKAGES=(qemu-system-arm qemu-user-static binfmt-support mmdebstrap
+# mmdebstrap with qemu-user-static (binfmt) and arch-test to make its arm64 root, and the cross
+# compiler for the guest kit's static helpers and pyvmm's compiled helpers (the test VM has no
+# gcc).
+ARM64_APT_PACKAGES=(qemu-system-arm qemu-user-static binfmt-support mmdebstrap arch-test
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 # What the container suites and docker/build need: podman (with runc) when no Docker engine
 # answers, debootstrap for the local Debian base image (ARM64_APT_PACKAGES make arm64's on
