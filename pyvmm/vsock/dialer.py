@@ -55,6 +55,8 @@ class DialRequests:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
+        self.gone = False
+        """The dialer's end closed: no answer comes any more (its socket stays readable)."""
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -72,12 +74,16 @@ class DialRequests:
                 )
             except BlockingIOError:
                 return
+            except OSError:  # ECONNRESET: the dialer closed with requests unread
+                self.gone = True
+                return
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
             if len(data) != REPLY.size:  # the dialer is gone
                 for fd in fds:
                     os.close(fd)
+                self.gone = True
                 return
             token, error = REPLY.unpack(data)
             sock = None

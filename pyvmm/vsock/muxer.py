@@ -193,6 +193,13 @@ class Muxer:
                 if conn.key in self._conns:
                     self._watch(conn)
                 continue
+            if room == HEADER_SIZE:
+                # No room for data (reading 0 bytes would look like the program's EOF): the
+                # buffer takes the stream's credit, which needs none; the data, the next one.
+                self._ready[fd] = conn
+                write_at(views, 0, self._header(Op.CREDIT_UPDATE, conn.host_port,
+                                                conn.guest_port, conn).pack())  # fmt: skip
+                return HEADER_SIZE
             length = self._read_host(conn, views, min(room - HEADER_SIZE, conn.peer_credit))
             if length is None:  # nothing there after all
                 self._watch(conn)
@@ -242,7 +249,7 @@ class Muxer:
 
     def _dial(self, hdr: Header) -> None:
         """The guest connects to host port `hdr.dst_port`: ask the dialer for the socket."""
-        if self._dialer is None or self._streams() >= MAX_CONNECTIONS:
+        if self._dialer is None or self._dialer.gone or self._streams() >= MAX_CONNECTIONS:
             self._queue(Control(Op.RST, hdr.dst_port, hdr.src_port))
             return
         token = self._next_token
@@ -259,6 +266,10 @@ class Muxer:
         assert self._dialer is not None
         for reply in self._dialer.replies():
             self._dial_answered(reply)
+        if self._dialer.gone:
+            # Its socket stays readable: watched, it would keep the worker spinning. Dials
+            # still waiting are never answered; the guest times them out.
+            self._unregister(self._dialer.fileno())
 
     def _dial_answered(self, reply: DialReply) -> None:
         hdr = self._dialing.pop(reply.token, None)
@@ -535,10 +546,12 @@ class Muxer:
         return len(self._conns) + len(self._dialing) + len(self._handshakes)
 
     def _free_host_port(self, guest_port: int) -> int:
+        # Not the key of a guest's dial either: its answer would take the key from this stream.
+        dialing = {_key(hdr) for hdr in self._dialing.values()}
         while True:
             port = FIRST_HOST_PORT + self._next_host_port
             self._next_host_port = (self._next_host_port + 1) % HOST_PORTS
-            if (port, guest_port) not in self._conns:
+            if (port, guest_port) not in self._conns and (port, guest_port) not in dialing:
                 return port
 
 

@@ -3,8 +3,10 @@ both ways under credit, shutdown and reset, and what it does with bad input."""
 
 from __future__ import annotations
 
+import array
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from pyvmm.ratelimit import GuestLog
 from pyvmm.vsock.connection import BUF_ALLOC
-from pyvmm.vsock.dialer import Dialer, DialRequests
+from pyvmm.vsock.dialer import REPLY, REQUEST, Dialer, DialRequests
 from pyvmm.vsock.muxer import FIRST_HOST_PORT, MAX_CONTROL, MAX_LINE, Muxer
 from pyvmm.vsock.packet import HEADER_SIZE, HOST_CID, TYPE_STREAM, Header, Op, Shutdown
 
@@ -287,3 +289,69 @@ def test_reset_closes_every_stream(guest: Guest, path: str) -> None:
     new, _ = established(guest, path)
     new.close()
     pending.close()
+
+
+def test_a_buffer_with_room_for_a_header_only_does_not_end_the_stream(
+    guest: Guest, path: str
+) -> None:
+    """It takes a credit update, and the program's data the next buffer (reading 0 bytes into
+    it was taken for the program's EOF: the guest was told the stream was shut)."""
+    client, port = established(guest, path)
+    client.sendall(b"hello guest")
+    guest.muxer.handle_events()
+    buf = bytearray(HEADER_SIZE)
+    assert guest.muxer.to_guest([memoryview(buf)], HEADER_SIZE) == HEADER_SIZE
+    hdr = Header.unpack(memoryview(buf))
+    assert (hdr.op, hdr.src_port, hdr.len) == (Op.CREDIT_UPDATE, port, 0)
+    assert [(h.op, d) for h, d in guest.receive()] == [(Op.RW, b"hello guest")]
+
+
+def test_a_host_programs_stream_never_takes_the_key_of_a_dial_in_progress(
+    listener: socket.socket, path: str
+) -> None:
+    """The guest dials the host port the next host program's stream would get, from the port
+    that program connects to: the program's stream gets another host port, and each stream
+    carries its own data (the dial's answer took the key from the program's stream, whose
+    socket was left open and watched, its data sent as the dialed stream's)."""
+    dialer_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    requests = DialRequests(device_end)
+    muxer = Muxer(GUEST_CID, listener, requests, GuestLog(logging.getLogger("test"), "vsock"))
+    guest = Guest(muxer)
+    guest.send(Op.REQUEST, GUEST_PORT, FIRST_HOST_PORT)  # the dialer answers later
+    client, port = established(guest, path)
+    assert port != FIRST_HOST_PORT
+    _, token = REQUEST.unpack(dialer_end.recv(64))
+    server, dialed = socket.socketpair()
+    fds = array.array("i", [dialed.fileno()])
+    dialer_end.sendmsg([REPLY.pack(token, 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    dialed.close()
+    assert [(h.op, h.src_port) for h, _ in guest.receive()] == [(Op.RESPONSE, FIRST_HOST_PORT)]
+    client.sendall(b"from the program")
+    server.sendall(b"from the listener")
+    assert {(h.src_port, d) for h, d in guest.receive()} == {
+        (port, b"from the program"),
+        (FIRST_HOST_PORT, b"from the listener"),
+    }
+    muxer.close()
+    requests.close()
+    for sock in (dialer_end, client, server):
+        sock.close()
+
+
+def test_a_dialer_gone_with_requests_unread_leaves_the_device_quiet(
+    listener: socket.socket,
+) -> None:
+    """The VMM's end closed before it read the guest's dial: the device neither fails nor
+    keeps waking (its socket stays readable), and the guest's next dial is refused."""
+    dialer_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    requests = DialRequests(device_end)
+    muxer = Muxer(GUEST_CID, listener, requests, GuestLog(logging.getLogger("test"), "vsock"))
+    guest = Guest(muxer)
+    guest.send(Op.REQUEST, GUEST_PORT, 5678)
+    dialer_end.close()
+    muxer.handle_events()
+    assert select.select([muxer.fileno()], [], [], 0)[0] == []
+    guest.send(Op.REQUEST, GUEST_PORT + 1, 5678)
+    assert [(h.op, h.dst_port) for h, _ in guest.receive()] == [(Op.RST, GUEST_PORT + 1)]
+    muxer.close()
+    requests.close()
