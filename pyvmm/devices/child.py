@@ -381,30 +381,37 @@ def _report_uncaught(name: str) -> None:
     )
 
 
+# Python's audit events for what opens a file (the seccomp policies allow no open or openat).
+REFUSED_EVENTS = frozenset({"open", "os.listdir", "os.scandir"})
+
+
 class JailedOpenError(PermissionError):
     """Python code in a jailed device process tried to open a file."""
 
 
 def _refuse_files(name: str) -> None:
-    """Make Python's file opens (open(), os.open, a module's source read for its first import)
-    raise JailedOpenError, reported with where it came from, instead of reaching the seccomp
-    filter, which kills the whole process for them without a word of why."""
+    """Make Python's file opens (open(), os.open, a module's source read for its first import,
+    a directory listed) raise JailedOpenError, reported with where it came from, instead of
+    reaching the seccomp filter, which kills the whole process for them without a word of why.
+    A module imported for the first time is reported too: one that is a shared library is
+    opened by the dynamic loader, which Python does not see."""
+
+    def report(what: str) -> None:
+        frames = [f"pyvmm: virtio {name}: {what}"]
+        frame: FrameType | None = sys._getframe(2)
+        while frame is not None:
+            code = frame.f_code
+            frames.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+            frame = frame.f_back
+        sys.stderr.write("\n".join(frames) + "\n")
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event != "open":
-            return
-        what = f"opening {args[0]!r}"
-        frames: list[str] = []
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None:
-            frames.append(
-                f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-            )
-            frame = frame.f_back
-        sys.stderr.write(
-            "\n".join([f"pyvmm: virtio {name}: the jail refuses {what}", *frames]) + "\n"
-        )
-        raise JailedOpenError(f"the jail refuses {what}")
+        if event == "import":
+            report(f"imports {args[0]} in the jail")
+        elif event in REFUSED_EVENTS:
+            what = f"the jail refuses {event} {args[0]!r}"
+            report(what)
+            raise JailedOpenError(what)
 
     sys.addaudithook(hook)
 

@@ -107,19 +107,25 @@ class Leaky:
 Leaky()
 gc.collect()
 print("still here")
+try:
+    import csv
+except child.JailedOpenError as e:
+    print("import refused")
 """
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "raised: the jail refuses opening '/etc/hostname'",
+        "raised: the jail refuses open '/etc/hostname'",
         "still here",
+        "import refused",
     ]
     err = proc.stderr.splitlines()
-    assert err[0] == "pyvmm: virtio vsock: the jail refuses opening '/etc/hostname'"
+    assert "pyvmm: virtio vsock: imports csv in the jail" in err
+    assert err[0] == "pyvmm: virtio vsock: the jail refuses open '/etc/hostname'"
     assert any(line.endswith(" in read_config") for line in err), err
     assert (
         "pyvmm: virtio vsock: unraisable (in a finalizer): JailedOpenError: the jail refuses "
-        "opening '/etc/hostname'" in err
+        "open '/etc/hostname'" in err
     ), err
