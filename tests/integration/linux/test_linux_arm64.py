@@ -1,7 +1,7 @@
 """A stock Debian arm64 kernel boots under pyvmm: natively on an arm64 KVM host, else inside the
 arm64 test VM (QEMU's emulated arm64 at EL2, with the arm64 root's Python running pyvmm).
 
-Four boots in one test VM boot (each L2 boot costs a minute or more under emulation). The main
+Five boots in one test VM boot (each L2 boot costs a minute or more under emulation). The main
 one, with the sandbox on (the device processes and seccomp/aarch64 policies) and two vCPUs,
 whose initramfs checks uptime, memory, CPUs, the command line, the PL031 RTC, virtio-rng, the
 disks (names and sizes, data written to a writable disk, fstrim), virtio-net (pyvmm's own device
@@ -13,8 +13,9 @@ as threads (--disable-sandbox) from the ext4 root disk (-r: the initramfs switch
 a line typed on its console and is ended from outside by `pyvmm stop`. The third runs the net
 and vsock checks again through the host kernel's vhost-net and vhost-vsock (host programs use
 AF_VSOCK), each in its device process under its aarch64 policy. The fourth boots the kernel
-alone, which goes as far as mounting a root and resets. The low-memory policy's pressure run is
-x86_64's only: the policy is the same Python on both, and the balloon under it is proven here.
+alone, which goes as far as mounting a root and resets. The fifth is the balloon suite's
+pressure run (two VMs whose guests leave the host low on memory, their low-memory policies
+growing the balloons until it is back), with the x86_64 suite's checks.
 Skipped, with the reason, where arm64 emulation cannot be installed.
 """
 
@@ -43,7 +44,18 @@ from pyvmm.harness.kit import make_ext4
 from pyvmm.harness.linux import LinuxHarness
 from pyvmm.harness.testvm_arm64 import QEMU_ARM64
 from tests.integration.linux.conftest import completed, guest_check, guest_match, peer_ok
-from tests.integration.linux.test_linux_balloon import FILLED, GUEST_BALLOON, READY, SLACK
+from tests.integration.linux.test_linux_balloon import (
+    FILLED,
+    GUEST_BALLOON,
+    READY,
+    SLACK,
+    PressureRun,
+    check_balloons_grew_step_by_step,
+    check_memory_came_back,
+    check_pressure_ended_well,
+    pressure_run,
+    pressure_spec,
+)
 from tests.integration.linux.test_linux_boot import VFS_PANIC
 from tests.integration.linux.test_linux_disks import STOP_MARKER
 from tests.integration.linux.test_linux_vsock import GUEST_RESET, OLD_STREAM_ENDS
@@ -124,6 +136,7 @@ class Boot:
     balloon_done: dict[str, Any]
     root: BootResult  # the root-disk boot, ended by pyvmm stop
     no_initrd: BootResult  # the kernel alone: as far as the root mount, then PSCI reset
+    pressure: PressureRun
     root_token: str
     root_control: str
 
@@ -256,8 +269,11 @@ def boot() -> Iterator[Boot]:
             "arm64-no-initrd",
             harness.pyvmm_argv("-m", str(MEM_MIB), "-p", "quiet", str(files.vmlinux)),
         )
-        result, root_result, vhost_result, no_initrd_result = harness.run(
-            [spec, root_spec, vhost_spec, no_initrd_spec]
+        pressure = pressure_spec(
+            "arm64-pressure", harness.python, dirs.local, files.vmlinux, files.initramfs
+        )
+        result, root_result, vhost_result, no_initrd_result, pressure_result = harness.run(
+            [spec, root_spec, vhost_spec, no_initrd_spec, pressure]
         )
         yield Boot(
             result,
@@ -274,6 +290,7 @@ def boot() -> Iterator[Boot]:
             command_report(result.commands, FILLED, "balloonpeer"),
             root_result,
             no_initrd_result,
+            pressure_run(pressure_result),
             root.token,
             root_control,
         )
@@ -431,3 +448,15 @@ def test_arm64_kernel_without_initrd_boots_to_the_root_mount(boot: Boot) -> None
     resets through PSCI; pyvmm exits 0."""
     completed(boot.no_initrd)
     assert VFS_PANIC in boot.no_initrd.output, boot.no_initrd.output[-3000:]
+
+
+def test_arm64_under_pressure_both_guests_finish_and_nothing_is_oom_killed(boot: Boot) -> None:
+    check_pressure_ended_well(boot.pressure)
+
+
+def test_arm64_low_memory_grows_every_balloon_step_by_step(boot: Boot) -> None:
+    check_balloons_grew_step_by_step(boot.pressure)
+
+
+def test_arm64_memory_comes_back_above_the_margin(boot: Boot) -> None:
+    check_memory_came_back(boot.pressure)

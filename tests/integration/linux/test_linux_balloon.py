@@ -23,6 +23,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,15 +88,8 @@ def boots() -> Iterator[Boots]:
     )
     with harness.session() as dirs:
         control = str(dirs.local / "balloon.ctl")
-        pressure = BootSpec(
-            "pressure",
-            [
-                *[sys.executable, "-m", "pyvmm.harness.pressure", "--dir", str(dirs.local)],
-                *["--kernel", str(files.bzimage), "--initrd", str(files.initramfs)],
-                *["--vms", str(PRESSURE_VMS), "--mem-mib", str(PRESSURE_MEM_MIB)],
-                *["--write-mib", str(PRESSURE_WRITE_MIB), "--seconds", str(PRESSURE_S)],
-            ],
-            timeout=360 + 400 + PRESSURE_S,  # two VMs starting, then writing, at once
+        pressure = pressure_spec(
+            "pressure", sys.executable, dirs.local, files.bzimage, files.initramfs
         )
         spec = BootSpec(
             "balloon",
@@ -116,9 +110,27 @@ def boots() -> Iterator[Boots]:
         command_report(result.commands, FILLED, "balloonpeer"),
     )
     _say(boot)
-    run = PressureRun(pressure_result, _pressure_report(pressure_result))
+    yield Boots(boot, pressure_run(pressure_result))
+
+
+def pressure_spec(name: str, python: str, directory: Path, kernel: Path, initrd: Path) -> BootSpec:
+    """The pressure run (pyvmm.harness.pressure) of PRESSURE_VMS VMs booting `kernel`."""
+    return BootSpec(
+        name,
+        [
+            *[python, "-m", "pyvmm.harness.pressure", "--dir", str(directory)],
+            *["--kernel", str(kernel), "--initrd", str(initrd)],
+            *["--vms", str(PRESSURE_VMS), "--mem-mib", str(PRESSURE_MEM_MIB)],
+            *["--write-mib", str(PRESSURE_WRITE_MIB), "--seconds", str(PRESSURE_S)],
+        ],
+        timeout=360 + 400 + PRESSURE_S,  # two VMs starting, then writing, at once
+    )
+
+
+def pressure_run(result: BootResult) -> PressureRun:
+    run = PressureRun(result, _pressure_report(result))
     _say_pressure(run)
-    yield Boots(boot, run)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +232,22 @@ def test_kernel_log_is_clean_with_the_balloon(boot: BalloonBoot) -> None:
 
 
 def test_under_pressure_both_guests_finish_and_nothing_is_oom_killed(pressure: PressureRun) -> None:
+    check_pressure_ended_well(pressure)
+
+
+def test_low_memory_grows_every_balloon_step_by_step(pressure: PressureRun) -> None:
+    check_balloons_grew_step_by_step(pressure)
+
+
+def test_memory_comes_back_above_the_margin(pressure: PressureRun) -> None:
+    check_memory_came_back(pressure)
+
+
+# The pressure run's checks, shared with the arm64 suite's.
+
+
+def check_pressure_ended_well(pressure: PressureRun) -> None:
+    """Every guest finished its checks, and the host's OOM killer killed nothing."""
     report = pressure.report
     assert "error" not in report, report["error"]
     assert report["exit"] == [0] * PRESSURE_VMS, f"{report['exit']}\n{pressure.result.output}"
@@ -229,7 +257,9 @@ def test_under_pressure_both_guests_finish_and_nothing_is_oom_killed(pressure: P
     assert report["oom_kills"] == 0
 
 
-def test_low_memory_grows_every_balloon_step_by_step(pressure: PressureRun) -> None:
+def check_balloons_grew_step_by_step(pressure: PressureRun) -> None:
+    """Once the host was low, each VM's policy asked for several balloon sizes, within its
+    maximum, and each balloon took memory."""
     report = pressure.report
     timeline, margin = report["timeline"], report["margin_mib"]
     low = [e["t"] for e in timeline if e["available_mib"] < margin]
@@ -242,7 +272,8 @@ def test_low_memory_grows_every_balloon_step_by_step(pressure: PressureRun) -> N
         assert max(sizes) >= PRESSURE_MEM_MIB / 16, f"vm{i}'s balloon took {max(sizes)} MiB"
 
 
-def test_memory_comes_back_above_the_margin(pressure: PressureRun) -> None:
+def check_memory_came_back(pressure: PressureRun) -> None:
+    """MemAvailable came back above the margin while both guests still ran."""
     report = pressure.report
     timeline, margin = report["timeline"], report["margin_mib"]
     first_low = next(e["t"] for e in timeline if e["available_mib"] < margin)
