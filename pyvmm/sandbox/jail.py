@@ -32,6 +32,10 @@ before) and no thread started (RLIMIT_NPROC counts threads). `enter_jail` goes, 
    threads, see `JailSpec.threads`), and no new fd: holes below the highest kept fd are filled
    with inert fds and RLIMIT_NOFILE is set just above it (above it by `JailSpec.new_fds` for a
    device that accepts sockets).
+10. One malloc arena for every thread (mallopt M_ARENA_MAX), for a process that starts threads:
+   the first time a thread arena's heap shrinks, glibc opens /proc/sys/vm/overcommit_memory,
+   which the seccomp filter kills the process for (the vsock device under load in CI, when a
+   stream's buffer emptied). The main arena gives memory back with brk instead.
 
 Every failure raises JailError, one line naming the device, the step and the reason.
 """
@@ -61,6 +65,7 @@ _ffi: Any = declare(
     int umount2(const char *target, int flags);
     int prctl(int option, ...);
     long syscall(long number, ...);
+    int mallopt(int param, int value);
 
     typedef void *cap_t;  /* a pointer to what libcap keeps opaque */
     typedef int cap_value_t;
@@ -100,6 +105,7 @@ class MountFlag(enum.IntFlag):
 
 
 MNT_DETACH = 2
+M_ARENA_MAX = -8  # <malloc.h>
 
 
 class Prctl(enum.IntEnum):
@@ -191,6 +197,8 @@ def enter_jail(spec: JailSpec) -> JailReport:
         if not spec.threads:
             resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    if spec.threads:
+        single_malloc_arena(name)
     return JailReport(
         user_namespace=not why_not,
         no_user_namespace_why=why_not,
@@ -290,6 +298,12 @@ def close_all_but(kept: frozenset[int]) -> tuple[int, ...]:
         if high - low > 1:
             os.closerange(low + 1, high)
     return leaked
+
+
+def single_malloc_arena(name: str) -> None:
+    """Every thread allocates from glibc's main arena from now on (step 10)."""
+    if _libc.mallopt(M_ARENA_MAX, 1) != 1:  # 1: done
+        raise JailError(name, "malloc arenas", "mallopt(M_ARENA_MAX, 1) refused")
 
 
 def _run_as(spec: JailSpec) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from pyvmm.sandbox import jail
 from pyvmm.sandbox.jail import (
+    M_ARENA_MAX,
     MNT_DETACH,
     SECBIT_NO_SETUID_FIXUP,
     SYS_PIVOT_ROOT,
@@ -25,7 +26,8 @@ from pyvmm.sandbox.jail import (
 )
 from tests.cheaders import mismatches
 
-HEADERS = ["linux/sched.h", "sys/mount.h", "sys/prctl.h", "linux/securebits.h", "sys/syscall.h"]
+HEADERS = ["linux/sched.h", "sys/mount.h", "sys/prctl.h", "linux/securebits.h", "sys/syscall.h",
+           "malloc.h"]  # fmt: skip
 NAME = "virtio-blk vda"
 
 
@@ -34,6 +36,7 @@ def test_constants_match_the_system_headers(tmp_path: Path) -> None:
     facts += [(f"MS_{flag.name}", int(flag)) for flag in MountFlag]
     facts += [(f"PR_{option.name}", int(option)) for option in Prctl]
     facts += [("MNT_DETACH", MNT_DETACH), ("SECBIT_NO_SETUID_FIXUP", SECBIT_NO_SETUID_FIXUP)]
+    facts += [("-M_ARENA_MAX", -M_ARENA_MAX)]  # negative: compared as unsigned long
     machine = os.uname().machine
     if machine in SYS_PIVOT_ROOT:
         facts.append(("SYS_pivot_root", SYS_PIVOT_ROOT[machine]))

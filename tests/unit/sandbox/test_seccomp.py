@@ -196,9 +196,43 @@ os._exit(0)
 
 @pytest.mark.parametrize("device", ["vsock_device", "net_device", "block_device"])
 def test_a_buffer_a_device_grows_past_the_mmap_threshold_is_allowed(device: str) -> None:
-    """realloc of a block glibc mmapped moves it with mremap: a vsock stream held for a slow
-    host reader did that, and its device process was killed (CI)."""
+    """realloc of a block glibc mmapped moves it with mremap, as a vsock stream's buffer for a
+    slow host reader grows."""
     policies = Path(__file__).resolve().parents[3] / "seccomp" / os.uname().machine
     argv = [sys.executable, "-c", GROW, str(policies), device]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert (proc.returncode, proc.stderr) == (0, f"grown {1 << 20}")
+
+
+SHRINK = """
+import ctypes, os, sys, threading
+from pathlib import Path
+from pyvmm.sandbox import jail, seccomp
+# A fixed trim threshold (M_TRIM_THRESHOLD): glibc's own grows with the large blocks it frees.
+ctypes.CDLL(None).mallopt(-1, 128 << 10)
+if sys.argv[3] == "one arena":
+    jail.single_malloc_arena("test")
+seccomp.load_filter(Path(sys.argv[1]), sys.argv[2]).install()
+def churn():
+    # ~8 MB in small blocks from this thread's malloc arena, freed: the heap shrinks.
+    for _ in range(3):
+        blocks = [bytearray(4000) for _ in range(2000)]
+        del blocks
+thread = threading.Thread(target=churn)
+thread.start()
+thread.join()
+os.write(2, b"churned")
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("device", ["vsock_device", "net_device", "block_device"])
+def test_a_thread_giving_memory_back_is_allowed_with_one_malloc_arena(device: str) -> None:
+    """glibc opens /proc/sys/vm/overcommit_memory the first time a thread arena's heap shrinks,
+    and the policy kills the process for it (the vsock device's worker, in CI, once a stream's
+    buffer emptied): the jail leaves the process one arena, the main one, which shrinks with brk."""
+    policies = Path(__file__).resolve().parents[3] / "seccomp" / os.uname().machine
+    for arenas, expected in (("one arena", (0, "churned")), ("default", (-signal.SIGSYS, ""))):
+        argv = [sys.executable, "-c", SHRINK, str(policies), device, arenas]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert (proc.returncode, proc.stderr) == expected, arenas
