@@ -115,10 +115,19 @@ def resize(balloon: Balloon, num_bytes: int, deadline: float) -> tuple[float, di
         time.sleep(POLL_S)
 
 
+def fresh_stats(balloon: Balloon, deadline: float) -> dict[str, Any]:
+    """The sizes and the guest's statistics asked for now: asked again while the driver has not
+    answered within the VMM's wait (its work item can take longer to run under emulation)."""
+    while True:
+        now = balloon.stats()
+        if now["stats_fresh"] is not False or time.monotonic() > deadline:
+            return now
+
+
 def cycle(balloon: Balloon, mib: int, deadline: float) -> dict[str, Any]:
     before = balloon.stats()
     inflate_s, _ = resize(balloon, mib * MiB, deadline)
-    inflated = balloon.stats()  # the guest's own numbers, asked for now
+    inflated = fresh_stats(balloon, deadline)  # the guest's own numbers, asked for now
     deflate_s, deflated = resize(balloon, 0, deadline)
     return {
         "before": before["guest_memory_on_host"],

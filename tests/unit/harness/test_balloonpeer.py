@@ -114,3 +114,25 @@ def test_a_missing_qmp_socket_is_named(tmp_path: Path) -> None:
     path = str(tmp_path / "none.sock")
     with pytest.raises(PeerError, match=f"QMP {path}"):
         QemuBalloon(path, RAM, time.monotonic() + 1)
+
+
+class SlowDriver:
+    """pyvmm's balloon whose guest driver answers the `answers_at`th request for statistics."""
+
+    def __init__(self, answers_at: int) -> None:
+        self.asked = 0
+        self.answers_at = answers_at
+
+    def stats(self, fresh: bool = True) -> dict[str, object]:
+        self.asked += 1
+        return {"actual": 0, "stats": {"free_memory": self.asked},
+                "stats_fresh": self.asked >= self.answers_at}  # fmt: skip
+
+
+def test_statistics_are_asked_for_again_until_the_driver_answers() -> None:
+    balloon = SlowDriver(answers_at=3)
+    now = balloonpeer.fresh_stats(balloon, time.monotonic() + 60)  # type: ignore[arg-type]
+    assert (now["stats_fresh"], now["stats"], balloon.asked) == (True, {"free_memory": 3}, 3)
+    never = SlowDriver(answers_at=10**9)
+    stale = balloonpeer.fresh_stats(never, time.monotonic() - 1)  # type: ignore[arg-type]
+    assert (stale["stats_fresh"], never.asked) == (False, 1)
