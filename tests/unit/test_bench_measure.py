@@ -69,4 +69,4 @@ def test_a_figure_between_two_lines_that_came_together_is_refused() -> None:
         _between(together, "A start", "A ok")
     apart = run_vmm(["sh", "-c", "echo A start; sleep 0.2; echo A ok"])
     wall, _ = _between(apart, "A start", "A ok")
-    assert wall >= 0.2
+    assert wall > 0  # not the 0.2 s slept: a loaded reader may read the first line late
