@@ -21,7 +21,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from pyvmm.devices.irq import LevelIrq
@@ -334,6 +334,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _frame_line(code: CodeType, line: int | None) -> str:
+    return f"  {code.co_filename}:{line} in {code.co_name}"
+
+
 def _frames(exc: BaseException) -> list[str]:
     """An exception's frames, and its cause, without their source lines: Python's own printer
     opens each frame's .py file for them, a call the device's seccomp policy kills the process
@@ -341,8 +345,7 @@ def _frames(exc: BaseException) -> list[str]:
     lines = []
     tb = exc.__traceback__
     while tb is not None:
-        code = tb.tb_frame.f_code
-        lines.append(f"  {code.co_filename}:{tb.tb_lineno} in {code.co_name}")
+        lines.append(_frame_line(tb.tb_frame.f_code, tb.tb_lineno))
         tb = tb.tb_next
     cause = exc.__cause__ or exc.__context__
     if cause is not None:
@@ -400,8 +403,7 @@ def _refuse_files(name: str) -> None:
         frames = [f"pyvmm: virtio {name}: {what}"]
         frame: FrameType | None = sys._getframe(2)
         while frame is not None:
-            code = frame.f_code
-            frames.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+            frames.append(_frame_line(frame.f_code, frame.f_lineno))
             frame = frame.f_back
         sys.stderr.write("\n".join(frames) + "\n")
 

@@ -198,7 +198,7 @@ os._exit(0)
 def test_a_buffer_a_device_grows_past_the_mmap_threshold_is_allowed(device: str) -> None:
     """realloc of a block glibc mmapped moves it with mremap, as a vsock stream's buffer for a
     slow host reader grows."""
-    policies = Path(__file__).resolve().parents[3] / "seccomp" / os.uname().machine
+    policies = seccomp.policy_dir()
     argv = [sys.executable, "-c", GROW, str(policies), device]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert (proc.returncode, proc.stderr) == (0, f"grown {1 << 20}")
@@ -231,7 +231,7 @@ def test_a_thread_giving_memory_back_is_allowed_with_one_malloc_arena(device: st
     """glibc opens /proc/sys/vm/overcommit_memory the first time a thread arena's heap shrinks,
     and the policy kills the process for it (the vsock device's worker, in CI, once a stream's
     buffer emptied): the jail leaves the process one arena, the main one, which shrinks with brk."""
-    policies = Path(__file__).resolve().parents[3] / "seccomp" / os.uname().machine
+    policies = seccomp.policy_dir()
     for arenas, expected in (("one arena", (0, "churned")), ("default", (-signal.SIGSYS, ""))):
         argv = [sys.executable, "-c", SHRINK, str(policies), device, arenas]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)

@@ -81,13 +81,29 @@ def dialer(path: str) -> Iterator[Dialer]:
     d.close()
 
 
+def _guest(listener: socket.socket, requests: DialRequests) -> Guest:
+    return Guest(Muxer(GUEST_CID, listener, requests, GuestLog(logging.getLogger("test"), "vsock")))
+
+
 @pytest.fixture
 def guest(listener: socket.socket, dialer: Dialer) -> Iterator[Guest]:
     requests = DialRequests(dialer.device_end.dup())
-    muxer = Muxer(GUEST_CID, listener, requests, GuestLog(logging.getLogger("test"), "vsock"))
-    yield Guest(muxer)
-    muxer.close()
+    guest = _guest(listener, requests)
+    yield guest
+    guest.muxer.close()
     requests.close()
+
+
+@pytest.fixture
+def hand_dialed(listener: socket.socket) -> Iterator[tuple[socket.socket, Guest]]:
+    """A guest whose dials the test answers itself, on the dialer's end it is given."""
+    dialer_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    requests = DialRequests(device_end)
+    guest = _guest(listener, requests)
+    yield dialer_end, guest
+    guest.muxer.close()
+    requests.close()
+    dialer_end.close()
 
 
 def host_connect(path: str, line: bytes = b"CONNECT 1234\n") -> socket.socket:
@@ -307,16 +323,13 @@ def test_a_buffer_with_room_for_a_header_only_does_not_end_the_stream(
 
 
 def test_a_host_programs_stream_never_takes_the_key_of_a_dial_in_progress(
-    listener: socket.socket, path: str
+    hand_dialed: tuple[socket.socket, Guest], path: str
 ) -> None:
     """The guest dials the host port the next host program's stream would get, from the port
     that program connects to: the program's stream gets another host port, and each stream
     carries its own data (the dial's answer took the key from the program's stream, whose
     socket was left open and watched, its data sent as the dialed stream's)."""
-    dialer_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    requests = DialRequests(device_end)
-    muxer = Muxer(GUEST_CID, listener, requests, GuestLog(logging.getLogger("test"), "vsock"))
-    guest = Guest(muxer)
+    dialer_end, guest = hand_dialed
     guest.send(Op.REQUEST, GUEST_PORT, FIRST_HOST_PORT)  # the dialer answers later
     client, port = established(guest, path)
     assert port != FIRST_HOST_PORT
@@ -332,26 +345,19 @@ def test_a_host_programs_stream_never_takes_the_key_of_a_dial_in_progress(
         (port, b"from the program"),
         (FIRST_HOST_PORT, b"from the listener"),
     }
-    muxer.close()
-    requests.close()
-    for sock in (dialer_end, client, server):
-        sock.close()
+    client.close()
+    server.close()
 
 
 def test_a_dialer_gone_with_requests_unread_leaves_the_device_quiet(
-    listener: socket.socket,
+    hand_dialed: tuple[socket.socket, Guest],
 ) -> None:
     """The VMM's end closed before it read the guest's dial: the device neither fails nor
     keeps waking (its socket stays readable), and the guest's next dial is refused."""
-    dialer_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    requests = DialRequests(device_end)
-    muxer = Muxer(GUEST_CID, listener, requests, GuestLog(logging.getLogger("test"), "vsock"))
-    guest = Guest(muxer)
+    dialer_end, guest = hand_dialed
     guest.send(Op.REQUEST, GUEST_PORT, 5678)
     dialer_end.close()
-    muxer.handle_events()
-    assert select.select([muxer.fileno()], [], [], 0)[0] == []
+    guest.muxer.handle_events()
+    assert select.select([guest.muxer.fileno()], [], [], 0)[0] == []
     guest.send(Op.REQUEST, GUEST_PORT + 1, 5678)
     assert [(h.op, h.dst_port) for h, _ in guest.receive()] == [(Op.RST, GUEST_PORT + 1)]
-    muxer.close()
-    requests.close()
